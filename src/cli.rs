@@ -1,0 +1,268 @@
+//! The command line: the reference agent's commands, flags, names and defaults, turned into
+//! typed settings.
+//!
+//! Contract: everything the EKS add-on and its Helm chart pass today parses: flags as separate
+//! words (`--port 80`) or joined (`--port=80`), booleans as `--rotate-credentials`,
+//! `--rotate-credentials true` or `--rotate-credentials=true`, durations in Go's notation
+//! (`3h`, `1h30m`, `3h0m0s`, `500ms`). The first `-b` replaces the default bind hosts. A value
+//! that does not parse is refused by clap with exit code 2 and a one-line reason.
+
+use crate::cache::policy::RefreshPolicy;
+use crate::cache::CacheSettings;
+use crate::eks_auth::ExchangeSettings;
+use crate::server::ServerSettings;
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+/// Default credential addresses: EKS Pod Identity's IPv4 and IPv6 link-local addresses.
+pub const DEFAULT_BIND_HOSTS: [IpAddr; 2] = [
+    IpAddr::V4(Ipv4Addr::new(169, 254, 170, 23)),
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)),
+];
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pod-identity-agent",
+    version,
+    about = "Node-local credential agent for EKS Pod Identity"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve credentials to pods (what the DaemonSet runs).
+    Server(ServerArgs),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// logrus's level names, as the reference agent accepts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Verbosity {
+    Trace,
+    Debug,
+    Info,
+    #[value(alias = "warning")]
+    Warn,
+    #[value(alias = "fatal", alias = "panic")]
+    Error,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log level: trace, debug, info, warn, error.
+    #[arg(short = 'v', long, value_enum, default_value = "info")]
+    pub verbosity: Verbosity,
+    /// Log line format.
+    #[arg(long, value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Name of the EKS cluster (sent to EKS Auth with every exchange).
+    #[arg(short = 'c', long)]
+    pub cluster_name: String,
+    /// Port of the credential listeners.
+    #[arg(short = 'p', long, default_value_t = 80)]
+    pub port: u16,
+    /// Address to serve credentials on; repeat for several. The first one replaces the
+    /// defaults, 169.254.170.23 and [fd00:ec2::23].
+    #[arg(short = 'b', long = "bind-hosts", value_parser = parse_host, action = ArgAction::Append)]
+    pub bind_hosts: Vec<IpAddr>,
+    /// Port of /healthz and /readyz, on 127.0.0.1.
+    #[arg(long, default_value_t = 2703)]
+    pub probe_port: u16,
+    /// Address of the metrics listener.
+    #[arg(long, default_value = "0.0.0.0", value_parser = parse_host)]
+    pub metrics_address: IpAddr,
+    /// Port of the metrics listener (/metrics).
+    #[arg(long, default_value_t = 2705)]
+    pub metrics_port: u16,
+    /// Renew cached credentials after at most this long, even if they would last longer.
+    #[arg(long, default_value = "3h", value_parser = parse_duration)]
+    pub max_credential_retention_before_renewal: Duration,
+    /// Most tokens (pods) whose credentials are cached; least recently used go first.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_cache_size: u64,
+    /// Refresh-ahead exchanges per second with EKS Auth, across all pods.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_service_qps: u32,
+    /// Re-read the node's credentials from the shared credentials file (hybrid nodes).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true",
+          value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub rotate_credentials: bool,
+    /// EKS Auth endpoint URL (also AWS_ENDPOINT_URL_EKS_AUTH); plain http is allowed.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// AWS region of the cluster; defaults to the SDK's chain (AWS_REGION, profile, IMDS).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Overall deadline of one EKS Auth exchange, retries included.
+    #[arg(long, default_value = "4s", value_parser = parse_duration)]
+    pub eks_auth_timeout: Duration,
+    /// Clock leeway applied to token exp and nbf.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub token_leeway: Duration,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// An IP literal, bracketed IPv6 included, or `localhost`.
+pub fn parse_host(s: &str) -> Result<IpAddr, String> {
+    let t = s.trim().trim_start_matches('[').trim_end_matches(']');
+    if t.eq_ignore_ascii_case("localhost") {
+        return Ok(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    t.parse().map_err(|_| format!("{s:?} is not an IP address"))
+}
+
+/// Go duration notation (`3h`, `1h30m`, `3h0m0s`, `250ms`), which humantime reads.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration like 3h or 90s: {e}"))
+}
+
+impl ServerArgs {
+    pub fn bind_hosts(&self) -> Vec<IpAddr> {
+        if self.bind_hosts.is_empty() {
+            DEFAULT_BIND_HOSTS.to_vec()
+        } else {
+            self.bind_hosts.clone()
+        }
+    }
+
+    pub fn server_settings(&self) -> ServerSettings {
+        ServerSettings {
+            bind_hosts: self.bind_hosts(),
+            port: self.port,
+            probe_addr: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), self.probe_port)),
+            metrics_addr: Some(SocketAddr::new(self.metrics_address, self.metrics_port)),
+            cache: CacheSettings {
+                max_entries: self.max_cache_size,
+                policy: RefreshPolicy {
+                    max_retention: self.max_credential_retention_before_renewal,
+                },
+                refresh_qps: f64::from(self.max_service_qps),
+                refresh_concurrency: 16,
+                leeway: self.token_leeway,
+            },
+            leeway: self.token_leeway,
+            shutdown_grace: self.shutdown_grace,
+        }
+    }
+
+    pub fn exchange_settings(&self) -> ExchangeSettings {
+        let mut s = ExchangeSettings::new(&self.cluster_name);
+        s.endpoint = self.endpoint.clone();
+        s.overall_timeout = self.eks_auth_timeout;
+        s.attempt_timeout = s.attempt_timeout.min(self.eks_auth_timeout);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(args: &[&str]) -> Result<ServerArgs, clap::Error> {
+        let mut full = vec!["pod-identity-agent", "server"];
+        full.extend_from_slice(args);
+        match Cli::try_parse_from(full)?.command {
+            Command::Server(s) => Ok(s),
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_reference_agent() {
+        let s = server(&["-c", "my-cluster"]).expect("parses");
+        assert_eq!(s.port, 80);
+        assert_eq!(s.bind_hosts(), DEFAULT_BIND_HOSTS.to_vec());
+        assert_eq!((s.probe_port, s.metrics_port), (2703, 2705));
+        assert_eq!(s.metrics_address, IpAddr::from([0, 0, 0, 0]));
+        assert_eq!(
+            s.max_credential_retention_before_renewal,
+            Duration::from_secs(3 * 3600)
+        );
+        assert_eq!((s.max_cache_size, s.max_service_qps), (2000, 3));
+        assert!(!s.rotate_credentials);
+        assert_eq!(s.log.verbosity, Verbosity::Info);
+    }
+
+    #[test]
+    fn accepts_the_forms_the_add_on_passes() {
+        let s = server(&[
+            "--cluster-name",
+            "c",
+            "--port",
+            "8080",
+            "--rotate-credentials",
+            "true",
+            "-b",
+            "[fd00:ec2::23]",
+            "--max-credential-retention-before-renewal",
+            "1h30m0s",
+            "-v",
+            "warning",
+        ])
+        .expect("parses");
+        assert!(s.rotate_credentials);
+        assert_eq!(s.bind_hosts(), vec![DEFAULT_BIND_HOSTS[1]]);
+        assert_eq!(
+            s.max_credential_retention_before_renewal,
+            Duration::from_secs(5400)
+        );
+        assert_eq!(s.log.verbosity, Verbosity::Warn);
+        assert!(
+            server(&["-c", "c", "--rotate-credentials"])
+                .expect("bare bool")
+                .rotate_credentials
+        );
+        assert!(
+            server(&["-c", "c", "--rotate-credentials=true"])
+                .expect("joined bool")
+                .rotate_credentials
+        );
+        assert!(
+            !server(&["-c", "c", "--rotate-credentials", "false"])
+                .expect("false")
+                .rotate_credentials
+        );
+        let two = server(&["-c", "c", "-b", "127.0.0.1", "-b", "::1"]).expect("two hosts");
+        assert_eq!(two.bind_hosts().len(), 2);
+    }
+
+    #[test]
+    fn refuses_bad_values_with_usage_errors() {
+        for bad in [
+            vec![],
+            vec!["-c", "c", "--port", "http"],
+            vec!["-c", "c", "-b", "example.com"],
+            vec![
+                "-c",
+                "c",
+                "--max-credential-retention-before-renewal",
+                "soon",
+            ],
+            vec!["-c", "c", "--max-service-qps", "0"],
+        ] {
+            let err = server(&bad).expect_err("must fail");
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Role credentials and the JSON body every SDK's container provider parses.
+//!
+//! Contract: a [`Credentials`] value is complete (non-empty key id, secret and session token, an
+//! expiration) or it does not exist; [`Credentials::validate`] is the gate from whatever EKS Auth
+//! sent. The body is serialised once, when the value is built, as exactly
+//! `{"AccessKeyId","SecretAccessKey","Token","AccountId","Expiration"}` in that order, with
+//! `Expiration` in RFC 3339 UTC ending in `Z` and no fraction (the strictest parsers, Rust's and
+//! JS's, accept only that). `AccountId` is the account field of the assumed-role ARN and is
+//! omitted when the ARN has none. The secret fields never appear in `Debug` output.
+
+use aws_smithy_types::date_time::Format;
+use aws_smithy_types::DateTime;
+use bytes::Bytes;
+use serde::Serialize;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Why an EKS Auth answer could not become credentials (maps to 502).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidCredentials {
+    #[error("EKS Auth returned no {0}")]
+    Missing(&'static str),
+    #[error("EKS Auth returned credentials that expired {0} s ago")]
+    AlreadyExpired(u64),
+}
+
+/// Credentials as the agent holds them: the serialised body plus what the cache needs to know.
+#[derive(Clone)]
+pub struct Credentials {
+    access_key_id: String,
+    expiration: SystemTime,
+    account_id: Option<String>,
+    /// The exact response body, built once; a cache hit clones a reference count, not bytes.
+    body: Bytes,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("account_id", &self.account_id)
+            .field("expiration", &format_expiration(self.expiration))
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Body<'a> {
+    access_key_id: &'a str,
+    secret_access_key: &'a str,
+    token: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account_id: Option<&'a str>,
+    expiration: &'a str,
+}
+
+/// What EKS Auth handed back, before validation. Borrowed so the SDK's strings are not copied
+/// until they are known to be usable.
+pub struct Unvalidated<'a> {
+    pub access_key_id: &'a str,
+    pub secret_access_key: &'a str,
+    pub session_token: &'a str,
+    pub expiration: SystemTime,
+    pub assumed_role_arn: &'a str,
+}
+
+/// `arn:aws:sts::111122223333:assumed-role/Role/session` → `111122223333`.
+pub fn account_of(arn: &str) -> Option<&str> {
+    let account = arn.split(':').nth(4)?;
+    (account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit())).then_some(account)
+}
+
+/// RFC 3339 in UTC with a literal `Z` and whole seconds.
+pub fn format_expiration(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    DateTime::from_secs(secs as i64)
+        .fmt(Format::DateTime)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
+}
+
+impl Credentials {
+    /// Accept only complete credentials that are still valid at `now`.
+    pub fn validate(
+        raw: Unvalidated<'_>,
+        now: SystemTime,
+    ) -> Result<Credentials, InvalidCredentials> {
+        if raw.access_key_id.is_empty() {
+            return Err(InvalidCredentials::Missing("accessKeyId"));
+        }
+        if raw.secret_access_key.is_empty() {
+            return Err(InvalidCredentials::Missing("secretAccessKey"));
+        }
+        if raw.session_token.is_empty() {
+            return Err(InvalidCredentials::Missing("sessionToken"));
+        }
+        if raw.expiration <= now {
+            let ago = now
+                .duration_since(raw.expiration)
+                .unwrap_or_default()
+                .as_secs();
+            return Err(InvalidCredentials::AlreadyExpired(ago));
+        }
+        // Whole seconds: the body says no more, and the cache must not believe in more.
+        let expiration = UNIX_EPOCH
+            + Duration::from_secs(
+                raw.expiration
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs(),
+            );
+        let account_id = account_of(raw.assumed_role_arn);
+        let expiration_text = format_expiration(expiration);
+        let body = serde_json::to_vec(&Body {
+            access_key_id: raw.access_key_id,
+            secret_access_key: raw.secret_access_key,
+            token: raw.session_token,
+            account_id,
+            expiration: &expiration_text,
+        })
+        .map(Bytes::from)
+        .map_err(|_| InvalidCredentials::Missing("serialisable fields"))?;
+        Ok(Credentials {
+            access_key_id: raw.access_key_id.to_owned(),
+            expiration,
+            account_id: account_id.map(str::to_owned),
+            body,
+        })
+    }
+
+    /// The access key id is not secret (it appears in CloudTrail) and is useful in logs.
+    pub fn access_key_id(&self) -> &str {
+        &self.access_key_id
+    }
+
+    pub fn expiration(&self) -> SystemTime {
+        self.expiration
+    }
+
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Time left at `now`, zero once expired.
+    pub fn remaining(&self, now: SystemTime) -> Duration {
+        self.expiration.duration_since(now).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(exp: SystemTime) -> Unvalidated<'static> {
+        Unvalidated {
+            access_key_id: "ASIAEXAMPLE",
+            secret_access_key: "secret/key+value",
+            session_token: "session-token",
+            expiration: exp,
+            assumed_role_arn: "arn:aws:sts::111122223333:assumed-role/Role/eks-c-p-uuid",
+        }
+    }
+
+    #[test]
+    fn body_is_exact() {
+        let exp = UNIX_EPOCH + Duration::from_secs(1_767_247_200); // 2026-01-01T06:00:00Z
+        let c = Credentials::validate(raw(exp), UNIX_EPOCH).expect("valid");
+        assert_eq!(
+            std::str::from_utf8(c.body()).expect("utf8"),
+            r#"{"AccessKeyId":"ASIAEXAMPLE","SecretAccessKey":"secret/key+value","Token":"session-token","AccountId":"111122223333","Expiration":"2026-01-01T06:00:00Z"}"#
+        );
+    }
+
+    #[test]
+    fn refuses_incomplete_or_expired() {
+        let now = SystemTime::now();
+        let later = now + Duration::from_secs(3600);
+        for (field, mut r) in [
+            ("accessKeyId", raw(later)),
+            ("secretAccessKey", raw(later)),
+            ("sessionToken", raw(later)),
+        ] {
+            match field {
+                "accessKeyId" => r.access_key_id = "",
+                "secretAccessKey" => r.secret_access_key = "",
+                _ => r.session_token = "",
+            }
+            assert_eq!(
+                Credentials::validate(r, now).unwrap_err(),
+                InvalidCredentials::Missing(field)
+            );
+        }
+        assert!(matches!(
+            Credentials::validate(raw(now - Duration::from_secs(5)), now),
+            Err(InvalidCredentials::AlreadyExpired(_))
+        ));
+        assert!(Credentials::validate(raw(UNIX_EPOCH), now).is_err());
+    }
+
+    #[test]
+    fn account_id_only_from_a_real_account_field() {
+        assert_eq!(
+            account_of("arn:aws:sts::111122223333:assumed-role/R/s"),
+            Some("111122223333")
+        );
+        assert_eq!(account_of("arn:aws:sts:::assumed-role/R/s"), None);
+        assert_eq!(account_of(""), None);
+        let mut r = raw(SystemTime::now() + Duration::from_secs(60));
+        r.assumed_role_arn = "";
+        let c = Credentials::validate(r, SystemTime::now()).expect("valid");
+        assert!(!std::str::from_utf8(c.body())
+            .expect("utf8")
+            .contains("AccountId"));
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let c = Credentials::validate(
+            raw(SystemTime::now() + Duration::from_secs(60)),
+            SystemTime::now(),
+        )
+        .expect("valid");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("secret/key+value") && !shown.contains("session-token"));
+        assert!(shown.contains("ASIAEXAMPLE"));
+    }
+}

@@ -1,0 +1,168 @@
+//! Every way a request can fail, each mapped to exactly one HTTP status and a JSON body
+//! `{"code": …, "message": …}` whose message tells a person what to do.
+//!
+//! Contract: nothing here ever contains a token, secret key or session token: variants carry
+//! only codes, counts and upstream messages. EKS Auth errors keep their upstream status (400,
+//! 404, 429, 500, 503) and code and name the upstream request id; an unreachable EKS Auth is 503,
+//! an unusable EKS Auth answer 502. No SDK needs the body, but Go and Java surface it.
+
+use crate::eks_auth::ExchangeError;
+use crate::token::TokenError;
+use bytes::Bytes;
+use serde::Serialize;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Token(#[from] TokenError),
+    #[error("Host {0:?} is not an address this agent serves; call it by the IP address in AWS_CONTAINER_CREDENTIALS_FULL_URI")]
+    HostNotAllowed(String),
+    #[error("no route for {0}; credentials are served at /v1/credentials")]
+    NotFound(String),
+    #[error("method {0} is not allowed; use GET")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    Exchange(#[from] ExchangeError),
+    #[error("the agent is shutting down; retry")]
+    ShuttingDown,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl Error {
+    pub fn status(&self) -> u16 {
+        match self {
+            Error::Token(_) => 400,
+            Error::HostNotAllowed(_) => 403,
+            Error::NotFound(_) => 404,
+            Error::MethodNotAllowed(_) => 405,
+            Error::Exchange(ExchangeError::Service { status, .. }) => *status,
+            Error::Exchange(ExchangeError::Unavailable(_)) => 503,
+            Error::Exchange(ExchangeError::BadResponse(_)) => 502,
+            Error::ShuttingDown => 503,
+        }
+    }
+
+    pub fn code(&self) -> &str {
+        match self {
+            Error::Token(TokenError::Missing) => "MissingToken",
+            Error::Token(TokenError::Expired(_)) => "ExpiredToken",
+            Error::Token(TokenError::NotYetValid(_)) => "TokenNotYetValid",
+            Error::Token(_) => "InvalidToken",
+            Error::HostNotAllowed(_) => "HostNotAllowed",
+            Error::NotFound(_) => "NotFound",
+            Error::MethodNotAllowed(_) => "MethodNotAllowed",
+            Error::Exchange(e) => e.code(),
+            Error::ShuttingDown => "ShuttingDown",
+        }
+    }
+
+    /// The message: for upstream errors, what EKS Auth said plus what to do about it.
+    pub fn message(&self) -> String {
+        match self {
+            Error::Exchange(ExchangeError::Service {
+                code,
+                message,
+                request_id,
+                ..
+            }) => {
+                let hint = match code.as_str() {
+                    "AccessDeniedException" => "the node role needs eks-auth:AssumeRoleForPodIdentity",
+                    "ExpiredTokenException" => "the pod's service-account token has expired",
+                    "InvalidTokenException" => "EKS Auth rejected the service-account token (signature, audience or issuer)",
+                    "ResourceNotFoundException" => "no Pod Identity association for this service account, or no such cluster (check --cluster-name)",
+                    "ThrottlingException" => "EKS Auth is throttling; retry later",
+                    "InternalServerException" | "ServiceUnavailableException" => "EKS Auth failed; retry",
+                    _ => "EKS Auth refused the request",
+                };
+                let rid = request_id.as_deref().unwrap_or("none");
+                format!("{hint}. EKS Auth said {code}: {message} (request id {rid})")
+            }
+            Error::Exchange(e @ ExchangeError::Unavailable(_)) => format!("{e}; retry shortly"),
+            other => other.to_string(),
+        }
+    }
+
+    pub fn body(&self) -> Bytes {
+        let message = self.message();
+        serde_json::to_vec(&Body {
+            code: self.code(),
+            message: &message,
+        })
+        .map(Bytes::from)
+        .unwrap_or_else(|_| {
+            Bytes::from_static(
+                br#"{"code":"InternalError","message":"error body could not be built"}"#,
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_has_one_status_and_a_json_body() {
+        let cases: Vec<(Error, u16, &str)> = vec![
+            (TokenError::Missing.into(), 400, "MissingToken"),
+            (TokenError::Expired(5).into(), 400, "ExpiredToken"),
+            (TokenError::Malformed("x").into(), 400, "InvalidToken"),
+            (
+                Error::HostNotAllowed("evil.example".into()),
+                403,
+                "HostNotAllowed",
+            ),
+            (Error::NotFound("/x".into()), 404, "NotFound"),
+            (
+                Error::MethodNotAllowed("POST".into()),
+                405,
+                "MethodNotAllowed",
+            ),
+            (
+                ExchangeError::Unavailable("t".into()).into(),
+                503,
+                "EksAuthUnavailable",
+            ),
+            (
+                ExchangeError::BadResponse("b".into()).into(),
+                502,
+                "EksAuthInvalidResponse",
+            ),
+            (
+                ExchangeError::Service {
+                    status: 404,
+                    code: "ResourceNotFoundException".into(),
+                    message: "m".into(),
+                    request_id: Some("r-1".into()),
+                }
+                .into(),
+                404,
+                "ResourceNotFoundException",
+            ),
+        ];
+        for (err, status, code) in cases {
+            assert_eq!(err.status(), status);
+            let v: serde_json::Value = serde_json::from_slice(&err.body()).expect("json");
+            assert_eq!(v["code"], code);
+            assert!(!v["message"].as_str().unwrap_or("").is_empty());
+            assert_eq!(v.as_object().map(|o| o.len()), Some(2));
+        }
+    }
+
+    #[test]
+    fn upstream_message_names_request_id() {
+        let e: Error = ExchangeError::Service {
+            status: 429,
+            code: "ThrottlingException".into(),
+            message: "slow".into(),
+            request_id: Some("abc-123".into()),
+        }
+        .into();
+        assert!(e.message().contains("abc-123") && e.message().contains("ThrottlingException"));
+    }
+}

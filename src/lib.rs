@@ -1,0 +1,17 @@
+//! pod-identity-agent: a node-local credential agent for EKS Pod Identity.
+//!
+//! A request travels top to bottom through these modules:
+//! [`server`] (listeners) → [`request`] (Host and token checks, [`token`]) → [`cache`]
+//! (single-flight, refresh-ahead) → [`eks_auth`] (the exchange) → [`credentials`] (the body),
+//! with [`error`] mapping every failure to one status and JSON body, and [`metrics`] counting.
+
+pub mod cache;
+pub mod cli;
+pub mod credentials;
+pub mod eks_auth;
+pub mod error;
+pub mod logging;
+pub mod metrics;
+pub mod request;
+pub mod server;
+pub mod token;

@@ -1,0 +1,96 @@
+//! The `pod-identity-agent` binary: parse the command line, set up logging, run the command.
+//! Any failure to start is one line on stderr and exit code 2, never a panic.
+
+use clap::Parser;
+use pod_identity_agent::cli::{Cli, Command, ServerArgs};
+use pod_identity_agent::eks_auth::EksAuthClient;
+use pod_identity_agent::logging;
+use pod_identity_agent::metrics::Metrics;
+use pod_identity_agent::server::Server;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!("pod-identity-agent {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Server(args) => run(|| server(args)),
+    }
+}
+
+fn run<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pod-identity-agent: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(f()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("pod-identity-agent: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn server(args: ServerArgs) -> Result<(), String> {
+    logging::init(&args.log);
+    if args.rotate_credentials {
+        tracing::warn!("--rotate-credentials: node credentials are re-read by the SDK's default chain when they near expiry");
+    }
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(region) = &args.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    let sdk = loader.load().await;
+    if sdk.region().is_none() {
+        return Err("no AWS region: set AWS_REGION (the DaemonSet does) or pass --region".into());
+    }
+    let source = Arc::new(EksAuthClient::new(&sdk, &args.exchange_settings()));
+    let metrics = Arc::new(Metrics::new().map_err(|e| format!("cannot register metrics: {e}"))?);
+    let running = Server::start(&args.server_settings(), source, metrics)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(cluster = %args.cluster_name, version = env!("CARGO_PKG_VERSION"), "ready");
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new connections, finishing requests in flight");
+    running.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGTERM (Kubernetes) or SIGINT (a person at a terminal).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,109 @@
+//! The probe and metrics endpoints, decided in-process.
+//!
+//! Contract: `/healthz` answers 200 when the runtime schedules work (the answer itself is the
+//! proof). `/readyz` answers 200 only when every credential listener that bound is accepting: its
+//! accept loop runs and a TCP connection to it succeeds, made directly by the agent (never
+//! through `HTTP_PROXY`); its JSON body names each listener and the IPv6 hosts skipped at start.
+//! `/metrics` is the Prometheus text exposition. Both listeners answer all three paths so either
+//! port can be probed.
+
+use super::handler::json_response;
+use crate::cache::CredentialCache;
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use serde::Serialize;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What the probes look at.
+pub struct Admin {
+    pub listeners: Vec<(SocketAddr, Arc<AtomicBool>)>,
+    pub skipped: Vec<SocketAddr>,
+    pub cache: CredentialCache,
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(Serialize)]
+struct ListenerState {
+    address: String,
+    accepting: bool,
+}
+
+#[derive(Serialize)]
+struct Readiness {
+    ready: bool,
+    listeners: Vec<ListenerState>,
+    unavailable: Vec<String>,
+}
+
+impl Admin {
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
+        match req.uri().path() {
+            "/healthz" => json_response(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#)),
+            "/readyz" => self.readyz().await,
+            "/metrics" => {
+                self.metrics.cache_entries.set(self.cache.len() as i64);
+                let mut res = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                res.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+                res
+            }
+            _ => json_response(
+                StatusCode::NOT_FOUND,
+                Bytes::from_static(br#"{"code":"NotFound","message":"this port serves /healthz, /readyz and /metrics"}"#),
+            ),
+        }
+    }
+
+    async fn readyz(&self) -> Response<Full<Bytes>> {
+        let mut listeners = Vec::with_capacity(self.listeners.len());
+        for (addr, accepting) in &self.listeners {
+            let ok = accepting.load(Ordering::Relaxed) && connects(*addr).await;
+            listeners.push(ListenerState {
+                address: addr.to_string(),
+                accepting: ok,
+            });
+        }
+        let ready = !listeners.is_empty() && listeners.iter().all(|l| l.accepting);
+        let body = Readiness {
+            ready,
+            listeners,
+            unavailable: self.skipped.iter().map(ToString::to_string).collect(),
+        };
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        json_response(
+            status,
+            serde_json::to_vec(&body)
+                .map(Bytes::from)
+                .unwrap_or_default(),
+        )
+    }
+}
+
+async fn connects(addr: SocketAddr) -> bool {
+    // A listener on an unspecified address is reached through loopback.
+    let target = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    };
+    matches!(
+        tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target)).await,
+        Ok(Ok(_))
+    )
+}

@@ -1,0 +1,113 @@
+//! `/v1/credentials`: validation → cache → response, with its metrics and its one log line.
+//!
+//! Contract: every request gets exactly one answer, success or a JSON error, and is counted
+//! once in `pod_identity_http_response` and the latency histogram. The debug line names the
+//! token by its short hash, never by its value. If the client hangs up mid-exchange, this
+//! future is dropped but the exchange goes on in the cache's own task.
+
+use crate::cache::{CredentialCache, Outcome};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::request::{self, AllowedHosts};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+pub struct CredentialHandler {
+    pub cache: CredentialCache,
+    pub hosts: AllowedHosts,
+    pub leeway: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(body));
+    *res.status_mut() = status;
+    res.headers_mut().insert(CONTENT_TYPE, JSON);
+    res
+}
+
+pub fn error_response(e: &Error) -> Response<Full<Bytes>> {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut res = json_response(status, e.body());
+    if matches!(e, Error::MethodNotAllowed(_)) {
+        res.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET"));
+    }
+    res
+}
+
+impl CredentialHandler {
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let result = match request::validate(&req, &self.hosts, self.leeway) {
+            Ok(token) => self
+                .cache
+                .get(&token)
+                .await
+                .map_err(Error::from)
+                .map(|(e, o)| (token, e, o)),
+            Err(e) => Err(e),
+        };
+        let m = &self.metrics;
+        let elapsed = started.elapsed();
+        match result {
+            Ok((token, entry, outcome)) => {
+                let creds = entry.credentials();
+                let remaining = creds.remaining(SystemTime::now());
+                m.http_response.with_label_values(&["200"]).inc();
+                m.request_duration
+                    .with_label_values(&[outcome.as_str()])
+                    .observe(elapsed.as_secs_f64());
+                m.served_remaining.observe(remaining.as_secs_f64());
+                let s = &token.claims().subject;
+                tracing::debug!(status = 200, outcome = outcome.as_str(), token = %token.hash(),
+                    namespace = %s.namespace, service_account = %s.service_account, pod = %s.pod,
+                    access_key_id = creds.access_key_id(), remaining_s = remaining.as_secs(),
+                    micros = elapsed.as_micros() as u64, "served credentials");
+                if outcome == Outcome::Stale {
+                    tracing::warn!(token = %token.hash(), remaining_s = remaining.as_secs(),
+                        "EKS Auth is failing; serving cached credentials while they last");
+                }
+                json_response(StatusCode::OK, creds.body().clone())
+            }
+            Err(e) => {
+                let status = e.status();
+                m.http_response
+                    .with_label_values(&[status_label(status)])
+                    .inc();
+                m.request_duration
+                    .with_label_values(&["error"])
+                    .observe(elapsed.as_secs_f64());
+                if request::is_token_error(&e) || status < 500 {
+                    tracing::debug!(status, code = e.code(), error = %e.message(), micros = elapsed.as_micros() as u64, "request refused");
+                } else {
+                    tracing::warn!(status, code = e.code(), error = %e.message(), "request failed");
+                }
+                error_response(&e)
+            }
+        }
+    }
+}
+
+/// Static labels for the statuses this agent answers with; anything else is bucketed.
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,148 @@
+//! Binding listeners and serving HTTP/1.1 connections on them until shutdown.
+//!
+//! Contract: [`bind_credential_listeners`] binds one listener per bind host. An IPv6 host that
+//! cannot be bound (a node without IPv6) is reported and skipped; an IPv4 host that cannot be
+//! bound, or no listener at all, is an error. [`serve`] accepts connections until the shutdown
+//! signal, then stops accepting at once and lets in-flight requests finish, bounded by the grace
+//! period. Connections are HTTP/1.1 with keep-alive, a bounded header size and a header read
+//! timeout, so a slow or hostile client cannot hold memory or a task forever.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tokens are at most 16 KiB; this leaves room for the other headers and no more.
+const MAX_BUF: usize = 32 * 1024;
+
+/// A listener that bound, and whether its accept loop still runs (for `/readyz`).
+pub struct Bound {
+    pub listener: TcpListener,
+    pub addr: SocketAddr,
+    pub accepting: Arc<AtomicBool>,
+}
+
+/// Why the agent cannot serve credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("no credential listener could be bound (tried {0})")]
+    NoneBound(String),
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<Bound, BindError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| BindError::Bind { addr, source })?;
+    Ok(Bound {
+        listener,
+        addr,
+        accepting: Arc::new(AtomicBool::new(false)),
+    })
+}
+
+/// Bind every host; return the bound listeners and the IPv6 hosts that were skipped.
+pub async fn bind_credential_listeners(
+    hosts: &[IpAddr],
+    port: u16,
+) -> Result<(Vec<Bound>, Vec<(SocketAddr, io::Error)>), BindError> {
+    let mut bound = Vec::new();
+    let mut skipped = Vec::new();
+    for ip in hosts {
+        let addr = SocketAddr::new(*ip, port);
+        match bind(addr).await {
+            Ok(b) => bound.push(b),
+            Err(BindError::Bind { addr, source })
+                if addr.is_ipv6() && source.kind() != io::ErrorKind::AddrInUse =>
+            {
+                tracing::warn!(%addr, error = %source, "IPv6 credential listener not available; serving the others");
+                skipped.push((addr, source));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if bound.is_empty() {
+        let tried: Vec<String> = hosts
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, port).to_string())
+            .collect();
+        return Err(BindError::NoneBound(tried.join(", ")));
+    }
+    Ok((bound, skipped))
+}
+
+/// Serve `bound` with `handler` until `shutdown` turns true, then drain for at most `grace`.
+pub async fn serve<H, F>(
+    bound: Bound,
+    handler: H,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_BUF)
+        .keep_alive(true);
+    bound.accepting.store(true, Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            accepted = bound.listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning, keep serving.
+                        tracing::warn!(addr = %bound.addr, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let handler = handler.clone();
+                let svc = service_fn(move |req| {
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = stopped(&mut shutdown) => break,
+        }
+    }
+    bound.accepting.store(false, Ordering::Relaxed);
+    drop(bound.listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(addr = %bound.addr, "connections still open after the shutdown grace period; closing them");
+    }
+}
+
+/// Resolves once shutdown is signalled (or its sender is gone); the guard is dropped inside so
+/// the accept loop's future stays `Send`.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}

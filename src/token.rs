@@ -1,0 +1,367 @@
+//! The projected service-account token as data.
+//!
+//! Contract: [`Token::parse`] accepts the raw bytes of an `Authorization` header and returns a
+//! structurally valid JWT (three base64url segments, a JSON header naming an `alg`, JSON claims
+//! with a numeric `exp`) or a [`TokenError`] that says what is wrong without echoing the token.
+//! The signature is *not* verified: EKS Auth does that, with the cluster's issuer keys, which the
+//! agent does not have. Time checks (`exp`/`nbf` with leeway) are a separate step,
+//! [`Token::check_time`], so a cached token's claims can be re-checked on every request.
+//!
+//! A token is a bearer secret. It never appears in `Debug` output, errors or logs; entries are
+//! identified by [`TokenHash`], a SHA-256 of the raw bytes, shown as its first 8 bytes in hex.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use base64::Engine;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Tokens larger than this are refused before any decoding: a projected token is about 1 KB,
+/// and a bound keeps a hostile header from costing memory and CPU.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// Kubernetes writes unpadded base64url, but some tools pad; accept both.
+const B64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Why a token was refused. Messages never contain the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the Authorization header is missing or empty; send the projected service-account token read from AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")]
+    Missing,
+    #[error("the token is {0} bytes, more than the {MAX_TOKEN_BYTES} allowed")]
+    TooLarge(usize),
+    #[error("the token is not a JWT: {0}")]
+    Malformed(&'static str),
+    #[error(
+        "the token expired {0} s ago; the pod's token file should have been rotated by kubelet"
+    )]
+    Expired(u64),
+    #[error("the token is not valid for another {0} s (nbf); check the node's clock")]
+    NotYetValid(u64),
+}
+
+/// SHA-256 of the raw token bytes: the cache key, and the only name a token has in logs.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenHash(pub [u8; 32]);
+
+impl TokenHash {
+    pub fn of(raw: &[u8]) -> Self {
+        TokenHash(Sha256::digest(raw).into())
+    }
+}
+
+impl fmt::Display for TokenHash {
+    /// Eight bytes are plenty to tell entries apart in logs and reveal nothing usable.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TokenHash({self})")
+    }
+}
+
+/// Who the token says it speaks for. Not secret: these are logged to tell pods apart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subject {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod: String,
+}
+
+/// The claims the agent reads. Everything else in the payload is ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    pub exp: u64,
+    pub nbf: Option<u64>,
+    pub subject: Subject,
+}
+
+/// A structurally valid, unverified JWT.
+#[derive(Clone)]
+pub struct Token {
+    /// The exact bytes the pod sent: forwarded to EKS Auth, which verifies them.
+    raw: Arc<str>,
+    hash: TokenHash,
+    claims: Claims,
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("hash", &self.hash)
+            .field("claims", &self.claims)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: String,
+}
+
+#[derive(Deserialize)]
+struct RawClaims {
+    exp: Option<f64>,
+    nbf: Option<f64>,
+    sub: Option<String>,
+    #[serde(rename = "kubernetes.io")]
+    kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawKubernetes {
+    namespace: Option<String>,
+    pod: Option<RawNamed>,
+    serviceaccount: Option<RawNamed>,
+}
+
+#[derive(Deserialize)]
+struct RawNamed {
+    name: Option<String>,
+}
+
+fn decode_segment(segment: &str, what: &'static str) -> Result<Vec<u8>, TokenError> {
+    B64.decode(segment).map_err(|_| TokenError::Malformed(what))
+}
+
+/// A NumericDate may be fractional or absurd; clamp to whole seconds within u64.
+fn numeric_date(v: f64) -> Result<u64, TokenError> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(v as u64)
+    } else {
+        Err(TokenError::Malformed(
+            "a time claim is not a valid NumericDate",
+        ))
+    }
+}
+
+impl Token {
+    /// Parse an `Authorization` header value. A `Bearer ` prefix is tolerated (some hand-written
+    /// clients add one) even though SDKs send the token bare.
+    pub fn parse(header: &[u8]) -> Result<Token, TokenError> {
+        let text = std::str::from_utf8(header).map_err(|_| TokenError::Malformed("not UTF-8"))?;
+        let text = text.strip_prefix("Bearer ").unwrap_or(text).trim();
+        if text.is_empty() {
+            return Err(TokenError::Missing);
+        }
+        if text.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge(text.len()));
+        }
+        let mut parts = text.split('.');
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed(
+                "expected three dot-separated segments",
+            ));
+        };
+        if h.is_empty() || p.is_empty() || s.is_empty() {
+            return Err(TokenError::Malformed("a segment is empty"));
+        }
+        let header: RawHeader =
+            serde_json::from_slice(&decode_segment(h, "header is not base64url")?)
+                .map_err(|_| TokenError::Malformed("header is not a JSON object with an alg"))?;
+        if header.alg.is_empty() || header.alg.eq_ignore_ascii_case("none") {
+            return Err(TokenError::Malformed("header alg is empty or none"));
+        }
+        decode_segment(s, "signature is not base64url")?;
+        let raw: RawClaims =
+            serde_json::from_slice(&decode_segment(p, "payload is not base64url")?)
+                .map_err(|_| TokenError::Malformed("payload is not a JSON object of claims"))?;
+        let exp = numeric_date(
+            raw.exp
+                .ok_or(TokenError::Malformed("the exp claim is missing"))?,
+        )?;
+        let nbf = raw.nbf.map(numeric_date).transpose()?;
+        let k = raw.kubernetes.unwrap_or_default();
+        let mut subject = Subject {
+            namespace: k.namespace.unwrap_or_default(),
+            service_account: k.serviceaccount.and_then(|s| s.name).unwrap_or_default(),
+            pod: k.pod.and_then(|p| p.name).unwrap_or_default(),
+        };
+        // Fall back to `sub = system:serviceaccount:<ns>:<sa>` for tokens without the nested claims.
+        if subject.namespace.is_empty() {
+            if let Some(rest) = raw
+                .sub
+                .as_deref()
+                .and_then(|s| s.strip_prefix("system:serviceaccount:"))
+            {
+                if let Some((ns, sa)) = rest.split_once(':') {
+                    subject.namespace = ns.to_owned();
+                    subject.service_account = sa.to_owned();
+                }
+            }
+        }
+        Ok(Token {
+            hash: TokenHash::of(text.as_bytes()),
+            raw: Arc::from(text),
+            claims: Claims { exp, nbf, subject },
+        })
+    }
+
+    /// Refuse a token outside `[nbf - leeway, exp + leeway]`. Leeway absorbs a node clock that
+    /// is a little off, which would otherwise reject freshly minted tokens.
+    pub fn check_time(&self, now: SystemTime, leeway: Duration) -> Result<(), TokenError> {
+        self.claims.check_time(now, leeway)
+    }
+
+    pub fn raw(&self) -> &str {
+        &self.raw
+    }
+
+    pub fn hash(&self) -> TokenHash {
+        self.hash
+    }
+
+    pub fn claims(&self) -> &Claims {
+        &self.claims
+    }
+
+    /// When the token stops being usable (exp + leeway): nothing derived from it outlives this.
+    pub fn expires_at(&self, leeway: Duration) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(self.claims.exp) + leeway
+    }
+}
+
+impl Claims {
+    pub fn check_time(&self, now: SystemTime, leeway: Duration) -> Result<(), TokenError> {
+        let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let leeway = leeway.as_secs();
+        if now > self.exp.saturating_add(leeway) {
+            return Err(TokenError::Expired(now - self.exp));
+        }
+        if let Some(nbf) = self.nbf {
+            if now.saturating_add(leeway) < nbf {
+                return Err(TokenError::NotYetValid(nbf - now));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Encode claims into an unsigned-but-well-formed JWT. For tests and the local emulator's
+/// fixtures only; real tokens come from kubelet.
+pub fn encode_unsigned(header: &serde_json::Value, claims: &serde_json::Value) -> String {
+    format!(
+        "{}.{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string()),
+        URL_SAFE_NO_PAD.encode(b"not-a-real-signature"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    fn token(claims: serde_json::Value) -> String {
+        encode_unsigned(&json!({"alg": "RS256", "kid": "k1"}), &claims)
+    }
+
+    #[test]
+    fn parses_projected_token_claims() {
+        let t = token(json!({
+            "aud": ["pods.eks.amazonaws.com"], "exp": now() + 100, "nbf": now() - 1,
+            "sub": "system:serviceaccount:ns:sa",
+            "kubernetes.io": {"namespace": "ns", "pod": {"name": "p", "uid": "u"},
+                              "serviceaccount": {"name": "sa", "uid": "u2"}}
+        }));
+        let parsed = Token::parse(t.as_bytes()).expect("valid token");
+        assert_eq!(
+            parsed.claims().subject,
+            Subject {
+                namespace: "ns".into(),
+                service_account: "sa".into(),
+                pod: "p".into()
+            }
+        );
+        assert!(parsed
+            .check_time(SystemTime::now(), Duration::from_secs(60))
+            .is_ok());
+        assert_eq!(parsed.raw(), t);
+    }
+
+    #[test]
+    fn falls_back_to_sub_claim() {
+        let t = token(json!({"exp": now() + 100, "sub": "system:serviceaccount:a:b"}));
+        let parsed = Token::parse(t.as_bytes()).expect("valid token");
+        assert_eq!(parsed.claims().subject.namespace, "a");
+        assert_eq!(parsed.claims().subject.service_account, "b");
+    }
+
+    #[test]
+    fn refuses_malformed_tokens() {
+        for bad in ["", "   ", "abc", "a.b", "a.b.c.d", "..", "!!.??.##"] {
+            assert!(Token::parse(bad.as_bytes()).is_err(), "{bad:?} accepted");
+        }
+        let no_exp = token(json!({"sub": "x"}));
+        assert_eq!(
+            Token::parse(no_exp.as_bytes()).unwrap_err(),
+            TokenError::Malformed("the exp claim is missing")
+        );
+        let none_alg = encode_unsigned(&json!({"alg": "none"}), &json!({"exp": now() + 10}));
+        assert!(Token::parse(none_alg.as_bytes()).is_err());
+        let big = "a".repeat(MAX_TOKEN_BYTES + 1);
+        assert_eq!(
+            Token::parse(big.as_bytes()).unwrap_err(),
+            TokenError::TooLarge(MAX_TOKEN_BYTES + 1)
+        );
+        assert!(Token::parse(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn time_checks_apply_leeway() {
+        let leeway = Duration::from_secs(60);
+        let expired_recently =
+            Token::parse(token(json!({"exp": now() - 30})).as_bytes()).expect("parse");
+        assert!(expired_recently
+            .check_time(SystemTime::now(), leeway)
+            .is_ok());
+        let expired = Token::parse(token(json!({"exp": now() - 120})).as_bytes()).expect("parse");
+        assert!(matches!(
+            expired.check_time(SystemTime::now(), leeway),
+            Err(TokenError::Expired(_))
+        ));
+        let future =
+            Token::parse(token(json!({"exp": now() + 1000, "nbf": now() + 30})).as_bytes())
+                .expect("parse");
+        assert!(future.check_time(SystemTime::now(), leeway).is_ok());
+        let far_future =
+            Token::parse(token(json!({"exp": now() + 1000, "nbf": now() + 300})).as_bytes())
+                .expect("parse");
+        assert!(matches!(
+            far_future.check_time(SystemTime::now(), leeway),
+            Err(TokenError::NotYetValid(_))
+        ));
+    }
+
+    #[test]
+    fn debug_and_errors_never_show_the_token() {
+        let t = token(json!({"exp": now() + 100}));
+        let parsed = Token::parse(t.as_bytes()).expect("parse");
+        let shown = format!("{parsed:?}");
+        assert!(!shown.contains(&t) && !shown.contains(t.split('.').nth(1).unwrap_or("x")));
+        assert_eq!(parsed.hash().to_string().len(), 16);
+        assert_eq!(parsed.hash(), TokenHash::of(t.as_bytes()));
+    }
+}
