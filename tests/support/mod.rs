@@ -1,0 +1,196 @@
+//! What the integration tests share: the fake EKS Auth, an agent on loopback wired to it,
+//! token minting and a small HTTP client.
+
+#![allow(dead_code)]
+
+pub mod fake_eks_auth;
+
+use bytes::Bytes;
+use fake_eks_auth::FakeEksAuth;
+use http_body_util::{BodyExt, Empty};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use pod_identity_agent::cache::policy::RefreshPolicy;
+use pod_identity_agent::cache::CacheSettings;
+use pod_identity_agent::eks_auth::{EksAuthClient, ExchangeSettings};
+use pod_identity_agent::metrics::Metrics;
+use pod_identity_agent::server::{RunningServer, Server, ServerSettings};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub const CLUSTER: &str = "my-cluster";
+/// The node's (fake) credentials; the access key id shows up in the fake's records.
+pub const NODE_ACCESS_KEY_ID: &str = "AKIANODEEXAMPLE00001";
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A projected-token-shaped JWT (unsigned: the agent does not verify, the fake does not care).
+/// Each call yields a distinct token.
+pub fn mint(namespace: &str, sa: &str, ttl_secs: i64) -> String {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let now = now_secs() as i64;
+    pod_identity_agent::token::encode_unsigned(
+        &json!({"alg": "RS256", "kid": "test-key"}),
+        &json!({
+            "aud": ["pods.eks.amazonaws.com"], "exp": now + ttl_secs, "iat": now, "nbf": now,
+            "iss": "https://oidc.eks.us-west-2.amazonaws.com/id/EXAMPLE",
+            "sub": format!("system:serviceaccount:{namespace}:{sa}"), "jti": format!("jti-{n}-{now}"),
+            "kubernetes.io": {"namespace": namespace, "pod": {"name": format!("pod-{n}"), "uid": format!("uid-{n}")},
+                              "serviceaccount": {"name": sa, "uid": "sa-uid"}}
+        }),
+    )
+}
+
+pub fn token() -> String {
+    mint("default", "app", 86400)
+}
+
+pub fn settings() -> ServerSettings {
+    ServerSettings {
+        bind_hosts: vec!["127.0.0.1".parse().expect("ip")],
+        port: 0,
+        probe_addr: Some("127.0.0.1:0".parse().expect("addr")),
+        metrics_addr: Some("127.0.0.1:0".parse().expect("addr")),
+        cache: CacheSettings {
+            max_entries: 2000,
+            policy: RefreshPolicy {
+                max_retention: Duration::from_secs(3 * 3600),
+            },
+            refresh_qps: 50.0,
+            refresh_concurrency: 16,
+            leeway: Duration::from_secs(60),
+        },
+        leeway: Duration::from_secs(60),
+        shutdown_grace: Duration::from_secs(2),
+    }
+}
+
+/// SDK config with static node credentials and a region: nothing reaches IMDS.
+pub async fn sdk_config() -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-west-2"))
+        .credentials_provider(aws_credential_types::Credentials::new(
+            NODE_ACCESS_KEY_ID,
+            "node-secret",
+            None,
+            None,
+            "test",
+        ))
+        .load()
+        .await
+}
+
+pub struct Harness {
+    pub fake: FakeEksAuth,
+    pub agent: RunningServer,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Harness::start_with(|_, _| {}).await
+    }
+
+    pub async fn start_with(
+        tweak: impl FnOnce(&mut ServerSettings, &mut ExchangeSettings),
+    ) -> Harness {
+        let fake = FakeEksAuth::start(CLUSTER).await;
+        let mut s = settings();
+        let mut x = ExchangeSettings::new(CLUSTER);
+        x.endpoint = Some(fake.endpoint());
+        tweak(&mut s, &mut x);
+        let source = Arc::new(EksAuthClient::new(&sdk_config().await, &x));
+        let agent = Server::start(&s, source, Arc::new(Metrics::new().expect("metrics")))
+            .await
+            .expect("agent starts");
+        Harness { fake, agent }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.agent.credential_addrs[0]
+    }
+
+    pub async fn get(&self, token: &str) -> Reply {
+        get(self.addr(), "/v1/credentials", &[("authorization", token)]).await
+    }
+
+    pub async fn metrics(&self) -> String {
+        let addr = self.agent.metrics_addr.expect("metrics listener");
+        get(addr, "/metrics", &[]).await.text()
+    }
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One GET on a fresh connection, with `Host` set to the address unless given.
+pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
+    request(addr, "GET", path, headers).await
+}
+
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut req = Request::builder().method(method).uri(path);
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req = req.header("host", addr.to_string());
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let res = sender
+        .send_request(req.body(Empty::<Bytes>::new()).expect("request"))
+        .await
+        .expect("response");
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// A metric's value from the exposition text, by its full sample name with labels.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
