@@ -1,0 +1,357 @@
+//! The cache over real sockets: single-flight, exchanges that outlive their client, refresh
+//! ahead of expiry, demand-driven expiry, static stability and eviction.
+//!
+//! Time is controlled through short credential lifetimes from the fake and a short
+//! `--max-credential-retention-before-renewal`, never by sleeping on the hit path's account.
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::fake_eks_auth::Step;
+use support::*;
+use tokio::io::AsyncWriteExt;
+
+fn slow(fixture: &str, ms: u64) -> Step {
+    Step {
+        fixture: fixture.into(),
+        delay: Duration::from_millis(ms),
+        hang: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herd_of_first_requests_makes_one_call() {
+    let h = Harness::start().await;
+    h.fake.set_default(slow("success", 300));
+    let t = token();
+    let mut tasks = Vec::new();
+    for _ in 0..300 {
+        let addr = h.addr();
+        let t = t.clone();
+        tasks.push(tokio::spawn(async move {
+            get(addr, "/v1/credentials", &[("authorization", &t)]).await
+        }));
+    }
+    let mut keys = std::collections::HashSet::new();
+    for task in tasks {
+        let reply = task.await.expect("task");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        keys.insert(
+            reply.json()["AccessKeyId"]
+                .as_str()
+                .expect("key")
+                .to_owned(),
+        );
+    }
+    assert_eq!(h.fake.calls(), 1, "one EKS Auth call for one token");
+    assert_eq!(keys.len(), 1);
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "pod_identity_request_duration_seconds_count{outcome=\"miss\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    let coalesced = metric(
+        &m,
+        "pod_identity_request_duration_seconds_count{outcome=\"coalesced\"}",
+    );
+    let hits = metric(
+        &m,
+        "pod_identity_request_duration_seconds_count{outcome=\"hit\"}",
+    );
+    assert_eq!(coalesced + hits, 299.0);
+    assert!(coalesced > 0.0);
+}
+
+#[tokio::test]
+async fn errors_are_shared_by_the_flight_and_not_cached() {
+    let h = Harness::start().await;
+    h.fake.set_default(slow("error-resource-not-found", 200));
+    let t = token();
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let addr = h.addr();
+        let t = t.clone();
+        tasks.push(tokio::spawn(async move {
+            get(addr, "/v1/credentials", &[("authorization", &t)])
+                .await
+                .status
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.expect("task"), 404);
+    }
+    assert_eq!(h.fake.calls(), 1, "one failure, shared; not a herd");
+    // The error lived only as long as its flight: the next request asks again.
+    h.fake.respond_with("success");
+    assert_eq!(h.get(&t).await.status, 200);
+    assert_eq!(h.fake.calls(), 2);
+}
+
+#[tokio::test]
+async fn exchange_outlives_a_client_that_hangs_up() {
+    let h = Harness::start().await;
+    h.fake.set_default(slow("success", 1500));
+    let t = token();
+    // A JS-SDK-like client: sends, waits 300 ms, gives up.
+    let mut stream = tokio::net::TcpStream::connect(h.addr())
+        .await
+        .expect("connect");
+    let req = format!(
+        "GET /v1/credentials HTTP/1.1\r\nHost: {}\r\nAuthorization: {t}\r\n\r\n",
+        h.addr()
+    );
+    stream.write_all(req.as_bytes()).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(stream);
+    // Its retry arrives while the exchange is still going on, joins it, and gets its result.
+    let started = Instant::now();
+    let reply = h.get(&t).await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "joined the running exchange"
+    );
+    assert_eq!(
+        h.fake.calls(),
+        1,
+        "the abandoned exchange was not cancelled and redone"
+    );
+    // And once done, its result is cached.
+    let started = Instant::now();
+    assert_eq!(h.get(&t).await.status, 200);
+    assert!(started.elapsed() < Duration::from_millis(200));
+    assert_eq!(h.fake.calls(), 1);
+}
+
+#[tokio::test]
+async fn abandoned_exchange_result_is_kept_for_the_retry() {
+    let h = Harness::start().await;
+    h.fake.set_default(slow("success", 600));
+    let t = token();
+    let mut stream = tokio::net::TcpStream::connect(h.addr())
+        .await
+        .expect("connect");
+    let req = format!(
+        "GET /v1/credentials HTTP/1.1\r\nHost: {}\r\nAuthorization: {t}\r\n\r\n",
+        h.addr()
+    );
+    stream.write_all(req.as_bytes()).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stream);
+    // The retry comes after the exchange finished with nobody waiting: a hit.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let started = Instant::now();
+    assert_eq!(h.get(&t).await.status, 200);
+    assert!(started.elapsed() < Duration::from_millis(300));
+    assert_eq!(h.fake.calls(), 1);
+}
+
+#[tokio::test]
+async fn hung_eks_auth_is_bounded() {
+    let h = Harness::start_with(|_, x| {
+        x.attempt_timeout = Duration::from_millis(400);
+        x.overall_timeout = Duration::from_millis(1000);
+    })
+    .await;
+    h.fake.set_default(Step {
+        fixture: "success".into(),
+        delay: Duration::ZERO,
+        hang: true,
+    });
+    let started = Instant::now();
+    let reply = h.get(&token()).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["code"], "EksAuthUnavailable");
+    assert!(
+        started.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn unreachable_eks_auth_is_503() {
+    let h = Harness::start_with(|_, x| x.endpoint = Some("http://127.0.0.1:9".into())).await;
+    let reply = h.get(&token()).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["code"], "EksAuthUnavailable");
+}
+
+#[tokio::test]
+async fn used_entries_are_refreshed_ahead_of_time() {
+    // Retention 1 s: refresh-ahead of 6-hour credentials after about a second.
+    let h = Harness::start_with(|s, _| s.cache.policy.max_retention = Duration::from_secs(1)).await;
+    let t = token();
+    let first = h.get(&t).await.json()["AccessKeyId"].clone();
+    assert_eq!(h.fake.calls(), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        h.fake.calls(),
+        2,
+        "refreshed in the background because it was used"
+    );
+    let second = h.get(&t).await.json()["AccessKeyId"].clone();
+    assert_ne!(first, second, "the refreshed credentials are served");
+    assert_eq!(
+        h.fake.calls(),
+        2,
+        "served from the cache, not fetched by the request"
+    );
+}
+
+#[tokio::test]
+async fn short_lived_credentials_refresh_at_half_life() {
+    let h = Harness::start().await;
+    h.fake.set_lifetime(Duration::from_secs(4));
+    let t = token();
+    assert_eq!(h.get(&t).await.status, 200);
+    // Used, so refreshed at about 2 s (minus jitter), well before its 4 s expiry.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    assert_eq!(h.fake.calls(), 2);
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(&m, "pod_identity_refreshes_total{result=\"success\"}"),
+        1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn idle_entries_are_not_refreshed_and_expire() {
+    let h = Harness::start().await;
+    h.fake.set_lifetime(Duration::from_secs(3));
+    let t = token();
+    assert_eq!(h.get(&t).await.status, 200);
+    // Refreshed once (it was used by the first request) ...
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert_eq!(h.fake.calls(), 2);
+    // ... but nobody used the new credentials, so they are left to expire and leave.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(h.fake.calls(), 2, "idle entries are not renewed");
+    assert_eq!(h.agent.cache.len(), 0, "the expired entry left the cache");
+    let m = h.metrics().await;
+    assert!(
+        metric(&m, "pod_identity_refreshes_total{result=\"idle\"}") >= 1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn dormant_entry_used_again_is_refreshed_at_once() {
+    let h =
+        Harness::start_with(|s, _| s.cache.policy.max_retention = Duration::from_millis(500)).await;
+    let t = token();
+    assert_eq!(h.get(&t).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(700)).await; // refreshed (used)
+    tokio::time::sleep(Duration::from_millis(700)).await; // skipped (idle): dormant
+    assert_eq!(h.fake.calls(), 2);
+    // A hit on a dormant entry past its refresh point is answered from memory and asks for a
+    // refresh straight away.
+    assert_eq!(h.get(&t).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.fake.calls(), 3);
+}
+
+#[tokio::test]
+async fn static_stability_during_an_outage() {
+    let h = Harness::start().await;
+    h.fake.set_lifetime(Duration::from_secs(6));
+    let t = token();
+    let first = h.get(&t).await.json()["AccessKeyId"].clone();
+    // EKS Auth goes down: refreshes fail recoverably; the cached credentials keep being served,
+    // past the refresh point and past the hard point, until they expire.
+    h.fake.respond_with("error-service-unavailable");
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let reply = h.get(&t).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json()["AccessKeyId"], first);
+    }
+    let m = h.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "pod_identity_refreshes_total{result=\"recoverable_error\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "pod_identity_request_duration_seconds_count{outcome=\"stale\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    // Backoff: not an exchange per request.
+    assert!(h.fake.calls() <= 1 + 3 * 4, "calls: {}", h.fake.calls());
+    // EKS Auth comes back: fresh credentials.
+    h.fake.respond_with("success");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let reply = h.get(&t).await;
+    assert_eq!(reply.status, 200);
+    assert_ne!(reply.json()["AccessKeyId"], first);
+}
+
+#[tokio::test]
+async fn irrecoverable_refresh_failures_evict() {
+    for fixture in [
+        "error-access-denied",
+        "error-expired-token",
+        "error-invalid-token",
+        "error-resource-not-found",
+    ] {
+        let h =
+            Harness::start_with(|s, _| s.cache.policy.max_retention = Duration::from_millis(300))
+                .await;
+        let t = token();
+        assert_eq!(h.get(&t).await.status, 200);
+        h.fake.respond_with(fixture);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            h.agent.cache.len(),
+            0,
+            "{fixture}: entry evicted by the failed refresh"
+        );
+        let want = load(fixture);
+        let reply = h.get(&t).await;
+        assert_eq!(
+            u64::from(reply.status),
+            want["agent"]["status"].as_u64().expect("status"),
+            "{fixture}"
+        );
+        assert_eq!(reply.json()["code"], want["agent"]["code"], "{fixture}");
+    }
+}
+
+fn load(name: &str) -> serde_json::Value {
+    support::fake_eks_auth::load_fixture(name)
+}
+
+#[tokio::test]
+async fn lru_bound_evicts_least_recently_used() {
+    let h = Harness::start_with(|s, _| s.cache.max_entries = 3).await;
+    let tokens: Vec<String> = (0..3).map(|_| token()).collect();
+    // moka records recency in housekeeping; `len()` runs it, as time passing would.
+    for t in &tokens {
+        assert_eq!(h.get(t).await.status, 200);
+        h.agent.cache.len();
+    }
+    // Use the oldest again, then add a fourth: the least recently *used* (tokens[1]) goes.
+    assert_eq!(h.get(&tokens[0]).await.status, 200);
+    h.agent.cache.len();
+    assert_eq!(h.get(&token()).await.status, 200);
+    assert_eq!(h.agent.cache.len(), 3);
+    let calls = h.fake.calls();
+    assert_eq!(h.get(&tokens[0]).await.status, 200);
+    assert_eq!(h.fake.calls(), calls, "recently used entry kept");
+    assert_eq!(h.get(&tokens[1]).await.status, 200);
+    assert_eq!(
+        h.fake.calls(),
+        calls + 1,
+        "least recently used entry evicted"
+    );
+}
