@@ -134,7 +134,8 @@ async fn request_errors_are_json_with_one_status_each() {
     let addr = h.addr();
     let expired = mint("default", "app", -3600);
     let garbage = "not-a-jwt";
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, u16, &str)> = vec![
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("GET", "/", vec![], 404, "NotFound"),
         ("GET", "/v1/credentials/extra", vec![], 404, "NotFound"),
         ("POST", "/v1/credentials", vec![], 405, "MethodNotAllowed"),

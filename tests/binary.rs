@@ -1,0 +1,185 @@
+//! The `pod-identity-agent` binary as an operator runs it: exit codes and one-line errors,
+//! the endpoint override from the environment, graceful shutdown on SIGTERM, and a scan of
+//! everything it logs at trace level for secrets.
+
+mod support;
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::fake_eks_auth::{FakeEksAuth, Step};
+use support::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pod-identity-agent");
+
+/// A command with a hermetic AWS environment: static node keys, a region, no IMDS, no profiles.
+fn agent_command(args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_ACCESS_KEY_ID", NODE_ACCESS_KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", "node-secret-key-value")
+        .env("AWS_REGION", "us-west-2")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
+const LOCAL: &[&str] = &["server", "-c", CLUSTER, "-b", "127.0.0.1", "-p", "0", "--probe-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", "0"];
+
+struct Running {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+    addr: std::net::SocketAddr,
+}
+
+async fn spawn_agent(mut cmd: Command) -> Running {
+    let mut child = cmd.spawn().expect("spawn agent");
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sink = logs.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["message"] == "serving credentials" {
+                    let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
+                }
+            }
+            sink.lock().expect("lock").push(line);
+        }
+    });
+    let addr = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("agent did not start: {:?}", logs.lock().expect("lock")));
+    Running { child, logs, addr: addr.parse().expect("addr") }
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().expect("pid").to_string();
+    let ok = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success();
+    assert!(ok);
+}
+
+async fn exit_code(mut cmd: Command) -> (i32, String) {
+    let out = cmd.output().await.expect("run");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn version_prints_the_version() {
+    let out = agent_command(&["version"]).output().await.expect("run");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("pod-identity-agent {}", env!("CARGO_PKG_VERSION")));
+}
+
+#[tokio::test]
+async fn startup_errors_are_one_line_and_exit_2() {
+    let mut no_region = agent_command(LOCAL);
+    no_region.env_remove("AWS_REGION");
+    let (code, err) = exit_code(no_region).await;
+    assert_eq!(code, 2, "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("pod-identity-agent: no AWS region"), "{err}");
+
+    let (code, err) = exit_code(agent_command(&["server", "-c", "x", "--port", "eighty"])).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(!err.contains("panicked"));
+
+    let (code, err) = exit_code(agent_command(&["server"])).await;
+    assert_eq!(code, 2, "missing --cluster-name: {err}");
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = busy.local_addr().expect("addr").port().to_string();
+    let mut args = LOCAL.to_vec();
+    args[6] = &port;
+    let (code, err) = exit_code(agent_command(&args)).await;
+    assert_eq!(code, 2, "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains("cannot listen on 127.0.0.1:") && !err.contains("panicked"), "{err}");
+}
+
+#[tokio::test]
+async fn endpoint_from_environment_and_graceful_shutdown() {
+    let fake = FakeEksAuth::start(CLUSTER).await;
+    let mut cmd = agent_command(LOCAL);
+    cmd.env("AWS_ENDPOINT_URL_EKS_AUTH", fake.endpoint());
+    let mut agent = spawn_agent(cmd).await;
+    // An exchange in flight when SIGTERM arrives still completes.
+    fake.set_default(Step { fixture: "success".into(), delay: Duration::from_millis(800), hang: false });
+    let addr = agent.addr;
+    let t = token();
+    let inflight = tokio::spawn(async move { get(addr, "/v1/credentials", &[("authorization", &t)]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sigterm(&agent.child);
+    let reply = inflight.await.expect("join");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let status = tokio::time::timeout(Duration::from_secs(10), agent.child.wait()).await.expect("exits").expect("status");
+    assert_eq!(status.code(), Some(0), "{:?}", agent.logs.lock().expect("lock"));
+    assert_eq!(fake.calls(), 1, "AWS_ENDPOINT_URL_EKS_AUTH was honoured");
+    // New connections are refused once it stopped.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_logs_at_any_level() {
+    let fake = FakeEksAuth::start(CLUSTER).await;
+    let mut args = LOCAL.to_vec();
+    let endpoint = fake.endpoint();
+    args.extend(["--endpoint", &endpoint, "-v", "trace", "--max-credential-retention-before-renewal", "1s"]);
+    let mut agent = spawn_agent(agent_command(&args)).await;
+    let addr = agent.addr;
+    let mut tokens = Vec::new();
+    // Success, a cache hit, a refresh, upstream errors of each kind, and refused tokens.
+    let t = token();
+    tokens.push(t.clone());
+    assert_eq!(get(addr, "/v1/credentials", &[("authorization", &t)]).await.status, 200);
+    assert_eq!(get(addr, "/v1/credentials", &[("authorization", &t)]).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    for fixture in ["error-invalid-token", "error-throttling", "malformed-json", "missing-session-token"] {
+        fake.respond_with(fixture);
+        let t = token();
+        tokens.push(t.clone());
+        let status = get(addr, "/v1/credentials", &[("authorization", &t)]).await.status;
+        assert_ne!(status, 200, "{fixture}");
+    }
+    let expired = mint("default", "app", -7200);
+    tokens.push(expired.clone());
+    assert_eq!(get(addr, "/v1/credentials", &[("authorization", &expired)]).await.status, 400);
+    sigterm(&agent.child);
+    let _ = tokio::time::timeout(Duration::from_secs(10), agent.child.wait()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let logs = agent.logs.lock().expect("lock").join("\n");
+    assert!(logs.contains("\"served credentials\"") || logs.contains("served credentials"), "debug line per request missing");
+    assert!(logs.contains("\"level\":\"TRACE\"") || logs.contains("\"level\":\"DEBUG\""), "ran at a verbose level");
+    let mut secrets: Vec<String> = vec!["node-secret-key-value".into()];
+    for t in &tokens {
+        secrets.push(t.clone());
+        // Each segment alone would also be a leak (the payload identifies the pod, the signature
+        // completes it).
+        secrets.extend(t.split('.').map(str::to_owned));
+    }
+    for call in 1..=fake.calls() {
+        secrets.push(format!("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLE{call:04}"));
+        secrets.push(format!("IQoJb3JpZ2luX2VjEXAMPLESESSIONTOKEN{call:04}"));
+    }
+    secrets.push("wJalrXUtnFEMI".into());
+    secrets.push("IQoJb3JpZ2luX2Vj".into());
+    secrets.push("dGhpcyBpcyBhIGZha2Ugc2Vzc2lvbiB0b2tlbg".into());
+    for s in &secrets {
+        assert!(!logs.contains(s.as_str()), "secret {}… found in the logs", &s[..s.len().min(12)]);
+    }
+    assert!(fake.calls() >= 5, "the scenario exercised EKS Auth ({} calls)", fake.calls());
+}
