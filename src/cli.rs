@@ -14,6 +14,7 @@ use crate::server::ServerSettings;
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Default credential addresses: EKS Pod Identity's IPv4 and IPv6 link-local addresses.
@@ -37,8 +38,92 @@ pub struct Cli {
 pub enum Command {
     /// Serve credentials to pods (what the DaemonSet runs).
     Server(ServerArgs),
+    /// Run Pod Identity on this machine: the agent on 127.0.0.1 backed by a local EKS Auth
+    /// emulator, no AWS account needed. Prints the environment any AWS SDK needs.
+    Dev(DevArgs),
+    /// Run the EKS Auth emulator alone, for any agent or EKS Auth client to use.
+    EmulateEksAuth(EmulateArgs),
     /// Print the version.
     Version,
+}
+
+/// Where emulated credentials come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CredentialSource {
+    /// Well-formed, unique credentials; no AWS account.
+    Fake,
+    /// A real sts:AssumeRole of the association's role with your own AWS credentials.
+    Sts,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EmulatorArgs {
+    /// Keeps the issuer key and minted tokens [default: ~/.cache/pod-identity-agent].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// YAML association table; without it every service account maps to
+    /// arn:aws:iam::000000000000:role/<namespace>-<serviceAccount>.
+    #[arg(long, conflicts_with = "from_cluster")]
+    pub associations: Option<PathBuf>,
+    /// Import the association table from this real EKS cluster (uses your AWS credentials).
+    #[arg(long)]
+    pub from_cluster: Option<String>,
+    /// Where credentials come from.
+    #[arg(long, value_enum, default_value = "fake")]
+    pub credential_source: CredentialSource,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DevArgs {
+    #[command(subcommand)]
+    pub command: Option<DevCommand>,
+    /// Port of the credential listener on 127.0.0.1 (0 picks a free one).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Cluster name the agent sends.
+    #[arg(long, default_value = "dev")]
+    pub cluster_name: String,
+    #[command(flatten)]
+    pub emulator: EmulatorArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum DevCommand {
+    /// Mint a projected-service-account-shaped token signed by the emulator's issuer.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    #[arg(long, short = 'n')]
+    pub namespace: String,
+    #[arg(long, short = 's')]
+    pub service_account: String,
+    /// Pod name claim [default: <service-account>-<random>].
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Lifetime of the token.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// File to write (no trailing newline); `-` for stdout [default: <state-dir>/tokens/<ns>_<sa>.jwt].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EmulateArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub emulator: EmulatorArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -64,9 +149,9 @@ pub struct LogArgs {
     /// Log level: trace, debug, info, warn, error.
     #[arg(short = 'v', long, value_enum, default_value = "info")]
     pub verbosity: Verbosity,
-    /// Log line format.
-    #[arg(long, value_enum, default_value = "json")]
-    pub log_format: LogFormat,
+    /// Log line format [default: json for server, text for dev and emulate-eks-auth].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
 #[derive(Debug, Clone, Args)]

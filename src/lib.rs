@@ -8,10 +8,13 @@
 pub mod cache;
 pub mod cli;
 pub mod credentials;
+pub mod dev;
 pub mod eks_auth;
+pub mod emulator;
 pub mod error;
 pub mod logging;
 pub mod metrics;
 pub mod request;
 pub mod server;
+pub mod signal;
 pub mod token;

@@ -21,11 +21,11 @@ pub fn filter(v: Verbosity) -> EnvFilter {
 }
 
 /// Install the global subscriber; a second call (tests) is a no-op.
-pub fn init(args: &LogArgs) {
+pub fn init(args: &LogArgs, default_format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(args.verbosity))
         .with_writer(std::io::stderr);
-    let _ = match args.log_format {
+    let _ = match args.log_format.unwrap_or(default_format) {
         LogFormat::Json => builder
             .json()
             .flatten_event(true)

@@ -18,6 +18,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Server(args) => run(|| server(args)),
+        Command::Dev(args) => run(|| pod_identity_agent::dev::run_dev(args)),
+        Command::EmulateEksAuth(args) => run(|| pod_identity_agent::dev::run_emulate(args)),
     }
 }
 
@@ -47,7 +49,7 @@ where
 }
 
 async fn server(args: ServerArgs) -> Result<(), String> {
-    logging::init(&args.log);
+    logging::init(&args.log, pod_identity_agent::cli::LogFormat::Json);
     if args.rotate_credentials {
         tracing::warn!("--rotate-credentials: node credentials are re-read by the SDK's default chain when they near expiry");
     }
@@ -65,32 +67,9 @@ async fn server(args: ServerArgs) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(cluster = %args.cluster_name, version = env!("CARGO_PKG_VERSION"), "ready");
-    shutdown_signal().await;
+    pod_identity_agent::signal::shutdown().await;
     tracing::info!("shutting down: no new connections, finishing requests in flight");
     running.shutdown().await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// SIGTERM (Kubernetes) or SIGINT (a person at a terminal).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

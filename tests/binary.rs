@@ -33,7 +33,21 @@ fn agent_command(args: &[&str]) -> Command {
     c
 }
 
-const LOCAL: &[&str] = &["server", "-c", CLUSTER, "-b", "127.0.0.1", "-p", "0", "--probe-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", "0"];
+const LOCAL: &[&str] = &[
+    "server",
+    "-c",
+    CLUSTER,
+    "-b",
+    "127.0.0.1",
+    "-p",
+    "0",
+    "--probe-port",
+    "0",
+    "--metrics-address",
+    "127.0.0.1",
+    "--metrics-port",
+    "0",
+];
 
 struct Running {
     child: Child,
@@ -63,25 +77,39 @@ async fn spawn_agent(mut cmd: Command) -> Running {
         .ok()
         .flatten()
         .unwrap_or_else(|| panic!("agent did not start: {:?}", logs.lock().expect("lock")));
-    Running { child, logs, addr: addr.parse().expect("addr") }
+    Running {
+        child,
+        logs,
+        addr: addr.parse().expect("addr"),
+    }
 }
 
 fn sigterm(child: &Child) {
     let pid = child.id().expect("pid").to_string();
-    let ok = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success();
     assert!(ok);
 }
 
 async fn exit_code(mut cmd: Command) -> (i32, String) {
     let out = cmd.output().await.expect("run");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test]
 async fn version_prints_the_version() {
     let out = agent_command(&["version"]).output().await.expect("run");
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("pod-identity-agent {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("pod-identity-agent {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[tokio::test]
@@ -91,7 +119,10 @@ async fn startup_errors_are_one_line_and_exit_2() {
     let (code, err) = exit_code(no_region).await;
     assert_eq!(code, 2, "{err}");
     let last = err.lines().last().unwrap_or_default();
-    assert!(last.starts_with("pod-identity-agent: no AWS region"), "{err}");
+    assert!(
+        last.starts_with("pod-identity-agent: no AWS region"),
+        "{err}"
+    );
 
     let (code, err) = exit_code(agent_command(&["server", "-c", "x", "--port", "eighty"])).await;
     assert_eq!(code, 2, "{err}");
@@ -107,7 +138,10 @@ async fn startup_errors_are_one_line_and_exit_2() {
     let (code, err) = exit_code(agent_command(&args)).await;
     assert_eq!(code, 2, "{err}");
     let last = err.lines().last().unwrap_or_default();
-    assert!(last.contains("cannot listen on 127.0.0.1:") && !err.contains("panicked"), "{err}");
+    assert!(
+        last.contains("cannot listen on 127.0.0.1:") && !err.contains("panicked"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -117,16 +151,29 @@ async fn endpoint_from_environment_and_graceful_shutdown() {
     cmd.env("AWS_ENDPOINT_URL_EKS_AUTH", fake.endpoint());
     let mut agent = spawn_agent(cmd).await;
     // An exchange in flight when SIGTERM arrives still completes.
-    fake.set_default(Step { fixture: "success".into(), delay: Duration::from_millis(800), hang: false });
+    fake.set_default(Step {
+        fixture: "success".into(),
+        delay: Duration::from_millis(800),
+        hang: false,
+    });
     let addr = agent.addr;
     let t = token();
-    let inflight = tokio::spawn(async move { get(addr, "/v1/credentials", &[("authorization", &t)]).await });
+    let inflight =
+        tokio::spawn(async move { get(addr, "/v1/credentials", &[("authorization", &t)]).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
     sigterm(&agent.child);
     let reply = inflight.await.expect("join");
     assert_eq!(reply.status, 200, "{}", reply.text());
-    let status = tokio::time::timeout(Duration::from_secs(10), agent.child.wait()).await.expect("exits").expect("status");
-    assert_eq!(status.code(), Some(0), "{:?}", agent.logs.lock().expect("lock"));
+    let status = tokio::time::timeout(Duration::from_secs(10), agent.child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{:?}",
+        agent.logs.lock().expect("lock")
+    );
     assert_eq!(fake.calls(), 1, "AWS_ENDPOINT_URL_EKS_AUTH was honoured");
     // New connections are refused once it stopped.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
@@ -137,33 +184,68 @@ async fn no_secret_reaches_the_logs_at_any_level() {
     let fake = FakeEksAuth::start(CLUSTER).await;
     let mut args = LOCAL.to_vec();
     let endpoint = fake.endpoint();
-    args.extend(["--endpoint", &endpoint, "-v", "trace", "--max-credential-retention-before-renewal", "1s"]);
+    args.extend([
+        "--endpoint",
+        &endpoint,
+        "-v",
+        "trace",
+        "--max-credential-retention-before-renewal",
+        "1s",
+    ]);
     let mut agent = spawn_agent(agent_command(&args)).await;
     let addr = agent.addr;
     let mut tokens = Vec::new();
     // Success, a cache hit, a refresh, upstream errors of each kind, and refused tokens.
     let t = token();
     tokens.push(t.clone());
-    assert_eq!(get(addr, "/v1/credentials", &[("authorization", &t)]).await.status, 200);
-    assert_eq!(get(addr, "/v1/credentials", &[("authorization", &t)]).await.status, 200);
+    assert_eq!(
+        get(addr, "/v1/credentials", &[("authorization", &t)])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(addr, "/v1/credentials", &[("authorization", &t)])
+            .await
+            .status,
+        200
+    );
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    for fixture in ["error-invalid-token", "error-throttling", "malformed-json", "missing-session-token"] {
+    for fixture in [
+        "error-invalid-token",
+        "error-throttling",
+        "malformed-json",
+        "missing-session-token",
+    ] {
         fake.respond_with(fixture);
         let t = token();
         tokens.push(t.clone());
-        let status = get(addr, "/v1/credentials", &[("authorization", &t)]).await.status;
+        let status = get(addr, "/v1/credentials", &[("authorization", &t)])
+            .await
+            .status;
         assert_ne!(status, 200, "{fixture}");
     }
     let expired = mint("default", "app", -7200);
     tokens.push(expired.clone());
-    assert_eq!(get(addr, "/v1/credentials", &[("authorization", &expired)]).await.status, 400);
+    assert_eq!(
+        get(addr, "/v1/credentials", &[("authorization", &expired)])
+            .await
+            .status,
+        400
+    );
     sigterm(&agent.child);
     let _ = tokio::time::timeout(Duration::from_secs(10), agent.child.wait()).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let logs = agent.logs.lock().expect("lock").join("\n");
-    assert!(logs.contains("\"served credentials\"") || logs.contains("served credentials"), "debug line per request missing");
-    assert!(logs.contains("\"level\":\"TRACE\"") || logs.contains("\"level\":\"DEBUG\""), "ran at a verbose level");
+    assert!(
+        logs.contains("\"served credentials\"") || logs.contains("served credentials"),
+        "debug line per request missing"
+    );
+    assert!(
+        logs.contains("\"level\":\"TRACE\"") || logs.contains("\"level\":\"DEBUG\""),
+        "ran at a verbose level"
+    );
     let mut secrets: Vec<String> = vec!["node-secret-key-value".into()];
     for t in &tokens {
         secrets.push(t.clone());
@@ -179,7 +261,15 @@ async fn no_secret_reaches_the_logs_at_any_level() {
     secrets.push("IQoJb3JpZ2luX2Vj".into());
     secrets.push("dGhpcyBpcyBhIGZha2Ugc2Vzc2lvbiB0b2tlbg".into());
     for s in &secrets {
-        assert!(!logs.contains(s.as_str()), "secret {}… found in the logs", &s[..s.len().min(12)]);
+        assert!(
+            !logs.contains(s.as_str()),
+            "secret {}… found in the logs",
+            &s[..s.len().min(12)]
+        );
     }
-    assert!(fake.calls() >= 5, "the scenario exercised EKS Auth ({} calls)", fake.calls());
+    assert!(
+        fake.calls() >= 5,
+        "the scenario exercised EKS Auth ({} calls)",
+        fake.calls()
+    );
 }

@@ -11,22 +11,34 @@ use std::process::Command;
 use support::*;
 
 fn python_with_boto3() -> Option<String> {
-    let ok = Command::new("python3").args(["-c", "import boto3"]).output().map(|o| o.status.success()).unwrap_or(false);
+    let ok = Command::new("python3")
+        .args(["-c", "import boto3"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if ok {
         return Some("python3".into());
     }
-    assert!(std::env::var("PIA_REQUIRE_SDKS").as_deref() != Ok("1"), "boto3 is required (PIA_REQUIRE_SDKS=1) but not importable");
+    assert!(
+        std::env::var("PIA_REQUIRE_SDKS").as_deref() != Ok("1"),
+        "boto3 is required (PIA_REQUIRE_SDKS=1) but not importable"
+    );
     eprintln!("SKIPPED: boto3 is not installed (pip install boto3)");
     None
 }
 
 fn hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boto3_default_chain_gets_credentials() {
-    let Some(python) = python_with_boto3() else { return };
+    let Some(python) = python_with_boto3() else {
+        return;
+    };
     let h = Harness::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let token_file = dir.path().join("token");
@@ -51,7 +63,11 @@ async fn boto3_default_chain_gets_credentials() {
     .expect("join")
     .expect("run python");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "boto3 failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "boto3 failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
     assert_eq!(got["method"], "container-role");
     assert_eq!(got["access_key"], "ASIAEXAMPLE0001");

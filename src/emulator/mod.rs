@@ -1,0 +1,224 @@
+//! A local EKS Auth: `AssumeRoleForPodIdentity` on loopback, with real token verification.
+//!
+//! Contract: `POST /clusters/{cluster}/assume-role-for-pod-identity` with a SigV4-signed request
+//! (service `eks-auth`; the header's form is checked, not the secret) and body `{"token": …}`
+//! answers exactly as EKS Auth does (status, `x-amzn-errortype`, `x-amzn-requestid`, JSON body),
+//! rendered from the recorded exchanges ([`wire`]):
+//! - unsigned or not signed for `eks-auth` → `AccessDeniedException`;
+//! - a body that is not JSON → `InvalidRequestException`; no token → `InvalidParameterException`;
+//! - a token not signed by this emulator's issuer, or with a wrong audience or issuer →
+//!   `InvalidTokenException`; an expired one → `ExpiredTokenException`;
+//! - a service account with no association → `ResourceNotFoundException`;
+//! - otherwise credentials from [`minting`].
+//!
+//! `GET /openid/v1/jwks` serves the issuer's public key, for tools that verify tokens.
+//! The agent reaches the emulator only over HTTP, exactly as it reaches EKS Auth.
+
+pub mod associations;
+pub mod import;
+pub mod issuer;
+pub mod minting;
+pub mod wire;
+
+use crate::server::handler::json_response;
+use associations::Associations;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use issuer::{Issuer, Rejection};
+use minting::{Context, Minting};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+const MAX_BODY: usize = 64 * 1024;
+
+pub struct Emulator {
+    pub issuer: Arc<Issuer>,
+    pub associations: Associations,
+    pub minting: Minting,
+    /// Region and account used in the cluster ARN of session tags and association ARNs.
+    pub region: String,
+    pub account: String,
+    /// Exchanges answered, successful or not (tests and logs).
+    pub calls: AtomicU64,
+}
+
+impl Emulator {
+    pub fn new(issuer: Arc<Issuer>, associations: Associations, minting: Minting) -> Emulator {
+        Emulator {
+            issuer,
+            associations,
+            minting,
+            region: "us-east-1".into(),
+            account: "000000000000".into(),
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_owned();
+        if req.method() == Method::GET && path == "/openid/v1/jwks" {
+            return json_response(StatusCode::OK, Bytes::from(self.issuer.jwks().to_string()));
+        }
+        let cluster = path
+            .strip_prefix("/clusters/")
+            .and_then(|rest| rest.strip_suffix("/assume-role-for-pod-identity"))
+            .filter(|c| !c.is_empty() && !c.contains('/'))
+            .map(str::to_owned);
+        let (Some(cluster), &Method::POST) = (cluster, req.method()) else {
+            let mut res = json_response(
+                StatusCode::NOT_FOUND,
+                Bytes::from(serde_json::json!({"message": format!("no operation at {} {path}", req.method())}).to_string()),
+            );
+            res.headers_mut().insert(
+                "x-amzn-errortype",
+                hyper::header::HeaderValue::from_static("UnknownOperationException"),
+            );
+            return res;
+        };
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let request_id = issuer::uuid_like();
+        let wire = match self.exchange(&cluster, req).await {
+            Ok(w) => w,
+            Err((code, message)) => {
+                tracing::info!(%cluster, code, %message, request_id, "emulated EKS Auth refused an exchange");
+                wire::error(code, &message, &request_id)
+            }
+        };
+        let mut res = Response::new(Full::new(Bytes::from(wire.body)));
+        *res.status_mut() =
+            StatusCode::from_u16(wire.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        for (k, v) in wire.headers {
+            if let (Ok(k), Ok(v)) = (
+                hyper::header::HeaderName::from_bytes(k.as_bytes()),
+                v.parse(),
+            ) {
+                res.headers_mut().insert(k, v);
+            }
+        }
+        res
+    }
+
+    async fn exchange(
+        &self,
+        cluster: &str,
+        req: Request<Incoming>,
+    ) -> Result<wire::WireResponse, minting::Refusal> {
+        check_sigv4(&req)?;
+        let body = Limited::new(req.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|_| {
+                (
+                    "InvalidRequestException",
+                    "the request body could not be read".to_owned(),
+                )
+            })?
+            .to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
+            (
+                "InvalidRequestException",
+                "the request body is not JSON".to_owned(),
+            )
+        })?;
+        let token = json["token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or(("InvalidParameterException", "token is required".to_owned()))?;
+        let subject = self.issuer.verify(token).map_err(|r| match r {
+            Rejection::Expired => ("ExpiredTokenException", r.to_string()),
+            Rejection::Invalid(m) => ("InvalidTokenException", m),
+        })?;
+        let association = self.associations.lookup(&subject.namespace, &subject.service_account).ok_or_else(|| {
+            (
+                "ResourceNotFoundException",
+                format!(
+                    "No Pod Identity Association found for service account {}/{} in cluster {cluster}",
+                    subject.namespace, subject.service_account
+                ),
+            )
+        })?;
+        let cluster_arn = format!(
+            "arn:aws:eks:{}:{}:cluster/{cluster}",
+            self.region, self.account
+        );
+        let ctx = Context {
+            cluster,
+            cluster_arn: &cluster_arn,
+            subject: &subject,
+            association: &association,
+        };
+        let issued = self.minting.issue(&ctx).await?;
+        let association_id = association.id();
+        let association_arn = format!(
+            "arn:aws:eks:{}:{}:podidentityassociation/{cluster}/{association_id}",
+            self.region, self.account
+        );
+        tracing::info!(%cluster, namespace = %subject.namespace, service_account = %subject.service_account,
+            role = %association.role_arn, access_key_id = %issued.access_key_id, "emulated EKS Auth issued credentials");
+        Ok(wire::success(
+            &wire::Success {
+                namespace: &subject.namespace,
+                service_account: &subject.service_account,
+                association_arn: &association_arn,
+                association_id: &association_id,
+                assumed_role_arn: &issued.assumed_role_arn,
+                assume_role_id: &issued.assume_role_id,
+                access_key_id: &issued.access_key_id,
+                secret_access_key: &issued.secret_access_key,
+                session_token: &issued.session_token,
+                expiration: issued.expiration,
+            },
+            &issuer::uuid_like(),
+        ))
+    }
+}
+
+/// The form of a SigV4 `Authorization` header for `eks-auth`, and an `x-amz-date`. The
+/// signature itself is not checked: the emulator has no secret to check it against.
+fn check_sigv4<B>(req: &Request<B>) -> Result<(), minting::Refusal> {
+    let denied = |why: &str| {
+        (
+            "AccessDeniedException",
+            format!("the request is not signed for eks-auth: {why}"),
+        )
+    };
+    let auth = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| denied("no Authorization header"))?;
+    let rest = auth
+        .strip_prefix("AWS4-HMAC-SHA256 ")
+        .ok_or_else(|| denied("not AWS4-HMAC-SHA256"))?;
+    let field = |name: &str| {
+        rest.split(',')
+            .map(str::trim)
+            .find_map(|p| p.strip_prefix(name))
+    };
+    let scope: Vec<&str> = field("Credential=")
+        .ok_or_else(|| denied("no Credential"))?
+        .split('/')
+        .collect();
+    if scope.len() != 5
+        || scope[0].is_empty()
+        || scope[3] != "eks-auth"
+        || scope[4] != "aws4_request"
+    {
+        return Err(denied(
+            "credential scope is not <key>/<date>/<region>/eks-auth/aws4_request",
+        ));
+    }
+    field("SignedHeaders=")
+        .filter(|h| h.contains("host"))
+        .ok_or_else(|| denied("SignedHeaders must include host"))?;
+    let sig = field("Signature=").ok_or_else(|| denied("no Signature"))?;
+    if sig.len() != 64 || !sig.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(denied("Signature is not 64 hex digits"));
+    }
+    if !req.headers().contains_key("x-amz-date") {
+        return Err(denied("no x-amz-date"));
+    }
+    Ok(())
+}
