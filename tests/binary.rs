@@ -4,34 +4,11 @@
 
 mod support;
 
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::fake_eks_auth::{FakeEksAuth, Step};
+use support::process::{agent_command, spawn, Spawned};
 use support::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-const BIN: &str = env!("CARGO_BIN_EXE_pod-identity-agent");
-
-/// A command with a hermetic AWS environment: static node keys, a region, no IMDS, no profiles.
-fn agent_command(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_ACCESS_KEY_ID", NODE_ACCESS_KEY_ID)
-        .env("AWS_SECRET_ACCESS_KEY", "node-secret-key-value")
-        .env("AWS_REGION", "us-west-2")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    c
-}
+use tokio::process::Command;
 
 const LOCAL: &[&str] = &[
     "server",
@@ -49,49 +26,19 @@ const LOCAL: &[&str] = &[
     "0",
 ];
 
-struct Running {
-    child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
-    addr: std::net::SocketAddr,
-}
-
-async fn spawn_agent(mut cmd: Command) -> Running {
-    let mut child = cmd.spawn().expect("spawn agent");
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let sink = logs.clone();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if v["message"] == "serving credentials" {
-                    let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
-                }
-            }
-            sink.lock().expect("lock").push(line);
-        }
-    });
-    let addr = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("agent did not start: {:?}", logs.lock().expect("lock")));
-    Running {
-        child,
-        logs,
-        addr: addr.parse().expect("addr"),
-    }
-}
-
-fn sigterm(child: &Child) {
-    let pid = child.id().expect("pid").to_string();
-    let ok = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok);
+/// Start the agent and wait for its credential listener's address in the JSON logs.
+async fn spawn_agent(cmd: Command) -> (Spawned, std::net::SocketAddr) {
+    let agent = spawn(cmd);
+    let addr = agent
+        .stderr
+        .find(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["message"] == "serving credentials")
+                .then(|| v["addr"].as_str()?.parse().ok())
+                .flatten()
+        })
+        .await;
+    (agent, addr)
 }
 
 async fn exit_code(mut cmd: Command) -> (i32, String) {
@@ -149,31 +96,25 @@ async fn endpoint_from_environment_and_graceful_shutdown() {
     let fake = FakeEksAuth::start(CLUSTER).await;
     let mut cmd = agent_command(LOCAL);
     cmd.env("AWS_ENDPOINT_URL_EKS_AUTH", fake.endpoint());
-    let mut agent = spawn_agent(cmd).await;
+    let (mut agent, addr) = spawn_agent(cmd).await;
     // An exchange in flight when SIGTERM arrives still completes.
     fake.set_default(Step {
         fixture: "success".into(),
         delay: Duration::from_millis(800),
         hang: false,
     });
-    let addr = agent.addr;
     let t = token();
     let inflight =
         tokio::spawn(async move { get(addr, "/v1/credentials", &[("authorization", &t)]).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    sigterm(&agent.child);
+    agent.sigterm();
     let reply = inflight.await.expect("join");
     assert_eq!(reply.status, 200, "{}", reply.text());
     let status = tokio::time::timeout(Duration::from_secs(10), agent.child.wait())
         .await
         .expect("exits")
         .expect("status");
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "{:?}",
-        agent.logs.lock().expect("lock")
-    );
+    assert_eq!(status.code(), Some(0), "{}", agent.stderr.joined());
     assert_eq!(fake.calls(), 1, "AWS_ENDPOINT_URL_EKS_AUTH was honoured");
     // New connections are refused once it stopped.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
@@ -192,8 +133,7 @@ async fn no_secret_reaches_the_logs_at_any_level() {
         "--max-credential-retention-before-renewal",
         "1s",
     ]);
-    let mut agent = spawn_agent(agent_command(&args)).await;
-    let addr = agent.addr;
+    let (mut agent, addr) = spawn_agent(agent_command(&args)).await;
     let mut tokens = Vec::new();
     // Success, a cache hit, a refresh, upstream errors of each kind, and refused tokens.
     let t = token();
@@ -233,11 +173,11 @@ async fn no_secret_reaches_the_logs_at_any_level() {
             .status,
         400
     );
-    sigterm(&agent.child);
+    agent.sigterm();
     let _ = tokio::time::timeout(Duration::from_secs(10), agent.child.wait()).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    let logs = agent.logs.lock().expect("lock").join("\n");
+    let logs = agent.stderr.joined();
     assert!(
         logs.contains("\"served credentials\"") || logs.contains("served credentials"),
         "debug line per request missing"

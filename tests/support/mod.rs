@@ -3,7 +3,11 @@
 
 #![allow(dead_code)]
 
+pub mod fake_eks_api;
 pub mod fake_eks_auth;
+pub mod process;
+pub mod python;
+pub mod recording_proxy;
 
 use bytes::Bytes;
 use fake_eks_auth::FakeEksAuth;

@@ -1,0 +1,124 @@
+//! Running the `pod-identity-agent` binary from tests, with a hermetic AWS environment, and
+//! reading what it prints as it prints it.
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_pod-identity-agent");
+
+/// The binary with static node keys, a region, no IMDS and no profiles: nothing leaves loopback.
+pub fn agent_command(args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_ACCESS_KEY_ID", super::NODE_ACCESS_KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", "node-secret-key-value")
+        .env("AWS_REGION", "us-west-2")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
+/// Lines of one output stream, collected as they arrive.
+#[derive(Clone)]
+pub struct Lines {
+    lines: Arc<Mutex<Vec<String>>>,
+    changed: watch::Receiver<usize>,
+}
+
+impl Lines {
+    fn collect(stream: impl AsyncRead + Unpin + Send + 'static) -> Lines {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, changed) = watch::channel(0);
+        let sink = lines.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let n = {
+                    let mut l = sink.lock().expect("lock");
+                    l.push(line);
+                    l.len()
+                };
+                let _ = tx.send(n);
+            }
+        });
+        Lines { lines, changed }
+    }
+
+    pub fn all(&self) -> Vec<String> {
+        self.lines.lock().expect("lock").clone()
+    }
+
+    pub fn joined(&self) -> String {
+        self.all().join("\n")
+    }
+
+    /// The first line for which `pick` returns something, waiting up to 10 s.
+    pub async fn find<T>(&self, mut pick: impl FnMut(&str) -> Option<T>) -> T {
+        let mut changed = self.changed.clone();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(t) = self.all().iter().find_map(|l| pick(l)) {
+                return t;
+            }
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .map(|r| r.is_err())
+                .unwrap_or(true)
+            {
+                if let Some(t) = self.all().iter().find_map(|l| pick(l)) {
+                    return t;
+                }
+                panic!("expected line never came; got:\n{}", self.joined());
+            }
+        }
+    }
+}
+
+pub struct Spawned {
+    pub child: Child,
+    pub stdout: Lines,
+    pub stderr: Lines,
+}
+
+pub fn spawn(mut cmd: Command) -> Spawned {
+    let mut child = cmd.spawn().expect("spawn agent");
+    let stdout = Lines::collect(child.stdout.take().expect("stdout"));
+    let stderr = Lines::collect(child.stderr.take().expect("stderr"));
+    Spawned {
+        child,
+        stdout,
+        stderr,
+    }
+}
+
+impl Spawned {
+    /// SIGTERM to the process this test started, by its PID.
+    pub fn sigterm(&self) {
+        let pid = self.child.id().expect("pid").to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok);
+    }
+
+    /// The value of `export NAME=value` printed on stdout.
+    pub async fn export(&self, name: &str) -> String {
+        let prefix = format!("export {name}=");
+        self.stdout
+            .find(|l| l.strip_prefix(prefix.as_str()).map(str::to_owned))
+            .await
+    }
+}
