@@ -38,6 +38,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve credentials to pods (what the DaemonSet runs).
     Server(ServerArgs),
+    /// Host setup (the init container): the credential addresses on a link of their own.
+    #[command(alias = "initialize")]
+    Init(InitArgs),
     /// Run Pod Identity on this machine: the agent on 127.0.0.1 backed by a local EKS Auth
     /// emulator, no AWS account needed. Prints the environment any AWS SDK needs.
     Dev(DevArgs),
@@ -45,6 +48,27 @@ pub enum Command {
     EmulateEksAuth(EmulateArgs),
     /// Print the version.
     Version,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InitArgs {
+    /// Name of the link that holds the addresses.
+    #[arg(long, default_value = "pod-id-link0")]
+    pub link_name: String,
+    /// Link kind [default: dummy, falling back to ifb on kernels without dummy].
+    #[arg(long)]
+    pub link_kind: Option<String>,
+    /// IPv4 credential address.
+    #[arg(long, default_value = "169.254.170.23")]
+    pub ipv4: Ipv4Addr,
+    /// IPv6 credential address.
+    #[arg(long, default_value = "fd00:ec2::23")]
+    pub ipv6: Ipv6Addr,
+    /// Skip IPv6 altogether.
+    #[arg(long)]
+    pub no_ipv6: bool,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 /// Where emulated credentials come from.

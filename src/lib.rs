@@ -14,6 +14,7 @@ pub mod emulator;
 pub mod error;
 pub mod logging;
 pub mod metrics;
+pub mod netlink;
 pub mod request;
 pub mod server;
 pub mod signal;

@@ -2,7 +2,7 @@
 //! Any failure to start is one line on stderr and exit code 2, never a panic.
 
 use clap::Parser;
-use pod_identity_agent::cli::{Cli, Command, ServerArgs};
+use pod_identity_agent::cli::{Cli, Command, InitArgs, ServerArgs};
 use pod_identity_agent::eks_auth::EksAuthClient;
 use pod_identity_agent::logging;
 use pod_identity_agent::metrics::Metrics;
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Server(args) => run(|| server(args)),
+        Command::Init(args) => run(|| init(args)),
         Command::Dev(args) => run(|| pod_identity_agent::dev::run_dev(args)),
         Command::EmulateEksAuth(args) => run(|| pod_identity_agent::dev::run_emulate(args)),
     }
@@ -71,5 +72,27 @@ async fn server(args: ServerArgs) -> Result<(), String> {
     tracing::info!("shutting down: no new connections, finishing requests in flight");
     running.shutdown().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+async fn init(args: InitArgs) -> Result<(), String> {
+    use pod_identity_agent::netlink::{self, InitSettings, Ipv6State};
+    logging::init(&args.log, pod_identity_agent::cli::LogFormat::Json);
+    let settings = InitSettings {
+        link_name: args.link_name.clone(),
+        ipv4: args.ipv4,
+        ipv6: (!args.no_ipv6).then_some(args.ipv6),
+        link_kind: args.link_kind.clone(),
+    };
+    let report = netlink::init(&settings).await.map_err(|e| e.to_string())?;
+    match &report.ipv6 {
+        Ipv6State::Configured => {}
+        Ipv6State::Disabled => tracing::info!("IPv6 not requested"),
+        Ipv6State::Skipped(why) => {
+            tracing::warn!(address = %args.ipv6, reason = %why, "IPv6 unavailable on this node; IPv4 is set up")
+        }
+    }
+    tracing::info!(link = %args.link_name, index = report.link_index, kind = %report.link_kind,
+        created = report.created, ipv4 = %args.ipv4, ipv6 = ?report.ipv6, "link ready");
     Ok(())
 }

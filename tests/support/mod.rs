@@ -5,6 +5,7 @@
 
 pub mod fake_eks_api;
 pub mod fake_eks_auth;
+pub mod netns;
 pub mod process;
 pub mod python;
 pub mod recording_proxy;

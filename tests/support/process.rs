@@ -12,7 +12,17 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_pod-identity-agent");
 
 /// The binary with static node keys, a region, no IMDS and no profiles: nothing leaves loopback.
 pub fn agent_command(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
+    hermetic(Command::new(BIN), args)
+}
+
+/// The binary run inside network namespace `ns` (`ip netns exec` keeps the environment and PID).
+pub fn agent_command_in(ns: &str, args: &[&str]) -> Command {
+    let mut full = vec!["netns", "exec", ns, BIN];
+    full.extend_from_slice(args);
+    hermetic(Command::new("ip"), &full)
+}
+
+fn hermetic(mut c: Command, args: &[&str]) -> Command {
     c.args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
