@@ -15,6 +15,7 @@ pub mod error;
 pub mod logging;
 pub mod metrics;
 pub mod netlink;
+pub mod node_credentials;
 pub mod request;
 pub mod server;
 pub mod signal;

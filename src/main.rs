@@ -51,10 +51,16 @@ where
 
 async fn server(args: ServerArgs) -> Result<(), String> {
     logging::init(&args.log, pod_identity_agent::cli::LogFormat::Json);
-    if args.rotate_credentials {
-        tracing::warn!("--rotate-credentials: node credentials are re-read by the SDK's default chain when they near expiry");
-    }
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if args.rotate_credentials {
+        // Hybrid nodes: the node's keys are rewritten in the shared credentials file; ask the
+        // file on every exchange instead of caching what it said.
+        let file = pod_identity_agent::node_credentials::SharedFileCredentials::from_env();
+        tracing::info!(file = %file.path().display(), "--rotate-credentials: node credentials re-read from the shared credentials file");
+        loader = loader
+            .credentials_provider(file)
+            .identity_cache(aws_config::identity::IdentityCache::no_cache());
+    }
     if let Some(region) = &args.region {
         loader = loader.region(aws_config::Region::new(region.clone()));
     }

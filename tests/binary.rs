@@ -213,3 +213,59 @@ async fn no_secret_reaches_the_logs_at_any_level() {
         fake.calls()
     );
 }
+
+#[tokio::test]
+async fn rotate_credentials_rereads_the_shared_credentials_file() {
+    let fake = FakeEksAuth::start(CLUSTER).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("credentials");
+    let write = |akid: &str| {
+        std::fs::write(&file, format!("[default]\naws_access_key_id = {akid}\naws_secret_access_key = rotated-secret-{akid}\naws_session_token = rotated-token-{akid}\n")).expect("write")
+    };
+    write("AKIAHYBRIDNODE000001");
+    let endpoint = fake.endpoint();
+    let mut args = LOCAL.to_vec();
+    args.extend(["--endpoint", &endpoint, "--rotate-credentials", "true"]);
+    let mut cmd = agent_command(&args);
+    cmd.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("AWS_SHARED_CREDENTIALS_FILE", &file);
+    let (agent, addr) = spawn_agent(cmd).await;
+    let fetch = |t: String| async move {
+        get(addr, "/v1/credentials", &[("authorization", &t)])
+            .await
+            .status
+    };
+
+    assert_eq!(fetch(token()).await, 200);
+    // The node's credential process rotates the keys: the next exchange is signed with the new ones.
+    write("AKIAHYBRIDNODE000002");
+    assert_eq!(fetch(token()).await, 200);
+    // A half-written file, then a missing one: the last good keys stay in use, with a warning.
+    std::fs::write(
+        &file,
+        "[default]\naws_access_key_id = AKIAHALFWRITTEN00003\n",
+    )
+    .expect("write");
+    assert_eq!(fetch(token()).await, 200);
+    std::fs::remove_file(&file).expect("remove");
+    assert_eq!(fetch(token()).await, 200);
+    assert_eq!(
+        fake.access_key_ids(),
+        vec![
+            "AKIAHYBRIDNODE000001",
+            "AKIAHYBRIDNODE000002",
+            "AKIAHYBRIDNODE000002",
+            "AKIAHYBRIDNODE000002"
+        ]
+    );
+    let logs = agent.stderr.joined();
+    assert!(
+        logs.contains("cannot use the shared credentials file"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("rotated-secret") && !logs.contains("rotated-token"),
+        "secrets in logs"
+    );
+}
