@@ -1,0 +1,392 @@
+//! The Kubernetes manifests in `daemonset/`: every file and every kustomize render parses into
+//! the `k8s-openapi` types with no unknown field; container args parse with the binary's own
+//! parser; probes, ports, capabilities and the hybrid variants match what the agent does.
+//!
+//! Renders need `kubectl` (kustomize is built in); without it they are skipped with a message,
+//! unless PIA_REQUIRE_KUBECTL=1 (CI), where that fails.
+
+use clap::Parser;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Service, ServiceAccount};
+use pod_identity_agent::cli::{Cli, Command};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const VARIANTS: &[&str] = &[
+    "daemonset",
+    "daemonset/overlays/metrics",
+    "daemonset/overlays/hybrid",
+    "daemonset/overlays/hybrid-bottlerocket",
+];
+
+fn docs(text: &str) -> Vec<Value> {
+    serde_norway::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).expect("YAML document"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Every key of `original` must survive a trip through the typed model: a key the types do not
+/// know is dropped on the way back, and that is an unknown field.
+fn assert_known(original: &Value, back: &Value, path: &str) {
+    match (original, back) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                let next = format!("{path}.{k}");
+                let Some(w) = b.get(k) else {
+                    panic!("unknown field {next}")
+                };
+                assert_known(v, w, &next);
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            assert_eq!(a.len(), b.len(), "{path}");
+            for (i, (v, w)) in a.iter().zip(b).enumerate() {
+                assert_known(v, w, &format!("{path}[{i}]"));
+            }
+        }
+        _ => {}
+    }
+}
+
+fn typed<T: DeserializeOwned + Serialize>(doc: &Value, what: &str) -> T {
+    let t: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_known(doc, &serde_json::to_value(&t).expect("serialize"), what);
+    t
+}
+
+#[derive(Default)]
+struct Rendered {
+    daemonsets: Vec<DaemonSet>,
+    config: BTreeMap<String, String>,
+    services: Vec<Service>,
+    service_monitors: Vec<Value>,
+    service_accounts: Vec<ServiceAccount>,
+}
+
+fn check(docs: Vec<Value>, source: &str) -> Rendered {
+    let mut r = Rendered::default();
+    for doc in docs {
+        let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
+        let what = format!("{source}: {kind} {}", doc["metadata"]["name"]);
+        match kind.as_str() {
+            "DaemonSet" => r.daemonsets.push(typed(&doc, &what)),
+            "ServiceAccount" => r.service_accounts.push(typed(&doc, &what)),
+            "ConfigMap" => r
+                .config
+                .extend(typed::<ConfigMap>(&doc, &what).data.unwrap_or_default()),
+            "Service" => r.services.push(typed(&doc, &what)),
+            "ServiceMonitor" => {
+                assert_eq!(doc["apiVersion"], "monitoring.coreos.com/v1", "{what}");
+                r.service_monitors.push(doc);
+            }
+            other => panic!("{what}: unexpected kind {other}"),
+        }
+    }
+    r
+}
+
+fn manifest_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            manifest_files(&p, out);
+        } else if p.extension().is_some_and(|e| e == "yaml")
+            && p.file_name().is_some_and(|n| n != "kustomization.yaml")
+        {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn every_manifest_file_is_valid() {
+    let mut files = Vec::new();
+    manifest_files(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("daemonset"),
+        &mut files,
+    );
+    assert!(files.len() >= 4, "{files:?}");
+    for f in files {
+        check(
+            docs(&std::fs::read_to_string(&f).expect("read")),
+            &f.display().to_string(),
+        );
+    }
+}
+
+fn render(variant: &str) -> Option<Rendered> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(variant);
+    match std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+    {
+        Ok(out) => {
+            assert!(
+                out.status.success(),
+                "kubectl kustomize {variant}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Some(check(docs(&String::from_utf8_lossy(&out.stdout)), variant))
+        }
+        Err(_) => {
+            assert!(
+                std::env::var("PIA_REQUIRE_KUBECTL").as_deref() != Ok("1"),
+                "kubectl is required (PIA_REQUIRE_KUBECTL=1)"
+            );
+            eprintln!("SKIPPED: kubectl not installed; kustomize renders not checked");
+            None
+        }
+    }
+}
+
+/// `$(VAR)` in args expanded from the container's env, as kubelet does.
+fn expand(arg: &str, c: &Container, config: &BTreeMap<String, String>) -> String {
+    let mut out = arg.to_owned();
+    for e in c.env.iter().flatten() {
+        let value = e.value.clone().or_else(|| {
+            let key = e
+                .value_from
+                .as_ref()?
+                .config_map_key_ref
+                .as_ref()?
+                .key
+                .clone();
+            config.get(&key).cloned()
+        });
+        if let Some(v) = value {
+            out = out.replace(&format!("$({})", e.name), &v);
+        }
+    }
+    out
+}
+
+fn parse_args(c: &Container, config: &BTreeMap<String, String>) -> Command {
+    let mut argv = vec!["pod-identity-agent".to_owned()];
+    argv.extend(c.args.iter().flatten().map(|a| expand(a, c, config)));
+    Cli::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("{}: {argv:?} does not parse: {e}", c.name))
+        .command
+}
+
+fn caps(c: &Container) -> (Vec<String>, Vec<String>) {
+    let caps = c
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.clone())
+        .unwrap_or_default();
+    (caps.add.unwrap_or_default(), caps.drop.unwrap_or_default())
+}
+
+#[test]
+fn renders_are_valid_and_match_the_agent() {
+    for variant in VARIANTS {
+        let Some(r) = render(variant) else { return };
+        assert_eq!(r.daemonsets.len(), 1, "{variant}");
+        assert!(
+            r.service_accounts
+                .iter()
+                .all(|sa| sa.automount_service_account_token == Some(false)),
+            "{variant}"
+        );
+        assert!(
+            r.config.contains_key("AWS_REGION") && r.config.contains_key("CLUSTER_NAME"),
+            "{variant}"
+        );
+        let ds = &r.daemonsets[0];
+        let spec = ds.spec.as_ref().expect("spec");
+        let strategy = spec.update_strategy.as_ref().expect("strategy");
+        assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+        let max = strategy
+            .rolling_update
+            .as_ref()
+            .and_then(|r| r.max_unavailable.clone());
+        assert_eq!(serde_json::to_value(max).expect("json"), "10%");
+        let pod = spec.template.spec.as_ref().expect("pod spec");
+        assert_eq!(pod.host_network, Some(true));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(
+            pod.priority_class_name.as_deref(),
+            Some("system-node-critical")
+        );
+        assert!(pod
+            .tolerations
+            .iter()
+            .flatten()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()));
+        let selector = spec.selector.match_labels.clone().unwrap_or_default();
+        let labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone())
+            .unwrap_or_default();
+        assert!(
+            selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+            "{variant}: selector must match the template"
+        );
+
+        // init: NET_ADMIN only, not privileged, and `init` parses.
+        let init = &pod.init_containers.as_ref().expect("init containers")[0];
+        assert!(
+            matches!(parse_args(init, &r.config), Command::Init(_)),
+            "{variant}"
+        );
+        assert_eq!(caps(init), (vec!["NET_ADMIN".into()], vec!["ALL".into()]));
+        assert_ne!(
+            init.security_context.as_ref().and_then(|s| s.privileged),
+            Some(true)
+        );
+
+        // server: NET_BIND_SERVICE only, read-only root, args parse, probes and ports agree.
+        let main = &pod.containers[0];
+        let Command::Server(args) = parse_args(main, &r.config) else {
+            panic!("{variant}: not a server")
+        };
+        assert_eq!(args.cluster_name, r.config["CLUSTER_NAME"]);
+        assert_eq!(
+            caps(main),
+            (vec!["NET_BIND_SERVICE".into()], vec!["ALL".into()])
+        );
+        let sc = main.security_context.as_ref().expect("securityContext");
+        assert_eq!(
+            (sc.read_only_root_filesystem, sc.allow_privilege_escalation),
+            (Some(true), Some(false))
+        );
+        assert!(
+            main.env.iter().flatten().any(|e| e.name == "AWS_REGION"),
+            "{variant}: AWS_REGION"
+        );
+        for (probe, path) in [
+            (&main.liveness_probe, "/healthz"),
+            (&main.readiness_probe, "/readyz"),
+        ] {
+            let get = probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .expect("httpGet probe");
+            assert_eq!(get.path.as_deref(), Some(path));
+            assert_eq!(
+                serde_json::to_value(&get.port).expect("port"),
+                serde_json::json!(args.probe_port),
+                "{variant} {path}"
+            );
+            assert_eq!(
+                get.host.as_deref(),
+                Some("localhost"),
+                "the probe listener binds 127.0.0.1"
+            );
+        }
+        let metrics_port = main
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some("metrics"))
+            .expect("metrics port");
+        assert_eq!(metrics_port.container_port, i32::from(args.metrics_port));
+        let res = main.resources.as_ref().expect("resources");
+        assert!(res
+            .requests
+            .as_ref()
+            .is_some_and(|r| r.contains_key("memory") && r.contains_key("cpu")));
+        assert!(res
+            .limits
+            .as_ref()
+            .is_some_and(|l| l.contains_key("memory")));
+
+        let affinity = serde_json::to_value(&pod.affinity)
+            .expect("affinity")
+            .to_string();
+        if variant.contains("hybrid") {
+            assert!(args.rotate_credentials, "{variant}");
+            assert!(
+                affinity.contains(r#""operator":"In","values":["hybrid"]"#),
+                "{variant}: {affinity}"
+            );
+            let host_path = if variant.ends_with("bottlerocket") {
+                "/var/eks-hybrid/.aws"
+            } else {
+                "/eks-hybrid/.aws"
+            };
+            let vol = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == "node-credentials")
+                .expect("volume");
+            assert_eq!(
+                vol.host_path.as_ref().map(|h| h.path.as_str()),
+                Some(host_path)
+            );
+            let mount = main
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == "node-credentials")
+                .expect("mount");
+            assert_eq!(mount.read_only, Some(true));
+            let file = main
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == "AWS_SHARED_CREDENTIALS_FILE")
+                .and_then(|e| e.value.clone());
+            assert!(
+                file.is_some_and(|f| f.starts_with(&mount.mount_path)),
+                "{variant}: credentials file inside the mount"
+            );
+            let selinux = sc
+                .se_linux_options
+                .as_ref()
+                .and_then(|o| o.type_.as_deref());
+            assert_eq!(
+                selinux,
+                variant.ends_with("bottlerocket").then_some("spc_t"),
+                "{variant}"
+            );
+        } else {
+            assert!(!args.rotate_credentials);
+            assert!(
+                affinity.contains(r#""operator":"NotIn""#) && affinity.contains("hybrid"),
+                "{variant}: {affinity}"
+            );
+        }
+
+        if *variant == "daemonset/overlays/metrics" {
+            let svc = &r.services[0];
+            let svc_spec = svc.spec.as_ref().expect("service spec");
+            let port = &svc_spec.ports.as_ref().expect("ports")[0];
+            assert_eq!(port.port, i32::from(args.metrics_port));
+            assert_eq!(
+                serde_json::to_value(&port.target_port).expect("tp"),
+                "metrics"
+            );
+            let svc_selector = svc_spec.selector.clone().unwrap_or_default();
+            assert!(
+                svc_selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+                "the Service selects the agent's pods"
+            );
+            let sm = &r.service_monitors[0];
+            let svc_labels = svc.metadata.labels.clone().unwrap_or_default();
+            for (k, v) in sm["spec"]["selector"]["matchLabels"]
+                .as_object()
+                .expect("matchLabels")
+            {
+                assert_eq!(
+                    svc_labels.get(k).map(String::as_str),
+                    v.as_str(),
+                    "ServiceMonitor selects the Service"
+                );
+            }
+            assert_eq!(
+                sm["spec"]["endpoints"][0]["port"],
+                port.name.clone().unwrap_or_default().as_str()
+            );
+            assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+        }
+    }
+}
