@@ -365,3 +365,37 @@ async fn lru_bound_evicts_least_recently_used() {
         "least recently used entry evicted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_burst_is_spread_within_the_budget_and_done_in_time() {
+    // 15 entries created together with 6 s credentials, 5 refreshes/s: 3 s of refresh work.
+    // Waiting for each refresh point (~2.7-3 s) would finish at ~5.8 s, past the hard point
+    // (4 s) and nearly at expiry; starting early finishes by ~3 s without exceeding the rate.
+    let h = Harness::start_with(|s, _| s.cache.refresh_qps = 5.0).await;
+    h.fake.set_lifetime(Duration::from_secs(6));
+    let tokens: Vec<String> = (0..15).map(|_| token()).collect();
+    for t in &tokens {
+        assert_eq!(h.get(t).await.status, 200);
+    }
+    let start = Instant::now();
+    let base = h.fake.calls();
+    let mut per_second = vec![0usize; 5];
+    let mut last = base;
+    for second in per_second.iter_mut() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = h.fake.calls();
+        *second = now - last;
+        last = now;
+    }
+    assert!(
+        per_second.iter().all(|&n| n <= 6),
+        "at most rate + 1 per second: {per_second:?}"
+    );
+    let done_by_4s: usize = per_second[..4].iter().sum();
+    assert_eq!(
+        done_by_4s,
+        15,
+        "all refreshed before the hard point: {per_second:?} ({:?})",
+        start.elapsed()
+    );
+}

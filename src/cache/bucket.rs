@@ -1,8 +1,9 @@
-//! A token bucket: at most `rate` acquisitions per second, bursts up to `rate`.
+//! A token bucket: at most `rate` acquisitions per second, evenly paced.
 //!
 //! Contract: [`TokenBucket::acquire`] returns once a token is available, sleeping exactly as long
 //! as the refill needs (no polling). It takes one token per call; the reference agent's limiter
-//! took two per refresh, halving its real rate.
+//! took two per refresh, halving its real rate. The burst is one token, so no one-second window
+//! sees more than `rate + 1` acquisitions: `--max-service-qps` means per second, not on average.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -17,7 +18,7 @@ pub struct TokenBucket {
 impl TokenBucket {
     pub fn new(rate_per_second: f64) -> Self {
         let rate = rate_per_second.max(0.001);
-        let burst = rate.max(1.0);
+        let burst = 1.0;
         TokenBucket {
             rate,
             burst,
@@ -49,16 +50,16 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn limits_the_rate_after_the_burst() {
+    async fn paces_at_the_rate() {
         let bucket = TokenBucket::new(5.0);
         let start = Instant::now();
         for _ in 0..15 {
             bucket.acquire().await;
         }
-        // 5 from the burst, 10 more at 5/s.
+        // One at once, then one every 200 ms: never a burst above the rate.
         let elapsed = start.elapsed();
         assert!(
-            elapsed >= Duration::from_millis(1990) && elapsed <= Duration::from_millis(2100),
+            elapsed >= Duration::from_millis(2790) && elapsed <= Duration::from_millis(2900),
             "{elapsed:?}"
         );
     }
