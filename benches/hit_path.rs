@@ -1,0 +1,101 @@
+//! The in-process hit path, request in to bytes out without sockets: Host and token checks,
+//! SHA-256 of the token, cache lookup, response assembly. Regressions here hide under socket
+//! noise in the load harness. `cargo bench --bench hit_path`.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use pod_identity_agent::cache::policy::RefreshPolicy;
+use pod_identity_agent::cache::{CacheSettings, CredentialCache};
+use pod_identity_agent::credentials::{Credentials, Unvalidated};
+use pod_identity_agent::eks_auth::{CredentialSource, FetchFuture};
+use pod_identity_agent::metrics::Metrics;
+use pod_identity_agent::request::AllowedHosts;
+use pod_identity_agent::server::handler::CredentialHandler;
+use pod_identity_agent::token::Token;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Answers every exchange at once with fixed credentials of realistic size.
+struct Instant;
+
+impl CredentialSource for Instant {
+    fn fetch(&self, _token: &Token) -> FetchFuture {
+        let session = "IQoJb3JpZ2luX2Vj".repeat(64);
+        Box::pin(async move {
+            Ok(Credentials::validate(
+                Unvalidated {
+                    access_key_id: "ASIAEXAMPLEEXAMPLE01",
+                    secret_access_key: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+                    session_token: &session,
+                    expiration: SystemTime::now() + Duration::from_secs(6 * 3600),
+                    assumed_role_arn: "arn:aws:sts::111122223333:assumed-role/r/s",
+                },
+                SystemTime::now(),
+            )?)
+        })
+    }
+}
+
+fn token() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    pod_identity_agent::token::encode_unsigned(
+        &json!({"alg": "RS256", "kid": "bench-key"}),
+        &json!({"aud": ["pods.eks.amazonaws.com"], "exp": now + 86400, "nbf": now, "iat": now,
+            "sub": "system:serviceaccount:default:app", "padding": "p".repeat(600),
+            "kubernetes.io": {"namespace": "default", "pod": {"name": "app-1", "uid": "u"}, "serviceaccount": {"name": "app", "uid": "s"}}}),
+    )
+}
+
+fn hit_path(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let settings = CacheSettings {
+        max_entries: 2000,
+        policy: RefreshPolicy {
+            max_retention: Duration::from_secs(3 * 3600),
+        },
+        refresh_qps: 3.0,
+        refresh_concurrency: 16,
+        leeway: Duration::from_secs(60),
+    };
+    let handler = rt.block_on(async {
+        let cache = CredentialCache::new(Arc::new(Instant), &settings, metrics.clone());
+        CredentialHandler {
+            cache,
+            hosts: AllowedHosts::new(&["169.254.170.23".parse().expect("ip")]),
+            leeway: Duration::from_secs(60),
+            metrics,
+        }
+    });
+    let t = token();
+    let request = || {
+        hyper::Request::get("/v1/credentials")
+            .header("host", "169.254.170.23")
+            .header("authorization", t.as_str())
+            .body(())
+            .expect("request")
+    };
+    // Warm: the first request exchanges, every measured one hits.
+    let warm = rt.block_on(handler.handle(request()));
+    assert_eq!(warm.status(), 200);
+    c.bench_function("hit path: request -> response", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = handler.handle(request()).await;
+            debug_assert_eq!(res.status(), 200);
+            res
+        })
+    });
+    c.bench_function("token parse + SHA-256 (1 KB)", |b| {
+        b.iter(|| Token::parse(t.as_bytes()).map(|t| t.hash()))
+    });
+}
+
+criterion_group!(benches, hit_path);
+criterion_main!(benches);
