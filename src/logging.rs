@@ -7,30 +7,31 @@
 //! secret reach a log line.
 
 use crate::cli::{LogArgs, LogFormat, Verbosity};
-use tracing_subscriber::EnvFilter;
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::filter::Targets;
 
-pub fn filter(v: Verbosity) -> EnvFilter {
+/// Per-target levels only: `Targets` needs no regex engine (EnvFilter's cost ~1 MB of binary).
+pub fn filter(v: Verbosity) -> Targets {
     let (own, deps) = match v {
-        Verbosity::Trace => ("trace", "info"),
-        Verbosity::Debug => ("debug", "info"),
-        Verbosity::Info => ("info", "warn"),
-        Verbosity::Warn => ("warn", "warn"),
-        Verbosity::Error => ("error", "error"),
+        Verbosity::Trace => (LevelFilter::TRACE, LevelFilter::INFO),
+        Verbosity::Debug => (LevelFilter::DEBUG, LevelFilter::INFO),
+        Verbosity::Info => (LevelFilter::INFO, LevelFilter::WARN),
+        Verbosity::Warn => (LevelFilter::WARN, LevelFilter::WARN),
+        Verbosity::Error => (LevelFilter::ERROR, LevelFilter::ERROR),
     };
-    EnvFilter::new(format!("{deps},pod_identity_agent={own}"))
+    Targets::new().with_default(deps).with_target("pod_identity_agent", own)
 }
 
 /// Install the global subscriber; a second call (tests) is a no-op.
 pub fn init(args: &LogArgs, default_format: LogFormat) {
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter(args.verbosity))
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter(args.verbosity));
     let _ = match args.log_format.unwrap_or(default_format) {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
+        LogFormat::Json => registry
+            .with(fmt.json().flatten_event(true).with_current_span(false).with_span_list(false))
             .try_init(),
-        LogFormat::Text => builder.with_ansi(false).try_init(),
+        LogFormat::Text => registry.with(fmt.with_ansi(false)).try_init(),
     };
 }

@@ -143,6 +143,6 @@ pub async fn serve<H, F>(
 
 /// Resolves once shutdown is signalled (or its sender is gone); the guard is dropped inside so
 /// the accept loop's future stays `Send`.
-async fn stopped(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }

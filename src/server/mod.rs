@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod handler;
 pub mod listener;
+mod trim;
 
 use crate::cache::{CacheSettings, CredentialCache};
 use crate::eks_auth::CredentialSource;
@@ -119,6 +120,13 @@ impl Server {
         };
         let probe_addr = spawn_admin(probe, "probes");
         let metrics_addr = spawn_admin(metrics_l, "metrics");
+        tasks.spawn(async move {
+            let mut stop = stop_rx;
+            tokio::select! {
+                _ = trim::run() => {}
+                _ = listener::stopped(&mut stop) => {}
+            }
+        });
         Ok(RunningServer {
             credential_addrs,
             skipped: skipped.into_iter().map(|(a, _)| a).collect(),
