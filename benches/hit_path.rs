@@ -3,7 +3,6 @@
 //! noise in the load harness. `cargo bench --bench hit_path`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use pod_identity_agent::cache::policy::RefreshPolicy;
 use pod_identity_agent::cache::{CacheSettings, CredentialCache};
 use pod_identity_agent::credentials::{Credentials, Unvalidated};
 use pod_identity_agent::eks_auth::{CredentialSource, FetchFuture};
@@ -56,15 +55,7 @@ fn hit_path(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let metrics = Arc::new(Metrics::new().expect("metrics"));
-    let settings = CacheSettings {
-        max_entries: 2000,
-        policy: RefreshPolicy {
-            max_retention: Duration::from_secs(3 * 3600),
-        },
-        refresh_qps: 3.0,
-        refresh_concurrency: 16,
-        leeway: Duration::from_secs(60),
-    };
+    let settings = CacheSettings::default();
     let handler = rt.block_on(async {
         let cache = CredentialCache::new(Arc::new(Instant), &settings, metrics.clone());
         CredentialHandler {

@@ -6,7 +6,6 @@
 //! token for `default/default` into the state directory, then prints to stdout the shell lines
 //! that point any AWS SDK at it, and runs until SIGINT/SIGTERM. Logs go to stderr.
 
-use crate::cache::policy::RefreshPolicy;
 use crate::cache::CacheSettings;
 use crate::cli::{CredentialSource, DevArgs, EmulateArgs, EmulatorArgs, LogFormat, TokenArgs};
 use crate::eks_auth::{EksAuthClient, ExchangeSettings};
@@ -181,15 +180,7 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
         port: args.port,
         probe_addr: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)),
         metrics_addr: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)),
-        cache: CacheSettings {
-            max_entries: 2000,
-            policy: RefreshPolicy {
-                max_retention: Duration::from_secs(3 * 3600),
-            },
-            refresh_qps: 3.0,
-            refresh_concurrency: 16,
-            leeway: Duration::from_secs(60),
-        },
+        cache: CacheSettings::default(),
         leeway: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(2),
     };

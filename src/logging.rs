@@ -19,7 +19,9 @@ pub fn filter(v: Verbosity) -> Targets {
         Verbosity::Warn => (LevelFilter::WARN, LevelFilter::WARN),
         Verbosity::Error => (LevelFilter::ERROR, LevelFilter::ERROR),
     };
-    Targets::new().with_default(deps).with_target("pod_identity_agent", own)
+    Targets::new()
+        .with_default(deps)
+        .with_target("pod_identity_agent", own)
 }
 
 /// Install the global subscriber; a second call (tests) is a no-op.
@@ -30,7 +32,12 @@ pub fn init(args: &LogArgs, default_format: LogFormat) {
     let registry = tracing_subscriber::registry().with(filter(args.verbosity));
     let _ = match args.log_format.unwrap_or(default_format) {
         LogFormat::Json => registry
-            .with(fmt.json().flatten_event(true).with_current_span(false).with_span_list(false))
+            .with(
+                fmt.json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false),
+            )
             .try_init(),
         LogFormat::Text => registry.with(fmt.with_ansi(false)).try_init(),
     };

@@ -19,6 +19,19 @@ fn slow(fixture: &str, ms: u64) -> Step {
     }
 }
 
+/// Send a credential request on a raw connection, wait `after`, and close it unanswered.
+async fn send_then_hang_up(h: &Harness, token: &str, after: Duration) {
+    let mut stream = tokio::net::TcpStream::connect(h.addr())
+        .await
+        .expect("connect");
+    let req = format!(
+        "GET /v1/credentials HTTP/1.1\r\nHost: {}\r\nAuthorization: {token}\r\n\r\n",
+        h.addr()
+    );
+    stream.write_all(req.as_bytes()).await.expect("write");
+    tokio::time::sleep(after).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn herd_of_first_requests_makes_one_call() {
     let h = Harness::start().await;
@@ -97,16 +110,7 @@ async fn exchange_outlives_a_client_that_hangs_up() {
     h.fake.set_default(slow("success", 1500));
     let t = token();
     // A JS-SDK-like client: sends, waits 300 ms, gives up.
-    let mut stream = tokio::net::TcpStream::connect(h.addr())
-        .await
-        .expect("connect");
-    let req = format!(
-        "GET /v1/credentials HTTP/1.1\r\nHost: {}\r\nAuthorization: {t}\r\n\r\n",
-        h.addr()
-    );
-    stream.write_all(req.as_bytes()).await.expect("write");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    drop(stream);
+    send_then_hang_up(&h, &t, Duration::from_millis(300)).await;
     // Its retry arrives while the exchange is still going on, joins it, and gets its result.
     let started = Instant::now();
     let reply = h.get(&t).await;
@@ -132,16 +136,7 @@ async fn abandoned_exchange_result_is_kept_for_the_retry() {
     let h = Harness::start().await;
     h.fake.set_default(slow("success", 600));
     let t = token();
-    let mut stream = tokio::net::TcpStream::connect(h.addr())
-        .await
-        .expect("connect");
-    let req = format!(
-        "GET /v1/credentials HTTP/1.1\r\nHost: {}\r\nAuthorization: {t}\r\n\r\n",
-        h.addr()
-    );
-    stream.write_all(req.as_bytes()).await.expect("write");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    drop(stream);
+    send_then_hang_up(&h, &t, Duration::from_millis(100)).await;
     // The retry comes after the exchange finished with nobody waiting: a hit.
     tokio::time::sleep(Duration::from_millis(900)).await;
     let started = Instant::now();

@@ -38,7 +38,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub enum Outcome {
     /// From memory.
     Hit,
-    /// From memory, past the hard point, because EKS Auth is failing (static stability).
+    /// From memory, past the hard point: EKS Auth is failing (static stability) or a queued
+    /// refresh has not run yet (more refreshes due than the rate allows).
     Stale,
     /// This request started the exchange.
     Miss,
@@ -100,6 +101,20 @@ impl Entry {
     fn in_backoff(&self, now: SystemTime) -> bool {
         millis(now) < self.retry_after_ms.load(Ordering::Relaxed)
     }
+
+    /// Whether a request at `now` is answered from this entry without an exchange (see
+    /// [`policy`] for the points): before the hard point always; past it while EKS Auth is
+    /// backing off (static stability, until expiry), or while a queued refresh is on its way
+    /// (until the last point).
+    fn serve_without_exchange(&self, now: SystemTime) -> Option<Outcome> {
+        if now < self.plan.hard_at {
+            return Some(Outcome::Hit);
+        }
+        let backing_off = self.in_backoff(now) && now < self.valid_until;
+        let refresh_queued =
+            !self.dormant.load(Ordering::Relaxed) && now < self.plan.last_at.min(self.valid_until);
+        (backing_off || refresh_queued).then_some(Outcome::Stale)
+    }
 }
 
 fn millis(t: SystemTime) -> u64 {
@@ -119,6 +134,22 @@ pub struct CacheSettings {
     pub refresh_concurrency: usize,
     /// Clock leeway for token times, as in request validation.
     pub leeway: Duration,
+}
+
+impl Default for CacheSettings {
+    /// The reference agent's defaults: 2000 entries, renewal after at most 3 h, 3 refreshes/s;
+    /// 16 refreshes at once and 60 s of clock leeway.
+    fn default() -> Self {
+        CacheSettings {
+            max_entries: 2000,
+            policy: RefreshPolicy {
+                max_retention: Duration::from_secs(3 * 3600),
+            },
+            refresh_qps: 3.0,
+            refresh_concurrency: 16,
+            leeway: Duration::from_secs(60),
+        }
+    }
 }
 
 struct Inner {
@@ -204,12 +235,7 @@ impl CredentialCache {
         let now = SystemTime::now();
         let cached = inner.entries.get(&hash);
         if let Some(entry) = &cached {
-            if now < entry.plan.hard_at || (entry.in_backoff(now) && now < entry.valid_until) {
-                let outcome = if now < entry.plan.hard_at {
-                    Outcome::Hit
-                } else {
-                    Outcome::Stale
-                };
+            if let Some(outcome) = entry.serve_without_exchange(now) {
                 inner.touch(entry, now);
                 inner.metrics.cache_state.with_label_values(&["hit"]).inc();
                 return Ok((entry.clone(), outcome));

@@ -71,8 +71,10 @@ impl CredentialHandler {
                     access_key_id = creds.access_key_id(), remaining_s = remaining.as_secs(),
                     micros = elapsed.as_micros() as u64, "served credentials");
                 if outcome == Outcome::Stale {
-                    tracing::warn!(token = %token.hash(), remaining_s = remaining.as_secs(),
-                        "EKS Auth is failing; serving cached credentials while they last");
+                    // Per request, so debug: the cause (a failed exchange, a refresh backlog) is
+                    // logged once where it happens.
+                    tracing::debug!(token = %token.hash(), remaining_s = remaining.as_secs(),
+                        "served cached credentials past their hard point; a refresh is pending");
                 }
                 json_response(StatusCode::OK, creds.body().clone())
             }

@@ -15,7 +15,6 @@ use fake_eks_auth::FakeEksAuth;
 use http_body_util::{BodyExt, Empty};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use pod_identity_agent::cache::policy::RefreshPolicy;
 use pod_identity_agent::cache::CacheSettings;
 use pod_identity_agent::eks_auth::{EksAuthClient, ExchangeSettings};
 use pod_identity_agent::metrics::Metrics;
@@ -67,13 +66,8 @@ pub fn settings() -> ServerSettings {
         probe_addr: Some("127.0.0.1:0".parse().expect("addr")),
         metrics_addr: Some("127.0.0.1:0".parse().expect("addr")),
         cache: CacheSettings {
-            max_entries: 2000,
-            policy: RefreshPolicy {
-                max_retention: Duration::from_secs(3 * 3600),
-            },
             refresh_qps: 50.0,
-            refresh_concurrency: 16,
-            leeway: Duration::from_secs(60),
+            ..CacheSettings::default()
         },
         leeway: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(2),
