@@ -83,15 +83,16 @@ fn get_in(ns: &Netns, addr: &str, path: &str, headers: Vec<(String, String)>) ->
 #[test]
 fn link_local_serving_end_to_end() {
     let id = std::process::id();
-    let (node_name, pod_name, bare_name) = (
+    let (node_name, pod_name, bare_name, clash_name) = (
         format!("pia-node-{id}"),
         format!("pia-pod-{id}"),
         format!("pia-v4only-{id}"),
+        format!("pia-clash-{id}"),
     );
-    let Some(spaces) = namespaces(&[&node_name, &pod_name, &bare_name]) else {
+    let Some(spaces) = namespaces(&[&node_name, &pod_name, &bare_name, &clash_name]) else {
         return;
     };
-    let (node, pod, v4only) = (&spaces[0], &spaces[1], &spaces[2]);
+    let (node, pod, v4only, clash) = (&spaces[0], &spaces[1], &spaces[2], &spaces[3]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let _in_runtime = rt.enter();
 
@@ -285,4 +286,22 @@ fn link_local_serving_end_to_end() {
     );
     assert_eq!(ok.status, 200, "{}", ok.text());
     drop(agent4);
+
+    // A node that already routes the address through another link: init refuses, naming both.
+    exec(&clash.name, &["ip", "link", "add", "other0", "type", "ifb"]);
+    exec(&clash.name, &["ip", "link", "set", "other0", "up"]);
+    exec(
+        &clash.name,
+        &["ip", "route", "add", "169.254.170.23/32", "dev", "other0"],
+    );
+    let out = rt
+        .block_on(agent_command_in(&clash.name, &["init"]).output())
+        .expect("init");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("other0") && last.contains("pod-id-link0") && last.contains("169.254.170.23"),
+        "{last}"
+    );
 }
