@@ -9,6 +9,8 @@
 
 #[path = "../tests/support/fake_eks_auth.rs"]
 mod fake_eks_auth;
+#[path = "../tests/support/process.rs"]
+mod process;
 
 use bytes::Bytes;
 use fake_eks_auth::{FakeEksAuth, Step};
@@ -24,7 +26,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pod-identity-agent");
 const CLUSTER: &str = "bench";
 const CEILING_ENV: &str = "PIA_BENCH_CEILING";
 
@@ -53,15 +54,16 @@ fn token(n: usize) -> String {
     )
 }
 
+/// The release agent, started with the tests' hermetic environment.
 struct Agent {
-    child: Child,
+    process: process::Spawned,
     addr: SocketAddr,
     probe: SocketAddr,
 }
 
 impl Agent {
     fn rss_kib(&self) -> u64 {
-        let pid = self.child.id().unwrap_or(0);
+        let pid = self.process.child.id().unwrap_or(0);
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
             .and_then(|s| {
@@ -95,41 +97,13 @@ async fn agent(fake: &FakeEksAuth, extra: &[&str]) -> Agent {
         &endpoint,
     ];
     args.extend_from_slice(extra);
-    let mut child = Command::new(BIN)
-        .args(&args)
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_ACCESS_KEY_ID", "AKIABENCHNODE0000001")
-        .env("AWS_SECRET_ACCESS_KEY", "bench")
-        .env("AWS_REGION", "us-west-2")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start agent");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let (mut addr, mut probe) = (None, None);
-    while addr.is_none() || probe.is_none() {
-        let line = lines
-            .next_line()
-            .await
-            .ok()
-            .flatten()
-            .expect("agent exited before serving");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        let a = v["addr"].as_str().and_then(|a| a.parse().ok());
-        match v["message"].as_str() {
-            Some("serving credentials") => addr = a,
-            Some("serving probes") => probe = a,
-            _ => {}
-        }
-    }
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let process = process::spawn(process::agent_command(&args));
+    let addr = process.listening("serving credentials").await;
+    let probe = process.listening("serving probes").await;
     Agent {
-        child,
-        addr: addr.expect("addr"),
-        probe: probe.expect("probe"),
+        process,
+        addr,
+        probe,
     }
 }
 
@@ -665,7 +639,9 @@ async fn startup(fake: &FakeEksAuth) -> Vec<Row> {
         let a = agent(fake, &[]).await;
         best = best.min(ready_ms(a.probe, started).await);
     }
-    let size = std::fs::metadata(BIN).map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::metadata(process::BIN)
+        .map(|m| m.len())
+        .unwrap_or(0);
     vec![
         Row {
             scenario: "7 start-up",
@@ -675,7 +651,7 @@ async fn startup(fake: &FakeEksAuth) -> Vec<Row> {
         },
         Row {
             scenario: "7 binary size",
-            figures: format!("{:.1} MB ({BIN})", size as f64 / 1e6),
+            figures: format!("{:.1} MB ({})", size as f64 / 1e6, process::BIN),
             target: "<= 12 MB (stripped release)".into(),
             met: Some(size <= 12_000_000),
         },

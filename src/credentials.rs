@@ -29,7 +29,6 @@ pub enum InvalidCredentials {
 pub struct Credentials {
     access_key_id: String,
     expiration: SystemTime,
-    account_id: Option<String>,
     /// The exact response body, built once; a cache hit clones a reference count, not bytes.
     body: Bytes,
 }
@@ -38,7 +37,6 @@ impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credentials")
             .field("access_key_id", &self.access_key_id)
-            .field("account_id", &self.account_id)
             .field("expiration", &format_expiration(self.expiration))
             .finish_non_exhaustive()
     }
@@ -128,7 +126,6 @@ impl Credentials {
         Ok(Credentials {
             access_key_id: raw.access_key_id.to_owned(),
             expiration,
-            account_id: account_id.map(str::to_owned),
             body,
         })
     }

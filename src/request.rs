@@ -12,7 +12,7 @@
 //!    with leeway (400), checked on every request, cached or not.
 
 use crate::error::Error;
-use crate::token::{Token, TokenError};
+use crate::token::Token;
 use hyper::header::{AUTHORIZATION, HOST};
 use hyper::{Method, Request};
 use std::net::{IpAddr, Ipv6Addr};
@@ -122,23 +122,10 @@ pub fn validate<B>(
     Ok(token)
 }
 
-/// Whether an error came from the token check (used to label log lines).
-pub fn is_token_error(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::Token(
-            TokenError::Missing
-                | TokenError::Malformed(_)
-                | TokenError::TooLarge(_)
-                | TokenError::Expired(_)
-                | TokenError::NotYetValid(_)
-        )
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::TokenError;
 
     fn hosts(list: &[&str]) -> AllowedHosts {
         AllowedHosts::new(

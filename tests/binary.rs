@@ -29,15 +29,7 @@ const LOCAL: &[&str] = &[
 /// Start the agent and wait for its credential listener's address in the JSON logs.
 async fn spawn_agent(cmd: Command) -> (Spawned, std::net::SocketAddr) {
     let agent = spawn(cmd);
-    let addr = agent
-        .stderr
-        .find(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            (v["message"] == "serving credentials")
-                .then(|| v["addr"].as_str()?.parse().ok())
-                .flatten()
-        })
-        .await;
+    let addr = agent.listening("serving credentials").await;
     (agent, addr)
 }
 

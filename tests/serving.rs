@@ -180,14 +180,25 @@ async fn request_errors_are_json_with_one_status_each() {
 
 #[tokio::test]
 async fn expired_token_is_refused_even_when_cached() {
-    let h = Harness::start().await;
-    // Expired 30 s ago: inside the 60 s leeway, so it is exchanged and cached ...
-    let t = mint("default", "app", -30);
+    // Requests get 1 s of leeway; the cache keeps the entry for an hour past the token's exp, so
+    // the entry is still there when the token expires and only the request check can refuse it.
+    let h = Harness::start_with(|s, _| {
+        s.leeway = std::time::Duration::from_secs(1);
+        s.cache.leeway = std::time::Duration::from_secs(3600);
+    })
+    .await;
+    let exp = now_secs() + 2;
+    let t = mint("default", "app", 2);
     assert_eq!(h.get(&t).await.status, 200);
-    // ... and an agent with no leeway refuses the same token although it is cached there too.
-    let strict = Harness::start_with(|s, _| s.leeway = std::time::Duration::ZERO).await;
-    assert_eq!(strict.get(&t).await.status, 400);
-    assert_eq!(strict.fake.calls(), 0);
+    assert_eq!(h.get(&t).await.status, 200, "served from the cache");
+    while now_secs() <= exp + 1 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(h.agent.cache.len(), 1, "the entry is still cached");
+    let reply = h.get(&t).await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert_eq!(reply.json()["code"], "ExpiredToken");
+    assert_eq!(h.fake.calls(), 1, "refused without asking EKS Auth");
 }
 
 #[tokio::test]

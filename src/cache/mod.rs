@@ -82,14 +82,6 @@ impl Entry {
         &self.credentials
     }
 
-    pub fn token(&self) -> &Token {
-        &self.token
-    }
-
-    pub fn plan(&self) -> Plan {
-        self.plan
-    }
-
     fn mark_used(&self) {
         // Read first: the flag is set once per refresh period, read on every hit; a plain store
         // would bounce the cache line between cores on a busy entry.
@@ -246,9 +238,9 @@ impl CredentialCache {
             .flights
             .join_or_start(&hash, || inner.fresh(&hash, now))
         {
-            Lookup::Cached(entry) => {
+            Lookup::Cached((entry, outcome)) => {
                 inner.touch(&entry, now);
-                return Ok((entry, Outcome::Hit));
+                return Ok((entry, outcome));
             }
             Lookup::Joined(rx) => (rx, false),
             Lookup::Started(tx, rx) => {
@@ -296,17 +288,15 @@ impl CredentialCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// Exchanges under way.
-    pub fn in_flight(&self) -> usize {
-        self.inner.flights.in_flight()
-    }
 }
 
 impl Inner {
-    /// The current entry for `hash` if a request may be answered from it without an exchange.
-    fn fresh(&self, hash: &TokenHash, now: SystemTime) -> Option<Arc<Entry>> {
-        self.entries.get(hash).filter(|e| now < e.plan.hard_at)
+    /// The current entry for `hash` and how to label it, if a request may be answered from it
+    /// without an exchange: the same rule as the hit path, re-checked under the flights lock.
+    fn fresh(&self, hash: &TokenHash, now: SystemTime) -> Option<(Arc<Entry>, Outcome)> {
+        let entry = self.entries.get(hash)?;
+        let outcome = entry.serve_without_exchange(now)?;
+        Some((entry, outcome))
     }
 
     fn touch(&self, entry: &Arc<Entry>, now: SystemTime) {

@@ -86,7 +86,7 @@ impl CredentialHandler {
                 m.request_duration
                     .with_label_values(&["error"])
                     .observe(elapsed.as_secs_f64());
-                if request::is_token_error(&e) || status < 500 {
+                if status < 500 {
                     tracing::debug!(status, code = e.code(), error = %e.message(), micros = elapsed.as_micros() as u64, "request refused");
                 } else {
                     tracing::warn!(status, code = e.code(), error = %e.message(), "request failed");

@@ -26,8 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const CLUSTER: &str = "my-cluster";
-/// The node's (fake) credentials; the access key id shows up in the fake's records.
-pub const NODE_ACCESS_KEY_ID: &str = "AKIANODEEXAMPLE00001";
+pub use process::NODE_ACCESS_KEY_ID;
 
 pub fn now_secs() -> u64 {
     SystemTime::now()

@@ -1,5 +1,7 @@
 //! Running the `pod-identity-agent` binary from tests, with a hermetic AWS environment, and
-//! reading what it prints as it prints it.
+//! reading what it prints as it prints it. Self-contained: `benches/load.rs` includes it too.
+
+#![allow(dead_code)]
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -9,6 +11,8 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_pod-identity-agent");
+/// The node's (fake) credentials; the access key id shows up in the fake EKS Auth's records.
+pub const NODE_ACCESS_KEY_ID: &str = "AKIANODEEXAMPLE00001";
 
 /// The binary with static node keys, a region, no IMDS and no profiles: nothing leaves loopback.
 pub fn agent_command(args: &[&str]) -> Command {
@@ -29,7 +33,7 @@ fn hermetic(mut c: Command, args: &[&str]) -> Command {
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("AWS_CONFIG_FILE", "/dev/null")
         .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_ACCESS_KEY_ID", super::NODE_ACCESS_KEY_ID)
+        .env("AWS_ACCESS_KEY_ID", NODE_ACCESS_KEY_ID)
         .env("AWS_SECRET_ACCESS_KEY", "node-secret-key-value")
         .env("AWS_REGION", "us-west-2")
         .stdin(Stdio::null())
@@ -113,6 +117,19 @@ pub fn spawn(mut cmd: Command) -> Spawned {
 }
 
 impl Spawned {
+    /// The address in the agent's JSON log line `message` ("serving credentials", "serving
+    /// probes"), waiting for it.
+    pub async fn listening(&self, message: &str) -> std::net::SocketAddr {
+        self.stderr
+            .find(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                (v["message"] == message)
+                    .then(|| v["addr"].as_str()?.parse().ok())
+                    .flatten()
+            })
+            .await
+    }
+
     /// SIGTERM to the process this test started, by its PID.
     pub fn sigterm(&self) {
         let pid = self.child.id().expect("pid").to_string();
