@@ -229,11 +229,11 @@ impl CredentialCache {
         if let Some(entry) = &cached {
             if let Some(outcome) = entry.serve_without_exchange(now) {
                 inner.touch(entry, now);
-                inner.metrics.cache_state.with_label_values(&["hit"]).inc();
+                inner.metrics.cache_hits.inc();
                 return Ok((entry.clone(), outcome));
             }
         }
-        inner.metrics.cache_state.with_label_values(&["miss"]).inc();
+        inner.metrics.cache_misses.inc();
         let (rx, started) = match inner
             .flights
             .join_or_start(&hash, || inner.fresh(&hash, now))

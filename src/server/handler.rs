@@ -60,9 +60,8 @@ impl CredentialHandler {
             Ok((token, entry, outcome)) => {
                 let creds = entry.credentials();
                 let remaining = creds.remaining(SystemTime::now());
-                m.http_response.with_label_values(&["200"]).inc();
-                m.request_duration
-                    .with_label_values(&[outcome.as_str()])
+                m.http_ok.inc();
+                m.request_duration(outcome.as_str())
                     .observe(elapsed.as_secs_f64());
                 m.served_remaining.observe(remaining.as_secs_f64());
                 let s = &token.claims().subject;
@@ -83,9 +82,7 @@ impl CredentialHandler {
                 m.http_response
                     .with_label_values(&[status_label(status)])
                     .inc();
-                m.request_duration
-                    .with_label_values(&["error"])
-                    .observe(elapsed.as_secs_f64());
+                m.request_duration("error").observe(elapsed.as_secs_f64());
                 if status < 500 {
                     tracing::debug!(status, code = e.code(), error = %e.message(), micros = elapsed.as_micros() as u64, "request refused");
                 } else {
