@@ -10,6 +10,8 @@
 use crate::cache::policy::RefreshPolicy;
 use crate::cache::CacheSettings;
 use crate::eks_auth::ExchangeSettings;
+use crate::emulator::state::state_dir;
+use crate::emulator::{AssociationsFrom, CredentialsFrom, EmulatorConfig};
 use crate::server::ServerSettings;
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
@@ -71,9 +73,9 @@ pub struct InitArgs {
     pub log: LogArgs,
 }
 
-/// Where emulated credentials come from.
+/// Where emulated credentials come from (`--credential-source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum CredentialSource {
+pub enum EmulatedCredentials {
     /// Well-formed, unique credentials; no AWS account.
     Fake,
     /// A real sts:AssumeRole of the association's role with your own AWS credentials.
@@ -94,7 +96,24 @@ pub struct EmulatorArgs {
     pub from_cluster: Option<String>,
     /// Where credentials come from.
     #[arg(long, value_enum, default_value = "fake")]
-    pub credential_source: CredentialSource,
+    pub credential_source: EmulatedCredentials,
+}
+
+impl EmulatorArgs {
+    pub fn config(&self) -> EmulatorConfig {
+        EmulatorConfig {
+            state_dir: state_dir(self.state_dir.as_deref()),
+            associations: match (&self.associations, &self.from_cluster) {
+                (Some(path), _) => AssociationsFrom::File(path.clone()),
+                (None, Some(cluster)) => AssociationsFrom::Cluster(cluster.clone()),
+                (None, None) => AssociationsFrom::Default,
+            },
+            credentials: match self.credential_source {
+                EmulatedCredentials::Fake => CredentialsFrom::Fake,
+                EmulatedCredentials::Sts => CredentialsFrom::Sts,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -137,6 +156,12 @@ pub struct TokenArgs {
     /// File to write (no trailing newline); `-` for stdout [default: <state-dir>/tokens/<ns>_<sa>.jwt].
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    pub fn state_dir(&self) -> PathBuf {
+        state_dir(self.state_dir.as_deref())
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -188,13 +213,13 @@ pub struct ServerArgs {
     pub port: u16,
     /// Address to serve credentials on; repeat for several. The first one replaces the
     /// defaults, 169.254.170.23 and [fd00:ec2::23].
-    #[arg(short = 'b', long = "bind-hosts", value_parser = parse_host, action = ArgAction::Append)]
+    #[arg(short = 'b', long = "bind-hosts", value_parser = parse_bind_host, action = ArgAction::Append)]
     pub bind_hosts: Vec<IpAddr>,
     /// Port of /healthz and /readyz, on 127.0.0.1.
     #[arg(long, default_value_t = 2703)]
     pub probe_port: u16,
     /// Address of the metrics listener.
-    #[arg(long, default_value = "0.0.0.0", value_parser = parse_host)]
+    #[arg(long, default_value = "0.0.0.0", value_parser = parse_bind_host)]
     pub metrics_address: IpAddr,
     /// Port of the metrics listener (/metrics).
     #[arg(long, default_value_t = 2705)]
@@ -231,8 +256,8 @@ pub struct ServerArgs {
     pub log: LogArgs,
 }
 
-/// An IP literal, bracketed IPv6 included, or `localhost`.
-pub fn parse_host(s: &str) -> Result<IpAddr, String> {
+/// A bind host: an IP literal, bracketed IPv6 included, or `localhost`.
+pub fn parse_bind_host(s: &str) -> Result<IpAddr, String> {
     let t = s.trim().trim_start_matches('[').trim_end_matches(']');
     if t.eq_ignore_ascii_case("localhost") {
         return Ok(IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -268,7 +293,6 @@ impl ServerArgs {
                 },
                 refresh_qps: f64::from(self.max_service_qps),
                 refresh_concurrency: 16,
-                leeway: self.token_leeway,
             },
             leeway: self.token_leeway,
             shutdown_grace: self.shutdown_grace,

@@ -7,99 +7,63 @@
 //! that point any AWS SDK at it, and runs until SIGINT/SIGTERM. Logs go to stderr.
 
 use crate::cache::CacheSettings;
-use crate::cli::{CredentialSource, DevArgs, EmulateArgs, EmulatorArgs, LogFormat, TokenArgs};
+use crate::cli::{DevArgs, EmulateArgs, LogFormat, TokenArgs};
 use crate::eks_auth::{EksAuthClient, ExchangeSettings};
-use crate::emulator::associations::Associations;
-use crate::emulator::issuer::{write_private, Issuer, MintRequest};
-use crate::emulator::minting::Minting;
+use crate::emulator::issuer::{Issuer, MintRequest};
+use crate::emulator::state::{mint_to, token_path};
 use crate::emulator::Emulator;
 use crate::metrics::Metrics;
-use crate::server::{listener, Server, ServerSettings};
+use crate::server::listener::{self, Connections};
+use crate::server::{Server, ServerSettings};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// The node credentials `dev` signs with: the emulator checks the signature's form, not its key.
 const DEV_NODE_KEY_ID: &str = "AKIAPODIDENTITYDEV01";
+/// How long the emulator's connections get to finish at shutdown.
+const EMULATOR_GRACE: Duration = Duration::from_secs(2);
 
-/// `~/.cache/pod-identity-agent` (or `$XDG_CACHE_HOME/pod-identity-agent`).
-pub fn default_state_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("pod-identity-agent")
+/// A running emulator and how to stop it.
+struct RunningEmulator {
+    addr: SocketAddr,
+    stop: CancellationToken,
+    connections: Connections,
+    task: tokio::task::JoinHandle<()>,
 }
 
-fn state_dir(given: &Option<PathBuf>) -> PathBuf {
-    given.clone().unwrap_or_else(default_state_dir)
-}
-
-/// Where `dev token` writes by default.
-pub fn token_path(dir: &Path, namespace: &str, service_account: &str) -> PathBuf {
-    dir.join("tokens")
-        .join(format!("{namespace}_{service_account}.jwt"))
-}
-
-fn mint_to(issuer: &Issuer, req: &MintRequest, path: &Path) -> Result<(), String> {
-    let token = issuer.mint(req).map_err(|e| e.to_string())?;
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+impl RunningEmulator {
+    async fn start(emulator: Arc<Emulator>, at: SocketAddr) -> Result<RunningEmulator, String> {
+        let bound = listener::bind(at).await.map_err(|e| e.to_string())?;
+        let addr = bound.addr;
+        let stop = CancellationToken::new();
+        let connections = Connections::default();
+        let task = emulator.serve(bound, stop.clone(), connections.clone());
+        Ok(RunningEmulator {
+            addr,
+            stop,
+            connections,
+            task,
+        })
     }
-    // No trailing newline: every SDK sends the file's bytes as they are.
-    write_private(path, &token).map_err(|e| format!("cannot write {}: {e}", path.display()))
-}
 
-/// Build the emulator from its flags (loads or creates the issuer key).
-pub async fn build_emulator(args: &EmulatorArgs) -> Result<Emulator, String> {
-    let dir = state_dir(&args.state_dir);
-    let issuer = Arc::new(Issuer::load_or_create(&dir).map_err(|e| e.to_string())?);
-    let associations = match (&args.associations, &args.from_cluster) {
-        (Some(path), _) => Associations::from_yaml_file(path)?,
-        (None, Some(cluster)) => crate::emulator::import::from_cluster(cluster).await?,
-        (None, None) => Associations::Default,
-    };
-    let minting = match args.credential_source {
-        CredentialSource::Fake => Minting::Fake,
-        CredentialSource::Sts => {
-            let mut sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .load()
-                .await;
-            if sdk.region().is_none() {
-                sdk = sdk
-                    .into_builder()
-                    .region(aws_config::Region::new("us-east-1"))
-                    .build();
-            }
-            Minting::Sts(Box::new(sdk))
+    async fn shutdown(self) {
+        self.stop.cancel();
+        if tokio::time::timeout(EMULATOR_GRACE, self.connections.wait())
+            .await
+            .is_err()
+        {
+            self.connections.close();
         }
-    };
-    Ok(Emulator::new(issuer, associations, minting))
-}
-
-/// Serve the emulator on `bound` until `stop`.
-fn spawn_emulator(
-    bound: listener::Bound,
-    emulator: Arc<Emulator>,
-    stop: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(listener::serve(
-        bound,
-        move |req| {
-            let e = emulator.clone();
-            async move { e.handle(req).await }
-        },
-        stop,
-        Duration::from_secs(2),
-    ))
+        let _ = self.task.await;
+    }
 }
 
 pub async fn run_token(args: TokenArgs) -> Result<(), String> {
-    let dir = state_dir(&args.state_dir);
+    let dir = args.state_dir();
     let issuer = Issuer::load_or_create(&dir).map_err(|e| e.to_string())?;
     let mut req = MintRequest::new(&args.namespace, &args.service_account);
     req.pod = args.pod;
@@ -128,20 +92,15 @@ pub async fn run_token(args: TokenArgs) -> Result<(), String> {
 
 pub async fn run_emulate(args: EmulateArgs) -> Result<(), String> {
     crate::logging::init(&args.log, LogFormat::Text);
-    let emulator = Arc::new(build_emulator(&args.emulator).await?);
-    let bound = listener::bind(args.listen)
-        .await
-        .map_err(|e| e.to_string())?;
-    let addr = bound.addr;
-    let (stop, stop_rx) = watch::channel(false);
-    let task = spawn_emulator(bound, emulator, stop_rx);
+    let config = args.emulator.config();
+    let emulator = Arc::new(Emulator::build(&config).await?);
+    let running = RunningEmulator::start(emulator, args.listen).await?;
     println!("# EKS Auth emulator listening; point clients at it with:");
-    println!("export AWS_ENDPOINT_URL_EKS_AUTH=http://{addr}");
+    println!("export AWS_ENDPOINT_URL_EKS_AUTH=http://{}", running.addr);
     let _ = std::io::stdout().flush();
-    tracing::info!(%addr, state_dir = %state_dir(&args.emulator.state_dir).display(), "EKS Auth emulator ready");
+    tracing::info!(addr = %running.addr, state_dir = %config.state_dir.display(), "EKS Auth emulator ready");
     crate::signal::shutdown().await;
-    let _ = stop.send(true);
-    let _ = task.await;
+    running.shutdown().await;
     Ok(())
 }
 
@@ -150,16 +109,13 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
         return run_token(t).await;
     }
     crate::logging::init(&args.log, LogFormat::Text);
-    let dir = state_dir(&args.emulator.state_dir);
-    let emulator = Arc::new(build_emulator(&args.emulator).await?);
+    let config = args.emulator.config();
+    let dir = config.state_dir.clone();
+    let emulator = Arc::new(Emulator::build(&config).await?);
     let issuer = emulator.issuer.clone();
-
-    let emu_bound = listener::bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0))
-        .await
-        .map_err(|e| e.to_string())?;
-    let emu_addr = emu_bound.addr;
-    let (stop, stop_rx) = watch::channel(false);
-    let emu_task = spawn_emulator(emu_bound, emulator, stop_rx);
+    let emu =
+        RunningEmulator::start(emulator, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)).await?;
+    let emu_addr = emu.addr;
 
     // The agent, exactly as `server` builds it, pointed at the emulator.
     let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -227,7 +183,6 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
     crate::signal::shutdown().await;
     tracing::info!("shutting down");
     agent.shutdown().await;
-    let _ = stop.send(true);
-    let _ = emu_task.await;
+    emu.shutdown().await;
     Ok(())
 }

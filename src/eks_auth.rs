@@ -167,20 +167,76 @@ impl CredentialSource for EksAuthClient {
     }
 }
 
+/// What the agent knows of one EKS Auth error code.
+struct KnownCode {
+    code: &'static str,
+    /// The HTTP status EKS Auth answers it with.
+    status: u16,
+    /// What a person should do about it; the start of the agent's error message.
+    hint: &'static str,
+}
+
+/// Every error code EKS Auth documents for `AssumeRoleForPodIdentity`.
+const KNOWN_CODES: &[KnownCode] = &[
+    KnownCode {
+        code: "AccessDeniedException",
+        status: 400,
+        hint: "the node role needs eks-auth:AssumeRoleForPodIdentity",
+    },
+    KnownCode {
+        code: "ExpiredTokenException",
+        status: 400,
+        hint: "the pod's service-account token has expired",
+    },
+    KnownCode {
+        code: "InvalidParameterException",
+        status: 400,
+        hint: "EKS Auth refused the request",
+    },
+    KnownCode {
+        code: "InvalidRequestException",
+        status: 400,
+        hint: "EKS Auth refused the request",
+    },
+    KnownCode {
+        code: "InvalidTokenException",
+        status: 400,
+        hint: "EKS Auth rejected the service-account token (signature, audience or issuer)",
+    },
+    KnownCode {
+        code: "ResourceNotFoundException",
+        status: 404,
+        hint: "no Pod Identity association for this service account, or no such cluster (check --cluster-name)",
+    },
+    KnownCode {
+        code: "ThrottlingException",
+        status: 429,
+        hint: "EKS Auth is throttling; retry later",
+    },
+    KnownCode {
+        code: "InternalServerException",
+        status: 500,
+        hint: "EKS Auth failed; retry",
+    },
+    KnownCode {
+        code: "ServiceUnavailableException",
+        status: 503,
+        hint: "EKS Auth failed; retry",
+    },
+];
+
+fn known(code: &str) -> Option<&'static KnownCode> {
+    KNOWN_CODES.iter().find(|k| k.code == code)
+}
+
 /// Status an error code implies when the raw response is not at hand.
 pub fn status_of_code(code: &str) -> Option<u16> {
-    Some(match code {
-        "AccessDeniedException"
-        | "ExpiredTokenException"
-        | "InvalidParameterException"
-        | "InvalidRequestException"
-        | "InvalidTokenException" => 400,
-        "ResourceNotFoundException" => 404,
-        "ThrottlingException" => 429,
-        "InternalServerException" => 500,
-        "ServiceUnavailableException" => 503,
-        _ => return None,
-    })
+    known(code).map(|k| k.status)
+}
+
+/// What a person should do about an EKS Auth error code.
+pub fn hint_of_code(code: &str) -> &'static str {
+    known(code).map_or("EKS Auth refused the request", |k| k.hint)
 }
 
 fn classify<E, R>(err: SdkError<E, R>) -> ExchangeError

@@ -6,6 +6,7 @@
 //! 404, 429, 500, 503) and code and name the upstream request id; an unreachable EKS Auth is 503,
 //! an unusable EKS Auth answer 502. No SDK needs the body, but Go and Java surface it.
 
+use crate::cache::CacheError;
 use crate::eks_auth::ExchangeError;
 use crate::token::TokenError;
 use bytes::Bytes;
@@ -25,6 +26,15 @@ pub enum Error {
     Exchange(#[from] ExchangeError),
     #[error("the agent is shutting down; retry")]
     ShuttingDown,
+}
+
+impl From<CacheError> for Error {
+    fn from(e: CacheError) -> Self {
+        match e {
+            CacheError::Exchange(e) => Error::Exchange(e),
+            CacheError::ShuttingDown => Error::ShuttingDown,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -70,15 +80,7 @@ impl Error {
                 request_id,
                 ..
             }) => {
-                let hint = match code.as_str() {
-                    "AccessDeniedException" => "the node role needs eks-auth:AssumeRoleForPodIdentity",
-                    "ExpiredTokenException" => "the pod's service-account token has expired",
-                    "InvalidTokenException" => "EKS Auth rejected the service-account token (signature, audience or issuer)",
-                    "ResourceNotFoundException" => "no Pod Identity association for this service account, or no such cluster (check --cluster-name)",
-                    "ThrottlingException" => "EKS Auth is throttling; retry later",
-                    "InternalServerException" | "ServiceUnavailableException" => "EKS Auth failed; retry",
-                    _ => "EKS Auth refused the request",
-                };
+                let hint = crate::eks_auth::hint_of_code(code);
                 let rid = request_id.as_deref().unwrap_or("none");
                 format!("{hint}. EKS Auth said {code}: {message} (request id {rid})")
             }
@@ -133,6 +135,7 @@ mod tests {
                 502,
                 "EksAuthInvalidResponse",
             ),
+            (CacheError::ShuttingDown.into(), 503, "ShuttingDown"),
             (
                 ExchangeError::Service {
                     status: 404,

@@ -12,6 +12,22 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// Holds a gauge one higher for as long as it lives.
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: &IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Seconds; from a cache hit (tens of µs) to an EKS Auth call at its overall deadline.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -32,6 +48,12 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     pub refreshes: IntCounterVec,
     pub served_remaining: Histogram,
+    /// Panics of the refresh scheduler's loop (each followed by a restart, or by the agent
+    /// reporting not ready after too many).
+    pub scheduler_panics: IntCounter,
+    /// Refreshes queued or waiting for budget: a backlog that keeps growing means
+    /// `--max-service-qps` is too low for the node's pods.
+    pub refresh_queue: IntGauge,
     /// Children of the labels every request uses, resolved once: `with_label_values` hashes its
     /// labels and takes a read lock on each call.
     pub cache_hits: IntCounter,
@@ -43,6 +65,14 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
+        // Register `metric` and hand back a handle to it.
+        fn registered<M: prometheus::core::Collector + Clone + 'static>(
+            registry: &Registry,
+            metric: M,
+        ) -> Result<M, prometheus::Error> {
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        }
         let counter =
             |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
                 let c = IntCounterVec::new(Opts::new(name, help), labels)?;
@@ -99,16 +129,34 @@ impl Metrics {
             .buckets(REMAINING_BUCKETS.to_vec()),
         )?;
         registry.register(Box::new(served_remaining.clone()))?;
-        let eks_auth_in_flight = IntGauge::new(
-            "pod_identity_eks_auth_in_flight",
-            "EKS Auth exchanges under way.",
+        let eks_auth_in_flight = registered(
+            &registry,
+            IntGauge::new(
+                "pod_identity_eks_auth_in_flight",
+                "EKS Auth exchanges under way.",
+            )?,
         )?;
-        registry.register(Box::new(eks_auth_in_flight.clone()))?;
-        let cache_entries = IntGauge::new(
-            "pod_identity_cache_entries",
-            "Credential entries in the cache.",
+        let cache_entries = registered(
+            &registry,
+            IntGauge::new(
+                "pod_identity_cache_entries",
+                "Credential entries in the cache.",
+            )?,
         )?;
-        registry.register(Box::new(cache_entries.clone()))?;
+        let scheduler_panics = registered(
+            &registry,
+            IntCounter::new(
+                "pod_identity_scheduler_panics_total",
+                "Panics of the refresh scheduler; each is logged and followed by a restart.",
+            )?,
+        )?;
+        let refresh_queue = registered(
+            &registry,
+            IntGauge::new(
+                "pod_identity_refresh_queue",
+                "Refreshes queued or waiting for budget (--max-service-qps).",
+            )?,
+        )?;
         let durations = ["hit", "stale", "miss", "coalesced", "error"]
             .map(|outcome| (outcome, request_duration.with_label_values(&[outcome])));
         Ok(Metrics {
@@ -126,7 +174,15 @@ impl Metrics {
             cache_entries,
             refreshes,
             served_remaining,
+            scheduler_panics,
+            refresh_queue,
         })
+    }
+
+    /// Counts one EKS Auth exchange as under way until the guard is dropped, also when the
+    /// exchange's task panics or is aborted.
+    pub fn eks_auth_in_flight_guard(&self) -> GaugeGuard {
+        GaugeGuard::new(&self.eks_auth_in_flight)
     }
 
     /// The latency histogram of one request outcome (hit, stale, miss, coalesced, error).

@@ -39,7 +39,7 @@ impl AllowedHosts {
     }
 
     pub fn allows(&self, host: &str) -> bool {
-        match parse_host(host) {
+        match parse_host_header(host) {
             Some(HostName::Ip(ip)) => self.any_ip || self.ips.contains(&ip.to_canonical()),
             Some(HostName::Localhost) => self.loopback,
             None => false,
@@ -53,7 +53,7 @@ enum HostName {
 }
 
 /// `1.2.3.4`, `1.2.3.4:80`, `[fd00:ec2::23]`, `[fd00:ec2::23]:80`, `localhost[:port]`.
-fn parse_host(host: &str) -> Option<HostName> {
+fn parse_host_header(host: &str) -> Option<HostName> {
     let host = host.trim();
     let name = if let Some(rest) = host.strip_prefix('[') {
         let (inside, after) = rest.split_once(']')?;

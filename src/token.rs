@@ -10,7 +10,6 @@
 //! A token is a bearer secret. It never appears in `Debug` output, errors or logs; entries are
 //! identified by [`TokenHash`], a SHA-256 of the raw bytes, shown as its first 8 bytes in hex.
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine;
 use serde::Deserialize;
@@ -136,10 +135,14 @@ fn decode_segment(segment: &str, what: &'static str) -> Result<Vec<u8>, TokenErr
     B64.decode(segment).map_err(|_| TokenError::Malformed(what))
 }
 
-/// A NumericDate may be fractional or absurd; clamp to whole seconds within u64.
+/// 9999-12-31T23:59:59Z: later NumericDates are clamped to it, so that adding them (and the
+/// leeway) to the epoch can never overflow a `SystemTime`.
+pub const MAX_NUMERIC_DATE: u64 = 253_402_300_799;
+
+/// A NumericDate may be fractional or absurd; clamp to whole seconds up to [`MAX_NUMERIC_DATE`].
 fn numeric_date(v: f64) -> Result<u64, TokenError> {
     if v.is_finite() && v >= 0.0 {
-        Ok(v as u64)
+        Ok((v as u64).min(MAX_NUMERIC_DATE))
     } else {
         Err(TokenError::Malformed(
             "a time claim is not a valid NumericDate",
@@ -231,7 +234,11 @@ impl Token {
 
     /// When the token stops being usable (exp + leeway): nothing derived from it outlives this.
     pub fn expires_at(&self, leeway: Duration) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(self.claims.exp) + leeway
+        let exp = Duration::from_secs(self.claims.exp.min(MAX_NUMERIC_DATE));
+        UNIX_EPOCH
+            .checked_add(exp)
+            .and_then(|t| t.checked_add(leeway))
+            .unwrap_or(UNIX_EPOCH + Duration::from_secs(MAX_NUMERIC_DATE))
     }
 }
 
@@ -251,20 +258,10 @@ impl Claims {
     }
 }
 
-/// Encode claims into an unsigned-but-well-formed JWT. For tests and the local emulator's
-/// fixtures only; real tokens come from kubelet.
-pub fn encode_unsigned(header: &serde_json::Value, claims: &serde_json::Value) -> String {
-    format!(
-        "{}.{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string()),
-        URL_SAFE_NO_PAD.encode(b"not-a-real-signature"),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use serde_json::json;
 
     fn now() -> u64 {
@@ -274,8 +271,36 @@ mod tests {
             .unwrap_or(0)
     }
 
+    /// A well-formed JWT with a meaningless signature: the agent does not verify signatures.
+    fn encode_unsigned(header: &serde_json::Value, claims: &serde_json::Value) -> String {
+        format!(
+            "{}.{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string()),
+            URL_SAFE_NO_PAD.encode(b"not-a-real-signature"),
+        )
+    }
+
     fn token(claims: serde_json::Value) -> String {
         encode_unsigned(&json!({"alg": "RS256", "kid": "k1"}), &claims)
+    }
+
+    #[test]
+    fn absurd_times_are_clamped_not_overflowed() {
+        for exp in [
+            json!(1e300),
+            json!(u64::MAX),
+            json!(18446744073709551615.0_f64),
+        ] {
+            let t =
+                Token::parse(token(json!({"exp": exp, "nbf": 1e300})).as_bytes()).expect("parses");
+            assert_eq!(t.claims().exp, MAX_NUMERIC_DATE);
+            let at = t.expires_at(Duration::from_secs(u64::MAX / 4));
+            assert!(at >= UNIX_EPOCH + Duration::from_secs(MAX_NUMERIC_DATE));
+            assert!(t
+                .check_time(SystemTime::now(), Duration::from_secs(60))
+                .is_err());
+        }
     }
 
     #[test]

@@ -112,6 +112,79 @@ async fn endpoint_from_environment_and_graceful_shutdown() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
 
+#[tokio::test]
+async fn shutdown_ends_what_outlives_the_grace_period() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeEksAuth::start(CLUSTER).await;
+    fake.set_default(Step {
+        fixture: "success".into(),
+        delay: Duration::ZERO,
+        hang: true,
+    });
+    let endpoint = fake.endpoint();
+    let mut args = LOCAL.to_vec();
+    args.extend([
+        "--endpoint",
+        &endpoint,
+        "--eks-auth-timeout",
+        "60s",
+        "--shutdown-grace",
+        "1s",
+    ]);
+    let (mut agent, addr) = spawn_agent(agent_command(&args)).await;
+    // A request waiting on an exchange that never ends; a client that sent half its headers;
+    // an idle keep-alive connection.
+    let t = token();
+    let stuck =
+        tokio::spawn(
+            async move { get_result(addr, "/v1/credentials", &[("authorization", &t)]).await },
+        );
+    let mut half = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    half.write_all(b"GET /v1/credentials HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .expect("write");
+    let idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signalled = std::time::Instant::now();
+    agent.sigterm();
+    let reply = tokio::time::timeout(Duration::from_secs(5), stuck)
+        .await
+        .expect("the stuck request ends with the grace period, not with the exchange")
+        .expect("join")
+        .expect("answered, not cut off");
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["code"], "ShuttingDown");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), half.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the half-sent request's connection was closed: {read:?}"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(5), agent.child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(0), "{}", agent.stderr.joined());
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "waited for the grace period, then stopped: {took:?}"
+    );
+    let line = agent
+        .stderr
+        .find(|l| {
+            l.contains("shutdown grace period over")
+                .then(|| l.to_owned())
+        })
+        .await;
+    let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+    assert_eq!(
+        v["connections"], 1,
+        "the half-sent request; the idle one closed gracefully: {line}"
+    );
+    drop(idle);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_the_logs_at_any_level() {
     let fake = FakeEksAuth::start(CLUSTER).await;

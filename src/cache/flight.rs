@@ -5,15 +5,25 @@
 //! way, or starts one and hands its [`Sender`] to the caller, who runs the work in a detached task
 //! and calls [`Sender::finish`]. Waiters are woken by a `watch` channel, not by polling. The
 //! result, error included, lives only as long as the flight: the next caller after it starts anew.
-//! The lock is held for a map operation, never across an await.
+//! The lock is held for a map operation, never across an await. A poisoned lock (a thread
+//! panicked while holding it) is recovered everywhere the same way: the map is still sound,
+//! since every operation on it is a single insert, get or remove.
 
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
+type Map<K, V> = Arc<Mutex<HashMap<K, watch::Receiver<Option<V>>>>>;
+
 pub struct Flights<K, V> {
-    map: Arc<Mutex<HashMap<K, watch::Receiver<Option<V>>>>>,
+    map: Map<K, V>,
+}
+
+fn lock<K, V>(
+    map: &Map<K, V>,
+) -> std::sync::MutexGuard<'_, HashMap<K, watch::Receiver<Option<V>>>> {
+    map.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<K, V> Default for Flights<K, V> {
@@ -35,7 +45,7 @@ pub enum Lookup<K: Hash + Eq, V, C> {
 pub struct Sender<K: Hash + Eq, V> {
     key: Option<K>,
     tx: watch::Sender<Option<V>>,
-    map: Arc<Mutex<HashMap<K, watch::Receiver<Option<V>>>>>,
+    map: Map<K, V>,
 }
 
 impl<K: Hash + Eq, V> Sender<K, V> {
@@ -48,9 +58,7 @@ impl<K: Hash + Eq, V> Sender<K, V> {
 
     fn remove(&mut self) {
         if let Some(key) = self.key.take() {
-            if let Ok(mut map) = self.map.lock() {
-                map.remove(&key);
-            }
+            lock(&self.map).remove(&key);
         }
     }
 }
@@ -63,8 +71,7 @@ impl<K: Hash + Eq, V> Drop for Sender<K, V> {
 
 impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
     pub fn join_or_start<C>(&self, key: &K, cached: impl FnOnce() -> Option<C>) -> Lookup<K, V, C> {
-        // A poisoned lock only means another thread panicked mid-insert; the map is still sound.
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.map);
         if let Some(rx) = map.get(key) {
             return Lookup::Joined(rx.clone());
         }
@@ -83,8 +90,13 @@ impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
         )
     }
 
+    /// Whether a flight for `key` is under way: joining it costs no exchange.
+    pub fn is_flying(&self, key: &K) -> bool {
+        lock(&self.map).contains_key(key)
+    }
+
     pub fn in_flight(&self) -> usize {
-        self.map.lock().map(|m| m.len()).unwrap_or(0)
+        lock(&self.map).len()
     }
 }
 

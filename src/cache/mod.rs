@@ -10,110 +10,49 @@
 //!   credentials are served while still valid, and no new exchange is tried for that token until
 //!   its backoff has passed; an irrecoverable failure (the token or association is wrong) evicts.
 //!
-//! Entries are keyed by SHA-256 of the token; the raw token lives only inside the entry, for
-//! refresh. The map is bounded by `--max-cache-size` with least-recently-used eviction, and an
-//! entry leaves by itself when its credentials or its token expire. Refresh ahead of expiry is
-//! driven by demand, through one deadline-ordered [`scheduler`]. The cache knows nothing of HTTP.
+//! Entries ([`entry`]) are keyed by SHA-256 of the token; the raw token lives only inside the
+//! entry, for refresh. The map is bounded by `--max-cache-size` with least-recently-used
+//! eviction, and an entry leaves by itself when its credentials or its token expire. Refresh
+//! ahead of expiry is driven by demand, through one deadline-ordered [`scheduler`] that sees
+//! only token hashes and entry generations. The cache knows nothing of HTTP.
+//!
+//! Every exchange and refresh runs on the cache's own task tracker, so shutdown can stop
+//! refreshing, wait for exchanges under way, and end the ones that outlive the grace period.
 
 mod bucket;
+pub mod entry;
 pub mod flight;
 pub mod policy;
-mod scheduler;
+pub mod scheduler;
 
-use crate::credentials::Credentials;
+pub use entry::{Demand, Entry, Outcome};
+
 use crate::eks_auth::{CredentialSource, ExchangeError};
 use crate::metrics::Metrics;
 use crate::token::{Token, TokenHash};
 use flight::{Flights, Lookup};
-use moka::notification::RemovalCause;
+use futures_util::future::BoxFuture;
 use moka::policy::EvictionPolicy;
 use moka::Expiry;
-use policy::{Plan, RefreshPolicy};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// How a request was answered; a label of the latency histogram.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// From memory.
-    Hit,
-    /// From memory, past the hard point: EKS Auth is failing (static stability) or a queued
-    /// refresh has not run yet (more refreshes due than the rate allows).
-    Stale,
-    /// This request started the exchange.
-    Miss,
-    /// This request joined an exchange already under way.
-    Coalesced,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Hit => "hit",
-            Outcome::Stale => "stale",
-            Outcome::Miss => "miss",
-            Outcome::Coalesced => "coalesced",
-        }
-    }
-}
-
-/// One token's credentials and the schedule that keeps them fresh.
-pub struct Entry {
-    /// Kept for refresh: the exchange needs the raw token, not its hash.
-    token: Token,
-    credentials: Credentials,
-    plan: Plan,
-    /// Nothing served from this entry outlives the credentials or the token.
-    valid_until: SystemTime,
-    /// Set by the first request served from this entry: only used entries are refreshed.
-    used: AtomicBool,
-    /// Set when the scheduler skipped this entry's refresh because nobody used it; the next
-    /// request past the refresh point asks for a refresh at once.
-    dormant: AtomicBool,
-    /// Consecutive recoverable failures of exchanges for this token, for backoff.
-    failures: AtomicU32,
-    /// No new exchange for this token before this time (ms since the epoch): backoff.
-    retry_after_ms: AtomicU64,
-}
-
-impl Entry {
-    pub fn credentials(&self) -> &Credentials {
-        &self.credentials
-    }
-
-    fn mark_used(&self) {
-        // Read first: the flag is set once per refresh period, read on every hit; a plain store
-        // would bounce the cache line between cores on a busy entry.
-        if !self.used.load(Ordering::Relaxed) {
-            self.used.store(true, Ordering::Relaxed);
-        }
-    }
-
-    fn in_backoff(&self, now: SystemTime) -> bool {
-        millis(now) < self.retry_after_ms.load(Ordering::Relaxed)
-    }
-
-    /// Whether a request at `now` is answered from this entry without an exchange (see
-    /// [`policy`] for the points): before the hard point always; past it while EKS Auth is
-    /// backing off (static stability, until expiry), or while a queued refresh is on its way
-    /// (until the last point).
-    fn serve_without_exchange(&self, now: SystemTime) -> Option<Outcome> {
-        if now < self.plan.hard_at {
-            return Some(Outcome::Hit);
-        }
-        let backing_off = self.in_backoff(now) && now < self.valid_until;
-        let refresh_queued =
-            !self.dormant.load(Ordering::Relaxed) && now < self.plan.last_at.min(self.valid_until);
-        (backing_off || refresh_queued).then_some(Outcome::Stale)
-    }
-}
-
-fn millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
-}
+use policy::RefreshPolicy;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 type FlightResult = Result<Arc<Entry>, ExchangeError>;
+
+/// Why the cache could not answer a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CacheError {
+    /// The exchange for this token failed, and nothing cached may be served instead.
+    #[error(transparent)]
+    Exchange(#[from] ExchangeError),
+    /// The exchange this request waited for was ended by shutdown.
+    #[error("the agent is shutting down; retry")]
+    ShuttingDown,
+}
 
 /// Settings of the cache, from the command line.
 #[derive(Debug, Clone)]
@@ -124,13 +63,11 @@ pub struct CacheSettings {
     pub refresh_qps: f64,
     /// Refresh exchanges under way at once.
     pub refresh_concurrency: usize,
-    /// Clock leeway for token times, as in request validation.
-    pub leeway: Duration,
 }
 
 impl Default for CacheSettings {
     /// The reference agent's defaults: 2000 entries, renewal after at most 3 h, 3 refreshes/s;
-    /// 16 refreshes at once and 60 s of clock leeway.
+    /// and 16 refreshes at once.
     fn default() -> Self {
         CacheSettings {
             max_entries: 2000,
@@ -139,19 +76,34 @@ impl Default for CacheSettings {
             },
             refresh_qps: 3.0,
             refresh_concurrency: 16,
-            leeway: Duration::from_secs(60),
         }
     }
 }
 
 struct Inner {
+    /// The entries by token hash: bounded (LRU), each leaving by itself when its credentials or
+    /// token expire ([`ExpireWithCredentials`]).
     entries: moka::sync::Cache<TokenHash, Arc<Entry>>,
+    /// Exchanges under way, one per token, their result shared by every request waiting on it.
     flights: Flights<TokenHash, FlightResult>,
+    /// EKS Auth in production; fakes in tests.
     source: Arc<dyn CredentialSource>,
     policy: RefreshPolicy,
+    /// Clock leeway on the token's times: the one value request validation also uses, so an
+    /// entry never outlives the token a request would still accept.
     leeway: Duration,
     metrics: Arc<Metrics>,
-    scheduler: scheduler::Handle,
+    /// Where refresh work goes; the scheduler sees hashes and generations, never entries.
+    scheduler: scheduler::Handle<TokenHash>,
+    scheduler_health: scheduler::Health,
+    /// Source of entry generations.
+    generations: AtomicU64,
+    /// Exchange and refresh tasks, so shutdown can wait for them.
+    tasks: TaskTracker,
+    /// Cancelled to stop refreshing (shutdown, handover).
+    stop_refreshing: CancellationToken,
+    /// Cancelled to end exchanges still under way after the shutdown grace period.
+    abort: CancellationToken,
 }
 
 /// The cache; cheap to clone, all clones share one map and one scheduler.
@@ -162,13 +114,19 @@ pub struct CredentialCache {
 
 struct ExpireWithCredentials;
 
-impl Expiry<TokenHash, Arc<Entry>> for ExpireWithCredentials {
-    fn expire_after_create(&self, _: &TokenHash, e: &Arc<Entry>, _: Instant) -> Option<Duration> {
+impl ExpireWithCredentials {
+    fn left(e: &Entry) -> Option<Duration> {
         Some(
             e.valid_until
                 .duration_since(SystemTime::now())
                 .unwrap_or_default(),
         )
+    }
+}
+
+impl Expiry<TokenHash, Arc<Entry>> for ExpireWithCredentials {
+    fn expire_after_create(&self, _: &TokenHash, e: &Arc<Entry>, _: Instant) -> Option<Duration> {
+        Self::left(e)
     }
 
     fn expire_after_update(
@@ -178,12 +136,19 @@ impl Expiry<TokenHash, Arc<Entry>> for ExpireWithCredentials {
         _: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(
-            e.valid_until
-                .duration_since(SystemTime::now())
-                .unwrap_or_default(),
-        )
+        Self::left(e)
     }
+}
+
+/// What `start_or_join` found.
+enum Join<C> {
+    /// A request may be answered from the cache after all (checked under the flights lock).
+    Servable(C),
+    /// Wait for the flight; `started` if this caller started it.
+    Waiting {
+        rx: tokio::sync::watch::Receiver<Option<FlightResult>>,
+        started: bool,
+    },
 }
 
 impl CredentialCache {
@@ -191,37 +156,57 @@ impl CredentialCache {
     pub fn new(
         source: Arc<dyn CredentialSource>,
         settings: &CacheSettings,
+        leeway: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let (handle, inbox) = scheduler::channel();
         let evicted = metrics.cache_state.with_label_values(&["evicted"]);
+        let on_removal = handle.clone();
         let entries = moka::sync::Cache::builder()
             .max_capacity(settings.max_entries.max(1))
             .eviction_policy(EvictionPolicy::lru())
             .expire_after(ExpireWithCredentials)
-            .eviction_listener(move |_, _, cause| {
-                if cause != RemovalCause::Replaced {
+            .eviction_listener(move |hash: Arc<TokenHash>, entry: Arc<Entry>, cause| {
+                // Queued refresh work for a removed entry goes at once. For a replaced one the
+                // generation no longer matches, so this is a no-op.
+                on_removal.cancel(*hash, entry.generation);
+                if cause != moka::notification::RemovalCause::Replaced {
                     evicted.inc();
                 }
             })
             .build();
-        let inner = Arc::new_cyclic(|weak| Inner {
+        let tasks = TaskTracker::new();
+        let stop_refreshing = CancellationToken::new();
+        let inner = Arc::new(Inner {
             entries,
             flights: Flights::default(),
             source,
             policy: settings.policy,
-            leeway: settings.leeway,
+            leeway,
             metrics,
-            scheduler: scheduler::start(
-                weak.clone(),
-                settings.refresh_qps,
-                settings.refresh_concurrency,
-            ),
+            scheduler: handle,
+            scheduler_health: scheduler::Health::default(),
+            generations: AtomicU64::new(0),
+            tasks: tasks.clone(),
+            stop_refreshing: stop_refreshing.clone(),
+            abort: CancellationToken::new(),
         });
+        scheduler::spawn(
+            Arc::new(Refresh(Arc::downgrade(&inner))),
+            inbox,
+            scheduler::Budget {
+                rate: settings.refresh_qps,
+                concurrency: settings.refresh_concurrency,
+            },
+            stop_refreshing,
+            &tasks,
+            &inner.scheduler_health,
+        );
         CredentialCache { inner }
     }
 
     /// Credentials for `token`, whose time claims the caller has checked.
-    pub async fn get(&self, token: &Token) -> Result<(Arc<Entry>, Outcome), ExchangeError> {
+    pub async fn get(&self, token: &Token) -> Result<(Arc<Entry>, Outcome), CacheError> {
         let inner = &self.inner;
         let hash = token.hash();
         let now = SystemTime::now();
@@ -233,49 +218,45 @@ impl CredentialCache {
                 return Ok((entry.clone(), outcome));
             }
         }
-        inner.metrics.cache_misses.inc();
-        let (rx, started) = match inner
-            .flights
-            .join_or_start(&hash, || inner.fresh(&hash, now))
-        {
-            Lookup::Cached((entry, outcome)) => {
+        let (rx, started) = match inner.start_or_join(token, || inner.servable(&hash, now)) {
+            Join::Servable((entry, outcome)) => {
                 inner.touch(&entry, now);
+                inner.metrics.cache_hits.inc();
                 return Ok((entry, outcome));
             }
-            Lookup::Joined(rx) => (rx, false),
-            Lookup::Started(tx, rx) => {
-                let inner = self.inner.clone();
-                let token = token.clone();
-                tokio::spawn(async move { inner.exchange(token, tx).await });
-                (rx, true)
-            }
+            Join::Waiting { rx, started } => (rx, started),
         };
-        let result = flight::wait(rx).await.unwrap_or_else(|| {
-            Err(ExchangeError::Unavailable(
-                "the exchange was abandoned".into(),
-            ))
-        });
+        inner.metrics.cache_misses.inc();
+        let Some(result) = flight::wait(rx).await else {
+            return Err(if inner.abort.is_cancelled() {
+                CacheError::ShuttingDown
+            } else {
+                ExchangeError::Unavailable("the exchange was abandoned".into()).into()
+            });
+        };
+        let now = SystemTime::now();
         match result {
-            Ok(entry) => {
+            Ok(entry) if now < entry.valid_until => {
                 entry.mark_used();
-                Ok((
-                    entry,
-                    if started {
-                        Outcome::Miss
-                    } else {
-                        Outcome::Coalesced
-                    },
-                ))
+                let outcome = if started {
+                    Outcome::Miss
+                } else {
+                    Outcome::Coalesced
+                };
+                Ok((entry, outcome))
             }
-            Err(e) if e.recoverable() => match cached.filter(|c| SystemTime::now() < c.valid_until)
-            {
+            Ok(_) => Err(ExchangeError::Unavailable(
+                "the credentials stopped being valid while the request waited".into(),
+            )
+            .into()),
+            Err(e) if e.recoverable() => match cached.filter(|c| now < c.valid_until) {
                 Some(old) => {
                     old.mark_used();
                     Ok((old, Outcome::Stale))
                 }
-                None => Err(e),
+                None => Err(e.into()),
             },
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -288,92 +269,233 @@ impl CredentialCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Whether the refresh scheduler runs (it stops for good only after repeated panics).
+    pub fn scheduler_running(&self) -> bool {
+        self.inner.scheduler_health.is_running()
+    }
+
+    /// Stop renewing entries; serving from memory and first exchanges go on.
+    pub fn stop_refreshing(&self) {
+        self.inner.stop_refreshing.cancel();
+    }
+
+    /// Wait until no exchange or refresh is under way (each is bounded by the EKS Auth deadline).
+    pub async fn finish_exchanges(&self) {
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    /// End the exchanges still under way; their waiters get an error.
+    pub fn abort_exchanges(&self) {
+        self.inner.abort.cancel();
+    }
 }
 
 impl Inner {
     /// The current entry for `hash` and how to label it, if a request may be answered from it
-    /// without an exchange: the same rule as the hit path, re-checked under the flights lock.
-    fn fresh(&self, hash: &TokenHash, now: SystemTime) -> Option<(Arc<Entry>, Outcome)> {
+    /// without an exchange: the hit path's rule, re-checked under the flights lock.
+    fn servable(&self, hash: &TokenHash, now: SystemTime) -> Option<(Arc<Entry>, Outcome)> {
         let entry = self.entries.get(hash)?;
         let outcome = entry.serve_without_exchange(now)?;
         Some((entry, outcome))
     }
 
+    /// The entry the map holds for `hash`, if it is generation `generation`.
+    fn current(&self, hash: &TokenHash, generation: u64) -> Option<Arc<Entry>> {
+        self.entries
+            .get(hash)
+            .filter(|e| e.generation == generation)
+    }
+
+    /// A request was served from `entry`: it is in use. A dormant entry past its refresh point
+    /// asks for a refresh at once.
     fn touch(&self, entry: &Arc<Entry>, now: SystemTime) {
-        entry.mark_used();
-        if now >= entry.plan.refresh_at && entry.dormant.swap(false, Ordering::Relaxed) {
-            self.scheduler.refresh_now(entry);
+        if entry.mark_used() == Demand::Dormant {
+            self.scheduler.schedule(
+                entry.token.hash(),
+                entry.generation,
+                now.max(entry.plan.refresh_at),
+            );
         }
     }
 
-    /// Is `entry` still the one the map holds for its token? Refresh work for a replaced or
-    /// evicted entry is dropped.
-    fn is_current(&self, entry: &Arc<Entry>) -> bool {
-        self.entries
-            .get(&entry.token.hash())
-            .is_some_and(|e| Arc::ptr_eq(&e, entry))
+    /// Join the exchange under way for `token`, or start one in a task of its own; unless
+    /// `servable` (called under the flights lock) finds that none is needed.
+    fn start_or_join<C>(
+        self: &Arc<Self>,
+        token: &Token,
+        servable: impl FnOnce() -> Option<C>,
+    ) -> Join<C> {
+        match self.flights.join_or_start(&token.hash(), servable) {
+            Lookup::Cached(c) => Join::Servable(c),
+            Lookup::Joined(rx) => Join::Waiting { rx, started: false },
+            Lookup::Started(tx, rx) => {
+                let inner = self.clone();
+                let token = token.clone();
+                self.tasks.spawn(async move {
+                    let abort = inner.abort.clone();
+                    tokio::select! {
+                        result = inner.exchange(&token) => tx.finish(result),
+                        // Dropping `tx` unfinished tells the waiters the flight was abandoned.
+                        _ = abort.cancelled() => {}
+                    }
+                });
+                Join::Waiting { rx, started: true }
+            }
+        }
     }
 
-    /// One exchange, run in its own task; its result goes to every waiter through `tx`.
-    async fn exchange(self: Arc<Self>, token: Token, tx: flight::Sender<TokenHash, FlightResult>) {
-        let hash = token.hash();
-        let m = &self.metrics;
-        m.eks_auth_in_flight.inc();
-        let started = Instant::now();
-        let result = self.source.fetch(&token).await;
-        m.eks_auth_in_flight.dec();
-        m.eks_auth_duration.observe(started.elapsed().as_secs_f64());
-        let result = match result {
-            Ok(credentials) => {
-                m.eks_auth_calls.with_label_values(&["Success"]).inc();
-                let fetched_at = SystemTime::now();
-                let plan = self.policy.plan(fetched_at, credentials.expiration());
-                let valid_until = credentials.expiration().min(token.expires_at(self.leeway));
-                let entry = Arc::new(Entry {
-                    token,
-                    credentials,
-                    plan,
-                    valid_until,
-                    used: AtomicBool::new(false),
-                    dormant: AtomicBool::new(false),
-                    failures: AtomicU32::new(0),
-                    retry_after_ms: AtomicU64::new(0),
-                });
-                self.entries.insert(hash, entry.clone());
-                self.scheduler.schedule(&entry, entry.plan.refresh_at);
-                tracing::debug!(token = %hash, access_key_id = entry.credentials.access_key_id(),
-                    expires = %crate::credentials::format_expiration(entry.credentials.expiration()),
-                    "exchanged token for credentials");
-                Ok(entry)
-            }
+    /// One exchange: fetch and build the entry, then install it or apply the failure policy.
+    async fn exchange(&self, token: &Token) -> FlightResult {
+        match self.fetch_entry(token).await {
+            Ok(entry) => Ok(self.install(entry)),
             Err(e) => {
-                let kind = if e.recoverable() {
-                    "Recoverable"
-                } else {
-                    "NonRecoverable"
-                };
-                m.eks_auth_calls.with_label_values(&[e.code()]).inc();
-                m.cache_errors.with_label_values(&[kind, e.code()]).inc();
-                if let Some(current) = self.entries.get(&hash) {
-                    if e.recoverable() {
-                        let failures = current.failures.fetch_add(1, Ordering::Relaxed) + 1;
-                        let retry_at = SystemTime::now() + policy::backoff(failures);
-                        current
-                            .retry_after_ms
-                            .store(millis(retry_at), Ordering::Relaxed);
-                        if retry_at < current.valid_until {
-                            self.scheduler.schedule(&current, retry_at);
-                        }
-                    } else {
-                        self.entries.invalidate(&hash);
-                    }
-                }
-                tracing::warn!(token = %hash, namespace = %token.claims().subject.namespace,
-                    service_account = %token.claims().subject.service_account,
-                    code = e.code(), recoverable = e.recoverable(), error = %e, "EKS Auth exchange failed");
+                self.apply_failure(token, &e);
                 Err(e)
             }
+        }
+    }
+
+    /// Ask EKS Auth, and turn its answer into an entry with its refresh plan.
+    async fn fetch_entry(&self, token: &Token) -> Result<Entry, ExchangeError> {
+        let m = &self.metrics;
+        let result = {
+            let _in_flight = m.eks_auth_in_flight_guard();
+            let started = Instant::now();
+            let result = self.source.fetch(token).await;
+            m.eks_auth_duration.observe(started.elapsed().as_secs_f64());
+            result
         };
-        tx.finish(result);
+        let code = match &result {
+            Ok(_) => "Success",
+            Err(e) => e.code(),
+        };
+        m.eks_auth_calls.with_label_values(&[code]).inc();
+        let credentials = result?;
+        let plan = self
+            .policy
+            .plan(SystemTime::now(), credentials.expiration());
+        let valid_until = credentials.expiration().min(token.expires_at(self.leeway));
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(Entry::new(
+            token.clone(),
+            credentials,
+            plan,
+            valid_until,
+            generation,
+        ))
+    }
+
+    /// Put a fresh entry in the map, replacing the token's previous one, and queue its refresh.
+    fn install(&self, entry: Entry) -> Arc<Entry> {
+        let hash = entry.token.hash();
+        let entry = Arc::new(entry);
+        self.entries.insert(hash, entry.clone());
+        self.scheduler
+            .schedule(hash, entry.generation, entry.plan.refresh_at);
+        tracing::debug!(token = %hash, access_key_id = entry.credentials().access_key_id(),
+            expires = %crate::credentials::format_expiration(entry.credentials().expiration()),
+            "exchanged token for credentials");
+        entry
+    }
+
+    /// A failed exchange: a recoverable one backs the token's entry off (it keeps being served
+    /// while valid, and is retried then); an irrecoverable one evicts it.
+    fn apply_failure(&self, token: &Token, e: &ExchangeError) {
+        let hash = token.hash();
+        let kind = if e.recoverable() {
+            "Recoverable"
+        } else {
+            "NonRecoverable"
+        };
+        self.metrics
+            .cache_errors
+            .with_label_values(&[kind, e.code()])
+            .inc();
+        if let Some(current) = self.entries.get(&hash) {
+            if e.recoverable() {
+                let retry_at = current.back_off(SystemTime::now());
+                if retry_at < current.valid_until {
+                    self.scheduler.schedule(hash, current.generation, retry_at);
+                }
+            } else {
+                self.entries.invalidate(&hash);
+            }
+        }
+        let s = &token.claims().subject;
+        tracing::warn!(token = %hash, namespace = %s.namespace, service_account = %s.service_account,
+            code = e.code(), recoverable = e.recoverable(), error = %e, "EKS Auth exchange failed");
+    }
+}
+
+/// The cache as the scheduler sees it. Weak, so the scheduler never keeps the cache alive.
+struct Refresh(Weak<Inner>);
+
+impl scheduler::Refresher for Refresh {
+    type Key = TokenHash;
+
+    fn due(&self, hash: &TokenHash, generation: u64) -> bool {
+        let Some(inner) = self.0.upgrade() else {
+            return false;
+        };
+        let Some(entry) = inner.current(hash, generation) else {
+            return false;
+        };
+        let refreshes = &inner.metrics.refreshes;
+        if entry
+            .token
+            .check_time(SystemTime::now(), inner.leeway)
+            .is_err()
+        {
+            refreshes.with_label_values(&["token_expired"]).inc();
+            return false;
+        }
+        if !entry.claim_for_refresh() {
+            refreshes.with_label_values(&["idle"]).inc();
+            return false;
+        }
+        true
+    }
+
+    fn refresh(&self, hash: TokenHash, generation: u64) -> Option<BoxFuture<'static, ()>> {
+        let inner = self.0.upgrade()?;
+        // A request may have replaced the entry while the scheduler waited for budget.
+        let entry = inner.current(&hash, generation)?;
+        Some(Box::pin(async move {
+            let result = match inner.start_or_join(&entry.token, || None::<()>) {
+                Join::Servable(()) => return,
+                Join::Waiting { rx, .. } => flight::wait(rx).await,
+            };
+            let label = match result {
+                Some(Ok(_)) => "success",
+                Some(Err(e)) if !e.recoverable() => "irrecoverable_error",
+                Some(Err(_)) | None => "recoverable_error",
+            };
+            inner.metrics.refreshes.with_label_values(&[label]).inc();
+        }))
+    }
+
+    fn pending(&self) -> Vec<(TokenHash, u64, SystemTime)> {
+        let Some(inner) = self.0.upgrade() else {
+            return Vec::new();
+        };
+        inner
+            .entries
+            .iter()
+            .filter_map(|(hash, e)| Some((*hash, e.generation, e.next_refresh()?)))
+            .collect()
+    }
+
+    fn panicked(&self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.metrics.scheduler_panics.inc();
+        }
+    }
+
+    fn queued(&self, len: usize) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.metrics.refresh_queue.set(len as i64);
+        }
     }
 }

@@ -9,18 +9,19 @@
 //!   left as stale and refetches on every call, so with 6 h credentials pods always get at least
 //!   3 h, and with 59-minute cross-account credentials at least ~20 minutes, never less unless
 //!   EKS Auth issued less.
-//! - *last point* `e - min(60 s, L/10)`: between the hard point and here, an entry whose refresh
-//!   is already queued keeps being served while the scheduler gets to it, so that when more
-//!   refreshes are due than `--max-service-qps` allows (10,000 pods with short credentials), the
-//!   scheduler stays the only caller of EKS Auth instead of every request becoming one. Past it,
-//!   or for an entry nobody was going to refresh (dormant), a request exchanges at once.
+//! - *serve-queued point* `e - min(60 s, L/10)`: between the hard point and here, an entry whose
+//!   refresh is already queued keeps being served while the scheduler gets to it, so that when
+//!   more refreshes are due than `--max-service-qps` allows (10,000 pods with short credentials),
+//!   the scheduler stays the only caller of EKS Auth instead of every request becoming one. Past
+//!   it, or for an entry nobody was going to refresh (dormant), a request exchanges at once.
 //! - *backoff* after a recoverable refresh failure: 1 s doubling to 60 s, with jitter in
-//!   [d/2, d], never beyond the hard point.
+//!   [d/2, d]. Retries are scheduled while the cached credentials are still valid (static
+//!   stability serves them until then), past the hard point included.
 
 use std::time::{Duration, SystemTime};
 
 const HARD_FLOOR: Duration = Duration::from_secs(20 * 60);
-const LAST_FLOOR: Duration = Duration::from_secs(60);
+const SERVE_QUEUED_FLOOR: Duration = Duration::from_secs(60);
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
 
@@ -30,11 +31,12 @@ pub struct RefreshPolicy {
     pub max_retention: Duration,
 }
 
+/// The points of one entry's life; see the module documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
     pub refresh_at: SystemTime,
     pub hard_at: SystemTime,
-    pub last_at: SystemTime,
+    pub serve_queued_until: SystemTime,
 }
 
 impl RefreshPolicy {
@@ -44,11 +46,11 @@ impl RefreshPolicy {
         let jitter = interval.mul_f64(fastrand::f64() * 0.1);
         let refresh_at = fetched_at + interval - jitter;
         let hard_at = (expires_at - HARD_FLOOR.min(lifetime / 3)).max(refresh_at);
-        let last_at = (expires_at - LAST_FLOOR.min(lifetime / 10)).max(hard_at);
+        let serve_queued_until = (expires_at - SERVE_QUEUED_FLOOR.min(lifetime / 10)).max(hard_at);
         Plan {
             refresh_at,
             hard_at,
-            last_at,
+            serve_queued_until,
         }
     }
 }
@@ -108,17 +110,17 @@ mod tests {
             }
             .plan(f, f + Duration::from_secs(lifetime));
             assert!(
-                p.refresh_at <= p.hard_at && p.hard_at <= p.last_at,
+                p.refresh_at <= p.hard_at && p.hard_at <= p.serve_queued_until,
                 "lifetime {lifetime}"
             );
-            assert!(p.last_at < f + Duration::from_secs(lifetime) || lifetime < 10);
+            assert!(p.serve_queued_until < f + Duration::from_secs(lifetime) || lifetime < 10);
         }
-        // 10-minute credentials: last point one minute before expiry.
+        // 10-minute credentials: queued refreshes are waited for until one minute before expiry.
         let p = RefreshPolicy {
             max_retention: Duration::from_secs(3 * H),
         }
         .plan(f, f + Duration::from_secs(600));
-        assert_eq!(p.last_at, f + Duration::from_secs(540));
+        assert_eq!(p.serve_queued_until, f + Duration::from_secs(540));
     }
 
     #[test]

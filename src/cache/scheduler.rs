@@ -1,38 +1,372 @@
 //! The refresh-ahead scheduler: one task, one deadline-ordered queue, one token bucket.
 //!
-//! Refreshes start at their deadline, or earlier when the queue holds more work than the
-//! budget can do by then ([`start_at`]): earliest deadline first, never above the rate.
+//! Contract: work is named by a key (a token hash) and a generation (which of the key's entries
+//! it is for). [`Handle::schedule`] queues it for a time, replacing any work queued for the same
+//! key; [`Handle::cancel`] removes it, unless newer work for the key replaced it already. So an
+//! entry that is replaced or evicted leaves the queue at once, not when its deadline comes.
 //!
-//! Contract: entries are queued with the time they are due (their refresh point, or a backoff
-//! after a failed exchange). When one comes due the scheduler drops it if it was replaced or
-//! evicted, marks it dormant if no request used it since it was fetched (idle entries are not
-//! renewed: they expire and leave), skips it if its token has expired, and otherwise refreshes it
-//! through the cache's single-flight exchange, at most `--max-service-qps` per second and a
-//! bounded number at once. The queue holds weak references: it never keeps an entry alive.
+//! Refreshes start at their deadline, or earlier when the queue holds more work than the budget
+//! can do by then ([`start_at`]): earliest deadline first, never above `--max-service-qps`, and
+//! never more than a bounded number at once. When work comes due the scheduler asks the
+//! [`Refresher`] whether it is still worth an exchange ([`Refresher::due`], which may decide that
+//! an idle entry is left to expire), then waits for budget while it keeps reading new work, then
+//! starts it ([`Refresher::refresh`]) in a task of its own.
+//!
+//! The scheduler knows nothing of entries or exchanges. It is supervised: if its loop panics,
+//! the panic is logged and counted, and after a second it restarts with the queue rebuilt from
+//! [`Refresher::pending`]. After [`MAX_RESTARTS`] panics within a minute it stops for good and
+//! [`Health::is_running`] turns false, which the probes report.
 
-use super::{Entry, Inner};
 use crate::cache::bucket::TokenBucket;
-use crate::cache::flight::Lookup;
-use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use futures_util::future::BoxFuture;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-
-/// Queued refreshes in deadline order; `u64` breaks ties in arrival order.
-type Queue = BTreeMap<(Instant, u64), Weak<Entry>>;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Entries examined at most when deciding whether to start early; beyond that many, the queue
 /// is so long that starting now is right anyway.
 const LOOKAHEAD: usize = 65_536;
+/// Panics tolerated within [`RESTART_WINDOW`] before the scheduler gives up.
+pub const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+
+/// What the scheduler asks of the cache. Implementations must not block.
+pub trait Refresher: Send + Sync + 'static {
+    type Key: Clone + Eq + Hash + Send + Sync + 'static;
+
+    /// Called once when work comes due, before any budget is spent: is it worth an exchange?
+    /// `false` drops it (the entry was replaced, its token expired, or nobody used it).
+    fn due(&self, key: &Self::Key, generation: u64) -> bool;
+
+    /// Start the refresh, once budget was granted. `None` if the work became moot while waiting.
+    /// The future ends when the exchange does; a refresh slot is held until then.
+    fn refresh(&self, key: Self::Key, generation: u64) -> Option<BoxFuture<'static, ()>>;
+
+    /// Everything that should be queued (key, generation, when), to rebuild the queue after a
+    /// restart.
+    fn pending(&self) -> Vec<(Self::Key, u64, SystemTime)>;
+
+    /// A panic of the scheduler loop, for the metrics.
+    fn panicked(&self);
+
+    /// How much work is queued now, for the metrics; called whenever it changes.
+    fn queued(&self, len: usize);
+}
+
+enum Msg<K> {
+    Schedule(K, u64, SystemTime),
+    Cancel(K, u64),
+}
+
+/// Where the cache sends work. Cheap to clone; sending never blocks.
+pub struct Handle<K> {
+    tx: mpsc::UnboundedSender<Msg<K>>,
+}
+
+impl<K> Clone for Handle<K> {
+    fn clone(&self) -> Self {
+        Handle {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<K> Handle<K> {
+    /// Queue refresh work for `key`'s entry `generation` at `at`, replacing earlier work for `key`.
+    pub fn schedule(&self, key: K, generation: u64, at: SystemTime) {
+        let _ = self.tx.send(Msg::Schedule(key, generation, at));
+    }
+
+    /// Drop the work queued for `key`'s entry `generation`, if that is what is queued.
+    pub fn cancel(&self, key: K, generation: u64) {
+        let _ = self.tx.send(Msg::Cancel(key, generation));
+    }
+}
+
+/// Whether the scheduler still runs, for the probes.
+#[derive(Clone, Default)]
+pub struct Health(Arc<AtomicBool>);
+
+impl Health {
+    pub fn is_running(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Limits of the scheduler.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Refreshes per second (`--max-service-qps`).
+    pub rate: f64,
+    /// Refreshes under way at once.
+    pub concurrency: usize,
+}
+
+/// The receiving side, until [`run`] takes it.
+pub struct Inbox<K> {
+    rx: mpsc::UnboundedReceiver<Msg<K>>,
+}
+
+/// A handle to send work and the inbox to start the scheduler with, once the refresher exists.
+pub fn channel<K>() -> (Handle<K>, Inbox<K>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Handle { tx }, Inbox { rx })
+}
+
+/// Start the supervised scheduler on `tracker`; it ends when every [`Handle`] is dropped or
+/// `stop` is cancelled, and reports through `health` whether it runs. Refresh tasks are spawned
+/// on `tracker` too, so shutdown can wait for them.
+pub fn spawn<R: Refresher>(
+    refresher: Arc<R>,
+    inbox: Inbox<R::Key>,
+    budget: Budget,
+    stop: CancellationToken,
+    tracker: &TaskTracker,
+    health: &Health,
+) {
+    health.0.store(true, Ordering::Relaxed);
+    let ctx = Ctx {
+        refresher,
+        bucket: Arc::new(TokenBucket::new(budget.rate)),
+        slots: Arc::new(Semaphore::new(budget.concurrency.max(1))),
+        rate: budget.rate,
+        tracker: tracker.clone(),
+        stop,
+    };
+    tracker.spawn(supervise(ctx, inbox, health.clone()));
+}
+
+/// What one run of the loop needs; shared by restarts.
+struct Ctx<R: Refresher> {
+    refresher: Arc<R>,
+    bucket: Arc<TokenBucket>,
+    slots: Arc<Semaphore>,
+    rate: f64,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl<R: Refresher> Clone for Ctx<R> {
+    fn clone(&self) -> Self {
+        Ctx {
+            refresher: self.refresher.clone(),
+            bucket: self.bucket.clone(),
+            slots: self.slots.clone(),
+            rate: self.rate,
+            tracker: self.tracker.clone(),
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+async fn supervise<R: Refresher>(ctx: Ctx<R>, inbox: Inbox<R::Key>, health: Health) {
+    // The inbox outlives a panicking run: the loop borrows it through this mutex, whose guard
+    // is released while the panic unwinds.
+    let inbox = Arc::new(tokio::sync::Mutex::new(inbox.rx));
+    let mut panics: Vec<Instant> = Vec::new();
+    let mut resync = false;
+    loop {
+        let run = tokio::spawn(run(ctx.clone(), inbox.clone(), resync));
+        match run.await {
+            Ok(()) => break,
+            Err(e) if e.is_panic() => {
+                ctx.refresher.panicked();
+                let now = Instant::now();
+                panics.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+                panics.push(now);
+                if panics.len() >= MAX_RESTARTS {
+                    tracing::error!(
+                        panics = panics.len(),
+                        "the refresh scheduler keeps panicking; it is stopped and the agent reports not ready"
+                    );
+                    break;
+                }
+                tracing::error!(
+                    "the refresh scheduler panicked; restarting it with its queue rebuilt"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(RESTART_DELAY) => {}
+                    _ = ctx.stop.cancelled() => break,
+                }
+                resync = true;
+            }
+            Err(_) => break,
+        }
+    }
+    health.0.store(false, Ordering::Relaxed);
+}
+
+/// Deadline-ordered queue with one piece of work per key.
+struct Queue<K> {
+    by_time: BTreeMap<(Instant, u64), (K, u64)>,
+    by_key: HashMap<K, ((Instant, u64), u64)>,
+    seq: u64,
+}
+
+impl<K: Clone + Eq + Hash> Queue<K> {
+    fn new() -> Self {
+        Queue {
+            by_time: BTreeMap::new(),
+            by_key: HashMap::new(),
+            seq: 0,
+        }
+    }
+
+    fn schedule(&mut self, key: K, generation: u64, at: Instant) {
+        self.seq += 1;
+        let slot = (at, self.seq);
+        if let Some((old, _)) = self.by_key.insert(key.clone(), (slot, generation)) {
+            self.by_time.remove(&old);
+        }
+        self.by_time.insert(slot, (key, generation));
+    }
+
+    fn cancel(&mut self, key: &K, generation: u64) {
+        if let Some(&(slot, queued)) = self.by_key.get(key) {
+            if queued == generation {
+                self.by_key.remove(key);
+                self.by_time.remove(&slot);
+            }
+        }
+    }
+
+    fn pop(&mut self) -> Option<(K, u64)> {
+        let (_, (key, generation)) = self.by_time.pop_first()?;
+        self.by_key.remove(&key);
+        Some((key, generation))
+    }
+
+    fn len(&self) -> usize {
+        self.by_time.len()
+    }
+
+    fn start_at(&self, rate: f64) -> Option<Instant> {
+        start_at(self.by_time.keys().map(|k| k.0), self.len(), rate)
+    }
+}
+
+fn instant_of(at: SystemTime) -> Instant {
+    Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default()
+}
+
+/// Take one token of the bucket, then one refresh slot.
+async fn budget(bucket: Arc<TokenBucket>, slots: Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    bucket.acquire().await;
+    slots.acquire_owned().await.ok()
+}
+
+async fn run<R: Refresher>(
+    ctx: Ctx<R>,
+    inbox: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Msg<R::Key>>>>,
+    resync: bool,
+) {
+    let mut rx = inbox.lock().await;
+    let mut queue = Queue::new();
+    if resync {
+        for (key, generation, at) in ctx.refresher.pending() {
+            queue.schedule(key, generation, instant_of(at));
+        }
+    }
+    // Work that came due and is waiting for budget, and budget waiting for work.
+    let mut waiting: Option<(R::Key, u64)> = None;
+    let mut granted: Option<OwnedSemaphorePermit> = None;
+    let mut acquiring: Option<BoxFuture<'static, Option<OwnedSemaphorePermit>>> = None;
+    loop {
+        if waiting.is_none() {
+            // Take the next piece of work that is due and still worth doing.
+            while queue
+                .start_at(ctx.rate)
+                .is_some_and(|t| t <= Instant::now())
+            {
+                let Some((key, generation)) = queue.pop() else {
+                    break;
+                };
+                if ctx.refresher.due(&key, generation) {
+                    waiting = Some((key, generation));
+                    break;
+                }
+            }
+        }
+        if waiting.is_some() && granted.is_some() {
+            if let (Some((key, generation)), Some(slot)) = (waiting.take(), granted.take()) {
+                if let Some(work) = ctx.refresher.refresh(key, generation) {
+                    ctx.tracker.spawn(async move {
+                        work.await;
+                        drop(slot);
+                    });
+                } else {
+                    // Moot by now: keep the budget for the next one.
+                    granted = Some(slot);
+                }
+            }
+            continue;
+        }
+        if waiting.is_some() && granted.is_none() && acquiring.is_none() {
+            acquiring = Some(Box::pin(budget(ctx.bucket.clone(), ctx.slots.clone())));
+        }
+        let next = if waiting.is_none() {
+            queue.start_at(ctx.rate)
+        } else {
+            None
+        };
+        ctx.refresher
+            .queued(queue.len() + usize::from(waiting.is_some()));
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(Msg::Schedule(key, generation, at)) => {
+                    if waiting.as_ref().is_some_and(|(k, _)| *k == key) {
+                        waiting = None;
+                    }
+                    queue.schedule(key, generation, instant_of(at));
+                }
+                Some(Msg::Cancel(key, generation)) => {
+                    if waiting.as_ref().is_some_and(|w| w.0 == key && w.1 == generation) {
+                        waiting = None;
+                    }
+                    queue.cancel(&key, generation);
+                }
+                None => return,
+            },
+            slot = poll_some(&mut acquiring), if acquiring.is_some() => {
+                acquiring = None;
+                match slot {
+                    Some(slot) => granted = Some(slot),
+                    None => return,
+                }
+            }
+            _ = sleep_until(next), if next.is_some() => {}
+            _ = ctx.stop.cancelled() => return,
+        }
+    }
+}
+
+/// The future in `f`, or never if there is none (the `select!` guard keeps that from happening).
+async fn poll_some<T>(f: &mut Option<BoxFuture<'static, T>>) -> T {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}
 
 /// When the first queued refresh must start so that, refreshing one after another at `rate` per
 /// second in deadline order, every queued entry is refreshed by its deadline: the minimum over
 /// `j` of `deadline_j - j / rate`, and never later than the first deadline. When entries created
 /// together (a node restart) come due together, this starts early enough to spread them within
 /// the budget instead of letting the last ones run late.
-pub(super) fn start_at(
+pub fn start_at(
     deadlines: impl IntoIterator<Item = Instant>,
     len: usize,
     rate: f64,
@@ -54,131 +388,11 @@ pub(super) fn start_at(
     best
 }
 
-/// Where the cache sends work to the scheduler.
-pub(super) struct Handle {
-    tx: mpsc::UnboundedSender<(SystemTime, Weak<Entry>)>,
-}
-
-impl Handle {
-    pub(super) fn schedule(&self, entry: &Arc<Entry>, at: SystemTime) {
-        let _ = self.tx.send((at, Arc::downgrade(entry)));
-    }
-
-    pub(super) fn refresh_now(&self, entry: &Arc<Entry>) {
-        self.schedule(entry, SystemTime::now());
-    }
-}
-
-/// Start the scheduler task; it ends when the cache is dropped.
-pub(super) fn start(cache: Weak<Inner>, qps: f64, concurrency: usize) -> Handle {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(
-        cache,
-        rx,
-        TokenBucket::new(qps),
-        Arc::new(Semaphore::new(concurrency.max(1))),
-        qps,
-    ));
-    Handle { tx }
-}
-
-fn instant_of(at: SystemTime) -> Instant {
-    let now = SystemTime::now();
-    Instant::now() + at.duration_since(now).unwrap_or_default()
-}
-
-async fn run(
-    cache: Weak<Inner>,
-    mut rx: mpsc::UnboundedReceiver<(SystemTime, Weak<Entry>)>,
-    bucket: TokenBucket,
-    slots: Arc<Semaphore>,
-    rate: f64,
-) {
-    let mut queue: Queue = BTreeMap::new();
-    let mut seq = 0u64;
-    loop {
-        let next = start_at(queue.keys().map(|k| k.0), queue.len(), rate);
-        tokio::select! {
-            msg = rx.recv() => match msg {
-                Some((at, entry)) => {
-                    seq += 1;
-                    queue.insert((instant_of(at), seq), entry);
-                }
-                None => return,
-            },
-            _ = sleep_until(next), if next.is_some() => {
-                while start_at(queue.keys().map(|k| k.0), queue.len(), rate).is_some_and(|t| t <= Instant::now()) {
-                    let Some((_, weak)) = queue.pop_first() else { break };
-                    let Some(inner) = cache.upgrade() else { return };
-                    let Some(entry) = weak.upgrade() else { continue };
-                    if !due_for_refresh(&inner, &entry) {
-                        continue;
-                    }
-                    drop(inner);
-                    bucket.acquire().await;
-                    let Ok(slot) = slots.clone().acquire_owned().await else { return };
-                    let Some(inner) = cache.upgrade() else { return };
-                    // A request may have replaced the entry while we waited for the bucket.
-                    if !inner.is_current(&entry) {
-                        continue;
-                    }
-                    tokio::spawn(async move {
-                        refresh(inner, entry).await;
-                        drop(slot);
-                    });
-                }
-            }
-        }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    if let Some(at) = at {
-        tokio::time::sleep_until(at).await;
-    }
-}
-
-/// Decide, without spending a token of the bucket, whether a due entry is worth an exchange.
-fn due_for_refresh(inner: &Inner, entry: &Arc<Entry>) -> bool {
-    if !inner.is_current(entry) {
-        return false;
-    }
-    let refreshes = &inner.metrics.refreshes;
-    let now = SystemTime::now();
-    if entry.token.check_time(now, inner.leeway).is_err() {
-        refreshes.with_label_values(&["token_expired"]).inc();
-        return false;
-    }
-    if !entry.used.load(Ordering::Relaxed) {
-        entry.dormant.store(true, Ordering::Relaxed);
-        refreshes.with_label_values(&["idle"]).inc();
-        return false;
-    }
-    true
-}
-
-async fn refresh(inner: Arc<Inner>, entry: Arc<Entry>) {
-    let hash = entry.token.hash();
-    let rx = match inner.flights.join_or_start(&hash, || None::<()>) {
-        Lookup::Cached(()) => return,
-        Lookup::Joined(rx) => rx,
-        Lookup::Started(tx, rx) => {
-            tokio::spawn(inner.clone().exchange(entry.token.clone(), tx));
-            rx
-        }
-    };
-    let result = match super::flight::wait(rx).await {
-        Some(Ok(_)) => "success",
-        Some(Err(e)) if e.recoverable() => "recoverable_error",
-        Some(Err(_)) => "irrecoverable_error",
-        None => "recoverable_error",
-    };
-    inner.metrics.refreshes.with_label_values(&[result]).inc();
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
 
     #[test]
     fn sparse_queue_starts_at_the_first_deadline() {
@@ -206,5 +420,151 @@ mod tests {
         let at = start_at(d, 1_000, 20.0).expect("some");
         assert_eq!(at, now + Duration::from_secs(250));
         assert_eq!(start_at(Vec::<Instant>::new(), 0, 20.0), None);
+    }
+
+    /// Records what the scheduler did; `panic_on` makes `due` panic once for that key.
+    #[derive(Default)]
+    struct Recorder {
+        refreshed: Mutex<Vec<(u32, u64)>>,
+        skip: Mutex<Vec<u32>>,
+        panic_on: Mutex<Option<u32>>,
+        pending: Mutex<Vec<(u32, u64, SystemTime)>>,
+        panics: AtomicUsize,
+        queued: AtomicUsize,
+        hold: Mutex<Option<Arc<tokio::sync::Notify>>>,
+    }
+
+    impl Refresher for Recorder {
+        type Key = u32;
+        fn due(&self, key: &u32, _: u64) -> bool {
+            if self.panic_on.lock().expect("lock").take() == Some(*key) {
+                panic!("injected");
+            }
+            !self.skip.lock().expect("lock").contains(key)
+        }
+        fn refresh(&self, key: u32, generation: u64) -> Option<BoxFuture<'static, ()>> {
+            self.refreshed.lock().expect("lock").push((key, generation));
+            let hold = self.hold.lock().expect("lock").clone();
+            Some(Box::pin(async move {
+                if let Some(h) = hold {
+                    h.notified().await;
+                }
+            }))
+        }
+        fn pending(&self) -> Vec<(u32, u64, SystemTime)> {
+            self.pending.lock().expect("lock").clone()
+        }
+        fn panicked(&self) {
+            self.panics.fetch_add(1, Ordering::SeqCst);
+        }
+        fn queued(&self, len: usize) {
+            self.queued.store(len, Ordering::SeqCst);
+        }
+    }
+
+    fn start(rate: f64, concurrency: usize) -> (Arc<Recorder>, Handle<u32>, Health) {
+        let r = Arc::new(Recorder::default());
+        let (handle, inbox) = channel();
+        let health = Health::default();
+        spawn(
+            r.clone(),
+            inbox,
+            Budget { rate, concurrency },
+            CancellationToken::new(),
+            &TaskTracker::new(),
+            &health,
+        );
+        (r, handle, health)
+    }
+
+    fn at(ms: u64) -> SystemTime {
+        SystemTime::now() + Duration::from_millis(ms)
+    }
+
+    async fn settle(ms: u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replaced_and_cancelled_work_leaves_the_queue() {
+        let (r, h, _) = start(100.0, 4);
+        h.schedule(1, 1, at(1000));
+        h.schedule(1, 2, at(2000)); // the entry was replaced: only generation 2 remains
+        h.schedule(2, 1, at(1000));
+        h.cancel(2, 1); // evicted
+        h.schedule(3, 1, at(1000));
+        h.cancel(3, 0); // a stale cancel for an older generation changes nothing
+        settle(10).await;
+        assert_eq!(r.queued.load(Ordering::SeqCst), 2, "1 (generation 2) and 3");
+        settle(3000).await;
+        let mut got = r.refreshed.lock().expect("lock").clone();
+        got.sort();
+        assert_eq!(got, vec![(1, 2), (3, 1)]);
+        assert_eq!(r.queued.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_that_is_not_due_is_dropped_without_budget() {
+        let (r, h, _) = start(1.0, 4);
+        r.skip.lock().expect("lock").extend([1, 2, 3]);
+        for k in 1..=3 {
+            h.schedule(k, 1, at(10));
+        }
+        h.schedule(4, 1, at(10));
+        settle(100).await;
+        // Three idle entries did not spend the 1/s budget: the fourth started at once.
+        assert_eq!(*r.refreshed.lock().expect("lock"), vec![(4, 1)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keeps_reading_work_while_waiting_for_budget() {
+        // One slot, held by a refresh that does not finish: the next due work waits for budget.
+        let (r, h, _) = start(100.0, 1);
+        let hold = Arc::new(tokio::sync::Notify::new());
+        *r.hold.lock().expect("lock") = Some(hold.clone());
+        h.schedule(1, 1, at(0));
+        h.schedule(2, 1, at(0));
+        settle(50).await;
+        assert_eq!(r.refreshed.lock().expect("lock").len(), 1);
+        // While waiting, the scheduler still reads: work 2 is cancelled, work 3 arrives.
+        h.cancel(2, 1);
+        h.schedule(3, 1, at(0));
+        settle(50).await;
+        *r.hold.lock().expect("lock") = None;
+        hold.notify_waiters();
+        settle(100).await;
+        let got = r.refreshed.lock().expect("lock").clone();
+        assert_eq!(got, vec![(1, 1), (3, 1)], "2 was cancelled while it waited");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_is_counted_and_the_queue_rebuilt() {
+        let (r, h, health) = start(100.0, 4);
+        *r.panic_on.lock().expect("lock") = Some(1);
+        r.pending.lock().expect("lock").push((2, 7, at(1500)));
+        h.schedule(1, 1, at(100));
+        h.schedule(2, 7, at(1500));
+        settle(500).await;
+        assert_eq!(r.panics.load(Ordering::SeqCst), 1);
+        // Restarted after a second with the queue rebuilt from `pending`; work sent after the
+        // restart is read by the new loop.
+        settle(1000).await;
+        h.schedule(3, 1, at(0));
+        settle(1000).await;
+        let got = r.refreshed.lock().expect("lock").clone();
+        assert!(got.contains(&(2, 7)) && got.contains(&(3, 1)), "{got:?}");
+        assert!(health.is_running());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_after_repeated_panics() {
+        let (r, h, health) = start(100.0, 4);
+        for _ in 0..MAX_RESTARTS {
+            *r.panic_on.lock().expect("lock") = Some(9);
+            h.schedule(9, 1, at(0));
+            settle(1100).await;
+        }
+        assert_eq!(r.panics.load(Ordering::SeqCst), MAX_RESTARTS);
+        assert!(!health.is_running());
     }
 }

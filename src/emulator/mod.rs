@@ -13,14 +13,18 @@
 //!
 //! `GET /openid/v1/jwks` serves the issuer's public key, for tools that verify tokens.
 //! The agent reaches the emulator only over HTTP, exactly as it reaches EKS Auth.
+//! [`Emulator::build`] makes one from its [`EmulatorConfig`] (state directory, association
+//! table, credential source); [`Emulator::serve`] runs it on a listener.
 
 pub mod associations;
 pub mod import;
 pub mod issuer;
 pub mod minting;
+pub mod state;
 pub mod wire;
 
-use crate::server::handler::json_response;
+use crate::server::listener::{self, Connections};
+use crate::server::response::json_response;
 use associations::Associations;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -28,10 +32,37 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use issuer::{Issuer, Rejection};
 use minting::{Context, Minting};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 const MAX_BODY: usize = 64 * 1024;
+
+/// Where the association table comes from.
+#[derive(Debug, Clone)]
+pub enum AssociationsFrom {
+    /// Every service account maps to a role named after it.
+    Default,
+    File(PathBuf),
+    /// A real cluster's table, read with the caller's AWS credentials.
+    Cluster(String),
+}
+
+/// Where emulated credentials come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialsFrom {
+    Fake,
+    Sts,
+}
+
+/// Everything an emulator is built from.
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    pub state_dir: PathBuf,
+    pub associations: AssociationsFrom,
+    pub credentials: CredentialsFrom,
+}
 
 pub struct Emulator {
     pub issuer: Arc<Issuer>,
@@ -54,6 +85,52 @@ impl Emulator {
             account: "000000000000".into(),
             calls: AtomicU64::new(0),
         }
+    }
+
+    /// Load or create the issuer key, read the association table, set up the credential source.
+    pub async fn build(config: &EmulatorConfig) -> Result<Emulator, String> {
+        let issuer =
+            Arc::new(Issuer::load_or_create(&config.state_dir).map_err(|e| e.to_string())?);
+        let associations = match &config.associations {
+            AssociationsFrom::File(path) => Associations::from_yaml_file(path)?,
+            AssociationsFrom::Cluster(cluster) => import::from_cluster(cluster).await?,
+            AssociationsFrom::Default => Associations::Default,
+        };
+        let minting = match config.credentials {
+            CredentialsFrom::Fake => Minting::Fake,
+            CredentialsFrom::Sts => {
+                let mut sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                    .load()
+                    .await;
+                if sdk.region().is_none() {
+                    sdk = sdk
+                        .into_builder()
+                        .region(aws_config::Region::new("us-east-1"))
+                        .build();
+                }
+                Minting::Sts(Box::new(sdk))
+            }
+        };
+        Ok(Emulator::new(issuer, associations, minting))
+    }
+
+    /// Serve on `bound` until `stop`; the returned task ends once its connections have (or
+    /// `connections` were closed).
+    pub fn serve(
+        self: Arc<Self>,
+        bound: listener::Bound,
+        stop: CancellationToken,
+        connections: Connections,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(listener::serve(
+            bound,
+            move |req| {
+                let e = self.clone();
+                async move { e.handle(req).await }
+            },
+            stop,
+            connections,
+        ))
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {

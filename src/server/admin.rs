@@ -1,13 +1,15 @@
 //! The probe and metrics endpoints, decided in-process.
 //!
 //! Contract: `/healthz` answers 200 when the runtime schedules work (the answer itself is the
-//! proof). `/readyz` answers 200 only when every credential listener that bound is accepting: its
-//! accept loop runs and a TCP connection to it succeeds, made directly by the agent (never
-//! through `HTTP_PROXY`); its JSON body names each listener and the IPv6 hosts skipped at start.
+//! proof) and the refresh scheduler runs; a scheduler that gave up after repeated panics makes
+//! it 503, so the kubelet restarts the agent. `/readyz` answers 200 only when every credential
+//! listener that bound is accepting (its accept loop runs and a TCP connection to it succeeds,
+//! made directly by the agent, never through `HTTP_PROXY`) and the scheduler runs; its JSON body
+//! names each listener, the IPv6 hosts skipped at start and the scheduler's state.
 //! `/metrics` is the Prometheus text exposition. Both listeners answer all three paths so either
 //! port can be probed.
 
-use super::handler::json_response;
+use super::response::json_response;
 use crate::cache::CredentialCache;
 use crate::metrics::Metrics;
 use bytes::Bytes;
@@ -24,8 +26,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What the probes look at.
 pub struct Admin {
+    /// Each credential listener and whether its accept loop runs.
     pub listeners: Vec<(SocketAddr, Arc<AtomicBool>)>,
+    /// IPv6 credential addresses that could not be bound at start, reported by `/readyz`.
     pub skipped: Vec<SocketAddr>,
+    /// For the entry count in `/metrics` and the scheduler's health.
     pub cache: CredentialCache,
     pub metrics: Arc<Metrics>,
 }
@@ -41,12 +46,17 @@ struct Readiness {
     ready: bool,
     listeners: Vec<ListenerState>,
     unavailable: Vec<String>,
+    refresh_scheduler: &'static str,
 }
 
 impl Admin {
     pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
         match req.uri().path() {
-            "/healthz" => json_response(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#)),
+            "/healthz" if self.cache.scheduler_running() => json_response(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#)),
+            "/healthz" => json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Bytes::from_static(br#"{"status":"refresh scheduler stopped after repeated panics"}"#),
+            ),
             "/readyz" => self.readyz().await,
             "/metrics" => {
                 self.metrics.cache_entries.set(self.cache.len() as i64);
@@ -71,11 +81,13 @@ impl Admin {
                 accepting: ok,
             });
         }
-        let ready = !listeners.is_empty() && listeners.iter().all(|l| l.accepting);
+        let scheduler = self.cache.scheduler_running();
+        let ready = scheduler && !listeners.is_empty() && listeners.iter().all(|l| l.accepting);
         let body = Readiness {
             ready,
             listeners,
             unavailable: self.skipped.iter().map(ToString::to_string).collect(),
+            refresh_scheduler: if scheduler { "running" } else { "stopped" },
         };
         let status = if ready {
             StatusCode::OK

@@ -5,41 +5,26 @@
 //! token by its short hash, never by its value. If the client hangs up mid-exchange, this
 //! future is dropped but the exchange goes on in the cache's own task.
 
+use super::response::{error_response, json_response};
 use crate::cache::{CredentialCache, Outcome};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::request::{self, AllowedHosts};
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+/// What answering `/v1/credentials` needs.
 pub struct CredentialHandler {
+    /// Where credentials come from: memory, or one exchange per token.
     pub cache: CredentialCache,
+    /// The `Host` values accepted: the addresses actually bound (DNS-rebinding defence).
     pub hosts: AllowedHosts,
+    /// Clock leeway on the token's `exp`/`nbf`; the cache was built with the same value.
     pub leeway: Duration,
     pub metrics: Arc<Metrics>,
-}
-
-const JSON: HeaderValue = HeaderValue::from_static("application/json");
-
-pub fn json_response(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
-    let mut res = Response::new(Full::new(body));
-    *res.status_mut() = status;
-    res.headers_mut().insert(CONTENT_TYPE, JSON);
-    res
-}
-
-pub fn error_response(e: &Error) -> Response<Full<Bytes>> {
-    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut res = json_response(status, e.body());
-    if matches!(e, Error::MethodNotAllowed(_)) {
-        res.headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("GET"));
-    }
-    res
 }
 
 impl CredentialHandler {

@@ -2,10 +2,14 @@
 //!
 //! Contract: [`bind_credential_listeners`] binds one listener per bind host. An IPv6 host that
 //! cannot be bound (a node without IPv6) is reported and skipped; an IPv4 host that cannot be
-//! bound, or no listener at all, is an error. [`serve`] accepts connections until the shutdown
-//! signal, then stops accepting at once and lets in-flight requests finish, bounded by the grace
-//! period. Connections are HTTP/1.1 with keep-alive, a bounded header size and a header read
-//! timeout, so a slow or hostile client cannot hold memory or a task forever.
+//! bound, or no listener at all, is an error. [`serve`] accepts connections until `stop` is
+//! cancelled, then stops accepting at once and lets the connections it accepted finish their
+//! requests (keep-alive is turned off for them). It returns when the last of them has ended:
+//! by itself, or because [`Connections::close`] was called, which ends every connection at once
+//! (shutdown does that when the grace period is over). Every connection runs as a task on the
+//! shared tracker, so shutdown can wait for them. Connections are HTTP/1.1 with keep-alive, a
+//! bounded header size and a header read timeout, so a slow or hostile client cannot hold memory
+//! or a task forever.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -18,11 +22,12 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tokens are at most 16 KiB; this leaves room for the other headers and no more.
@@ -88,13 +93,50 @@ pub async fn bind_credential_listeners(
     Ok((bound, skipped))
 }
 
-/// Serve `bound` with `handler` until `shutdown` turns true, then drain for at most `grace`.
-pub async fn serve<H, F>(
-    bound: Bound,
-    handler: H,
-    mut shutdown: watch::Receiver<bool>,
-    grace: Duration,
-) where
+/// The connections of one server, across its listeners.
+#[derive(Clone, Default)]
+pub struct Connections {
+    /// Every connection task, so shutdown can wait for them.
+    tracker: TaskTracker,
+    /// Cancelled to end every connection at once.
+    close: CancellationToken,
+    /// Connections open now (for the log line that says how many were cut off).
+    open: Arc<AtomicUsize>,
+}
+
+impl Connections {
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// End every connection now, whatever it is doing.
+    pub fn close(&self) {
+        self.close.cancel();
+    }
+
+    /// Wait until every connection task (and anything else spawned on the tracker) has ended.
+    pub async fn wait(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+}
+
+/// Decrements the open-connection count when the connection's task ends, however it ends.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serve `bound` with `handler` until `stop` is cancelled; return once its connections ended.
+pub async fn serve<H, F>(bound: Bound, handler: H, stop: CancellationToken, conns: Connections)
+where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
@@ -124,25 +166,23 @@ pub async fn serve<H, F>(
                     async move { Ok::<_, Infallible>(fut.await) }
                 });
                 let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
-                tokio::spawn(async move {
-                    let _ = conn.await;
+                let close = conns.close.clone();
+                conns.open.fetch_add(1, Ordering::Relaxed);
+                let open = OpenGuard(conns.open.clone());
+                conns.tracker.spawn(async move {
+                    let _open = open;
+                    tokio::select! {
+                        _ = conn => {}
+                        // Dropping the connection future closes its socket.
+                        _ = close.cancelled() => {}
+                    }
                 });
             }
-            _ = stopped(&mut shutdown) => break,
+            _ = stop.cancelled() => break,
         }
     }
     bound.accepting.store(false, Ordering::Relaxed);
     drop(bound.listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(addr = %bound.addr, "connections still open after the shutdown grace period; closing them");
-    }
-}
-
-/// Resolves once shutdown is signalled (or its sender is gone); the guard is dropped inside so
-/// the accept loop's future stays `Send`.
-pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
+    // Ends when every connection watched here has ended, by itself or by `Connections::close`.
+    graceful.shutdown().await;
 }

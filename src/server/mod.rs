@@ -2,14 +2,19 @@
 //!
 //! Contract: [`Server::start`] binds everything it was asked to (see [`listener`] for what a
 //! bind failure means), starts serving, and returns the addresses actually bound, so callers
-//! (the binary, tests, benchmarks) can use port 0. [`RunningServer::shutdown`] stops accepting
-//! on every listener at once, lets in-flight requests finish within the grace period, and
-//! returns when everything has stopped.
+//! (the binary, tests, benchmarks) can use port 0. Everything it starts (listeners, their
+//! connections, the cache's scheduler and exchanges, the memory task) is owned by the returned
+//! [`RunningServer`]. [`RunningServer::shutdown`] stops accepting on every listener at once,
+//! stops refreshing, and lets in-flight requests and exchanges finish within the grace period.
+//! Past it, it ends the exchanges still running (the requests waiting on them answer
+//! `503 ShuttingDown`), then closes the connections still open. It returns when every task it
+//! started has ended.
 
 pub mod admin;
 pub mod handler;
 pub mod listener;
-mod trim;
+mod memory;
+pub mod response;
 
 use crate::cache::{CacheSettings, CredentialCache};
 use crate::eks_auth::CredentialSource;
@@ -17,12 +22,11 @@ use crate::metrics::Metrics;
 use crate::request::AllowedHosts;
 use admin::Admin;
 use handler::CredentialHandler;
-use listener::{BindError, Bound};
+use listener::{BindError, Bound, Connections};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 /// Everything the server needs, already parsed and typed.
 #[derive(Debug, Clone)]
@@ -33,22 +37,33 @@ pub struct ServerSettings {
     pub probe_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub cache: CacheSettings,
-    /// Clock leeway for token `exp`/`nbf`.
+    /// Clock leeway for token `exp`/`nbf`: request validation and the cache both use this one.
     pub leeway: Duration,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
 }
 
+/// A started server. Dropping it without [`shutdown`](RunningServer::shutdown) leaves its tasks
+/// running on the runtime until the runtime ends.
 pub struct RunningServer {
+    /// Where credentials are served; the actual ports when 0 was asked for.
     pub credential_addrs: Vec<SocketAddr>,
+    /// IPv6 credential addresses that could not be bound (a node without IPv6).
     pub skipped: Vec<SocketAddr>,
     pub probe_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
+    /// The cache, for tests and for shutdown to stop and drain.
     pub cache: CredentialCache,
     pub metrics: Arc<Metrics>,
-    stop: watch::Sender<bool>,
-    tasks: JoinSet<()>,
+    /// Cancelled to stop accepting on every listener (and the memory task).
+    stop: CancellationToken,
+    /// The listener tasks and every connection they accepted.
+    connections: Connections,
+    shutdown_grace: Duration,
 }
+
+/// After the grace period, how long requests whose exchange was ended get to send their 503.
+const FLUSH: Duration = Duration::from_millis(100);
 
 pub struct Server;
 
@@ -68,7 +83,7 @@ impl Server {
             Some(a) => Some(listener::bind(a).await?),
             None => None,
         };
-        let cache = CredentialCache::new(source, &settings.cache, metrics.clone());
+        let cache = CredentialCache::new(source, &settings.cache, settings.leeway, metrics.clone());
         let bound_ips: Vec<IpAddr> = creds.iter().map(|b| b.addr.ip()).collect();
         let handler = Arc::new(CredentialHandler {
             cache: cache.clone(),
@@ -85,8 +100,9 @@ impl Server {
             cache: cache.clone(),
             metrics: metrics.clone(),
         });
-        let (stop, stop_rx) = watch::channel(false);
-        let mut tasks = JoinSet::new();
+        let stop = CancellationToken::new();
+        let connections = Connections::default();
+        let tasks = connections.tracker().clone();
         let credential_addrs: Vec<SocketAddr> = creds.iter().map(|b| b.addr).collect();
         for bound in creds {
             tracing::info!(addr = %bound.addr, "serving credentials");
@@ -97,11 +113,11 @@ impl Server {
                     let h = h.clone();
                     async move { h.handle(req).await }
                 },
-                stop_rx.clone(),
-                settings.shutdown_grace,
+                stop.clone(),
+                connections.clone(),
             ));
         }
-        let mut spawn_admin = |bound: Option<Bound>, what: &'static str| {
+        let spawn_admin = |bound: Option<Bound>, what: &'static str| {
             bound.map(|bound| {
                 let addr = bound.addr;
                 tracing::info!(%addr, "serving {what}");
@@ -112,19 +128,19 @@ impl Server {
                         let a = a.clone();
                         async move { a.handle(req).await }
                     },
-                    stop_rx.clone(),
-                    settings.shutdown_grace,
+                    stop.clone(),
+                    connections.clone(),
                 ));
                 addr
             })
         };
         let probe_addr = spawn_admin(probe, "probes");
         let metrics_addr = spawn_admin(metrics_l, "metrics");
+        let stopped = stop.clone();
         tasks.spawn(async move {
-            let mut stop = stop_rx;
             tokio::select! {
-                _ = trim::run() => {}
-                _ = listener::stopped(&mut stop) => {}
+                _ = memory::run() => {}
+                _ = stopped.cancelled() => {}
             }
         });
         Ok(RunningServer {
@@ -135,15 +151,36 @@ impl Server {
             cache,
             metrics,
             stop,
-            tasks,
+            connections,
+            shutdown_grace: settings.shutdown_grace,
         })
     }
 }
 
 impl RunningServer {
-    /// Stop accepting everywhere, drain, and wait for every listener task.
-    pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
-        while self.tasks.join_next().await.is_some() {}
+    /// Stop accepting everywhere and stop refreshing; drain within the grace period; then close
+    /// what is left. Returns when every task the server started has ended.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.cache.stop_refreshing();
+        let drained = tokio::time::timeout(self.shutdown_grace, async {
+            self.connections.wait().await;
+            self.cache.finish_exchanges().await;
+        })
+        .await;
+        if drained.is_err() {
+            // Requests waiting on an exchange get a 503 they can retry elsewhere, not a reset.
+            self.cache.abort_exchanges();
+            self.cache.finish_exchanges().await;
+            let _ = tokio::time::timeout(FLUSH, self.connections.wait()).await;
+            let open = self.connections.open();
+            self.connections.close();
+            self.connections.wait().await;
+            tracing::warn!(
+                connections = open,
+                grace_s = self.shutdown_grace.as_secs_f64(),
+                "shutdown grace period over: ended the exchanges under way (their requests got 503 ShuttingDown) and closed the connections still open"
+            );
+        }
     }
 }

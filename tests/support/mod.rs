@@ -5,6 +5,7 @@
 
 pub mod fake_eks_api;
 pub mod fake_eks_auth;
+pub mod jwt;
 pub mod netns;
 pub mod process;
 pub mod python;
@@ -42,7 +43,7 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 pub fn mint(namespace: &str, sa: &str, ttl_secs: i64) -> String {
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
     let now = now_secs() as i64;
-    pod_identity_agent::token::encode_unsigned(
+    jwt::encode_unsigned(
         &json!({"alg": "RS256", "kid": "test-key"}),
         &json!({
             "aud": ["pods.eks.amazonaws.com"], "exp": now + ttl_secs, "iat": now, "nbf": now,
@@ -156,10 +157,32 @@ pub async fn request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Reply {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    request_result(addr, method, path, headers)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path} on {addr}: {e}"))
+}
+
+/// One GET on a fresh connection; an error if the connection fails or is closed unanswered.
+pub async fn get_result(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String> {
+    request_result(addr, "GET", path, headers).await
+}
+
+pub async fn request_result(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .expect("handshake");
+        .map_err(|e| format!("handshake: {e}"))?;
     tokio::spawn(conn);
     let mut req = Request::builder().method(method).uri(path);
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
@@ -168,18 +191,26 @@ pub async fn request(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
+    let req = req
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("request: {e}"))?;
     let res = sender
-        .send_request(req.body(Empty::<Bytes>::new()).expect("request"))
+        .send_request(req)
         .await
-        .expect("response");
+        .map_err(|e| format!("response: {e}"))?;
     let status = res.status().as_u16();
     let headers = res.headers().clone();
-    let body = res.into_body().collect().await.expect("body").to_bytes();
-    Reply {
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok(Reply {
         status,
         headers,
         body,
-    }
+    })
 }
 
 /// A metric's value from the exposition text, by its full sample name with labels.

@@ -1,0 +1,173 @@
+//! One token's credentials, the schedule that keeps them fresh, and the rule that says whether a
+//! request may be answered from them without an exchange.
+//!
+//! Contract of [`Entry::serve_without_exchange`] (the points are [`policy`](super::policy)'s):
+//! never at or past `valid_until`; always before the hard point; past it while EKS Auth is
+//! backing off (static stability, until `valid_until`), or while a queued refresh is on its way
+//! (until the plan's `serve_queued_until`). Demand is one of three states ([`Demand`]): the
+//! scheduler renews only entries a request used since they were fetched.
+
+use super::policy::Plan;
+use crate::credentials::Credentials;
+use crate::token::Token;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How a request was answered; a label of the latency histogram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// From memory.
+    Hit,
+    /// From memory, past the hard point: EKS Auth is failing (static stability) or a queued
+    /// refresh has not run yet (more refreshes due than the rate allows).
+    Stale,
+    /// This request started the exchange.
+    Miss,
+    /// This request joined an exchange already under way.
+    Coalesced,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Stale => "stale",
+            Outcome::Miss => "miss",
+            Outcome::Coalesced => "coalesced",
+        }
+    }
+}
+
+/// Whether anyone wants this entry renewed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Demand {
+    /// Fetched, and no request served from it yet.
+    Unused = 0,
+    /// A request was served from it: the scheduler renews it at its refresh point.
+    Used = 1,
+    /// Its refresh point came and nobody had used it, so it was not renewed and its refresh is
+    /// not queued. The next request asks for a refresh at once.
+    Dormant = 2,
+}
+
+impl Demand {
+    fn from_u8(v: u8) -> Demand {
+        match v {
+            1 => Demand::Used,
+            2 => Demand::Dormant,
+            _ => Demand::Unused,
+        }
+    }
+}
+
+/// One token's credentials and the schedule that keeps them fresh.
+pub struct Entry {
+    /// Kept for refresh: the exchange needs the raw token, not its hash.
+    pub(super) token: Token,
+    credentials: Credentials,
+    pub(super) plan: Plan,
+    /// Nothing served from this entry outlives the credentials or the token.
+    pub(super) valid_until: SystemTime,
+    /// Which of its token's entries this is: refresh work queued for an entry that has since
+    /// been replaced is recognised by it and dropped.
+    pub(super) generation: u64,
+    demand: AtomicU8,
+    /// Consecutive recoverable failures of exchanges for this token, for backoff.
+    failures: AtomicU32,
+    /// No new exchange for this token before this time (ms since the epoch): backoff.
+    retry_after_ms: AtomicU64,
+}
+
+impl Entry {
+    pub(super) fn new(
+        token: Token,
+        credentials: Credentials,
+        plan: Plan,
+        valid_until: SystemTime,
+        generation: u64,
+    ) -> Entry {
+        Entry {
+            token,
+            credentials,
+            plan,
+            valid_until,
+            generation,
+            demand: AtomicU8::new(Demand::Unused as u8),
+            failures: AtomicU32::new(0),
+            retry_after_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
+    }
+
+    pub fn demand(&self) -> Demand {
+        Demand::from_u8(self.demand.load(Ordering::Relaxed))
+    }
+
+    /// Record a request served from this entry; returns what the demand was before.
+    pub(super) fn mark_used(&self) -> Demand {
+        // Read first: the state changes once per refresh period but is read on every hit; a
+        // plain store would bounce the cache line between cores on a busy entry.
+        let before = self.demand();
+        if before != Demand::Used {
+            return Demand::from_u8(self.demand.swap(Demand::Used as u8, Ordering::Relaxed));
+        }
+        before
+    }
+
+    /// At the refresh point: `true` if a request used the entry (renew it); otherwise it becomes
+    /// dormant and `false`.
+    pub(super) fn claim_for_refresh(&self) -> bool {
+        match self.demand.compare_exchange(
+            Demand::Unused as u8,
+            Demand::Dormant as u8,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => false,
+            Err(now) => Demand::from_u8(now) == Demand::Used,
+        }
+    }
+
+    fn in_backoff(&self, now: SystemTime) -> bool {
+        millis(now) < self.retry_after_ms.load(Ordering::Relaxed)
+    }
+
+    /// When the scheduler should next try to renew this entry, unless it is dormant.
+    pub(super) fn next_refresh(&self) -> Option<SystemTime> {
+        if self.demand() == Demand::Dormant {
+            return None;
+        }
+        let retry = UNIX_EPOCH + Duration::from_millis(self.retry_after_ms.load(Ordering::Relaxed));
+        Some(self.plan.refresh_at.max(retry))
+    }
+
+    /// After a recoverable failure: back off, and return when to try again.
+    pub(super) fn back_off(&self, now: SystemTime) -> SystemTime {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let retry_at = now + super::policy::backoff(failures);
+        self.retry_after_ms
+            .store(millis(retry_at), Ordering::Relaxed);
+        retry_at
+    }
+
+    /// Whether a request at `now` is answered from this entry without an exchange.
+    pub(super) fn serve_without_exchange(&self, now: SystemTime) -> Option<Outcome> {
+        if now >= self.valid_until {
+            return None;
+        }
+        if now < self.plan.hard_at {
+            return Some(Outcome::Hit);
+        }
+        let backing_off = self.in_backoff(now);
+        let refresh_queued = self.demand() != Demand::Dormant && now < self.plan.serve_queued_until;
+        (backing_off || refresh_queued).then_some(Outcome::Stale)
+    }
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}

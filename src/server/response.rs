@@ -1,0 +1,31 @@
+//! Building HTTP responses: a JSON body with its content type, and an [`Error`] as its one
+//! status and `{"code","message"}` body.
+//!
+//! Contract: every answer the agent's listeners give goes through here, so each carries
+//! `Content-Type: application/json` (Go and Java SDKs show a JSON error's code and message only
+//! then), and a 405 names the allowed method.
+
+use crate::error::Error;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(body));
+    *res.status_mut() = status;
+    res.headers_mut().insert(CONTENT_TYPE, JSON);
+    res
+}
+
+pub fn error_response(e: &Error) -> Response<Full<Bytes>> {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut res = json_response(status, e.body());
+    if matches!(e, Error::MethodNotAllowed(_)) {
+        res.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET"));
+    }
+    res
+}
