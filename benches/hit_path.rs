@@ -1,8 +1,15 @@
 //! The in-process hit path, request in to bytes out without sockets: Host and token checks,
 //! SHA-256 of the token, cache lookup, response assembly. Regressions here hide under socket
 //! noise in the load harness. `cargo bench --bench hit_path`.
+//!
+//! Timings on a shared 2-core machine swing by ±20% from run to run. For a figure that does not,
+//! count instructions: with `PIA_HIT_PATH_ITERATIONS=N` the bench binary serves exactly N hits and
+//! exits, so `valgrind --tool=callgrind` on it gives instructions per hit (see BENCHMARKS.md).
 
-use criterion::{criterion_group, criterion_main, Criterion};
+#[path = "../tests/support/jwt.rs"]
+mod jwt;
+
+use criterion::{criterion_group, Criterion};
 use pod_identity_agent::cache::{CacheSettings, CredentialCache};
 use pod_identity_agent::credentials::{Credentials, Unvalidated};
 use pod_identity_agent::eks_auth::{CredentialSource, FetchFuture};
@@ -40,7 +47,7 @@ fn token() -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    pod_identity_agent::token::encode_unsigned(
+    jwt::encode_unsigned(
         &json!({"alg": "RS256", "kid": "bench-key"}),
         &json!({"aud": ["pods.eks.amazonaws.com"], "exp": now + 86400, "nbf": now, "iat": now,
             "sub": "system:serviceaccount:default:app", "padding": "p".repeat(600),
@@ -48,31 +55,42 @@ fn token() -> String {
     )
 }
 
-fn hit_path(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
-        .expect("runtime");
+        .expect("runtime")
+}
+
+fn handler(rt: &tokio::runtime::Runtime) -> CredentialHandler {
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     let settings = CacheSettings::default();
-    let handler = rt.block_on(async {
-        let cache = CredentialCache::new(Arc::new(Instant), &settings, metrics.clone());
+    rt.block_on(async {
+        let leeway = Duration::from_secs(60);
+        let cache = CredentialCache::new(Arc::new(Instant), &settings, leeway, metrics.clone());
         CredentialHandler {
             cache,
             hosts: AllowedHosts::new(&["169.254.170.23".parse().expect("ip")]),
-            leeway: Duration::from_secs(60),
+            leeway,
             metrics,
         }
-    });
+    })
+}
+
+fn request(t: &str) -> hyper::Request<()> {
+    hyper::Request::get("/v1/credentials")
+        .header("host", "169.254.170.23")
+        .header("authorization", t)
+        .body(())
+        .expect("request")
+}
+
+fn hit_path(c: &mut Criterion) {
+    let rt = runtime();
+    let handler = handler(&rt);
     let t = token();
-    let request = || {
-        hyper::Request::get("/v1/credentials")
-            .header("host", "169.254.170.23")
-            .header("authorization", t.as_str())
-            .body(())
-            .expect("request")
-    };
+    let request = || request(&t);
     // Warm: the first request exchanges, every measured one hits.
     let warm = rt.block_on(handler.handle(request()));
     assert_eq!(warm.status(), 200);
@@ -88,5 +106,29 @@ fn hit_path(c: &mut Criterion) {
     });
 }
 
+/// Exactly `n` hits after one warming exchange, for instruction counting.
+fn fixed_iterations(n: u64) {
+    let rt = runtime();
+    let handler = handler(&rt);
+    let t = token();
+    rt.block_on(async {
+        assert_eq!(handler.handle(request(&t)).await.status(), 200);
+        for _ in 0..n {
+            let res = handler.handle(request(&t)).await;
+            debug_assert_eq!(res.status(), 200);
+        }
+    });
+}
+
 criterion_group!(benches, hit_path);
-criterion_main!(benches);
+
+fn main() {
+    if let Some(n) = std::env::var("PIA_HIT_PATH_ITERATIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        return fixed_iterations(n);
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -1,0 +1,84 @@
+//! Load harness: the release agent on loopback, against the tests' fake EKS Auth, measured
+//! against a ceiling server that answers the same body from memory with the same runtime.
+//!
+//! `cargo bench --bench load [-- SCENARIO...]` runs the scenarios (all by default: hit, pods,
+//! herd, storm, refresh, memory, startup; `refresh-full`, 13 minutes, only when named) and
+//! prints one table. The agent and the ceiling run
+//! as separate processes (the ceiling is this binary re-executed), the load generator and the
+//! fake EKS Auth here; all traffic stays on 127.0.0.1 and every loop is bounded in time.
+
+#[path = "../../tests/support/fake_eks_auth.rs"]
+mod fake_eks_auth;
+#[path = "../../tests/support/jwt.rs"]
+mod jwt;
+#[path = "../../tests/support/process.rs"]
+mod process;
+
+mod harness;
+mod herd;
+mod memory;
+mod refresh;
+mod startup;
+mod storm;
+mod throughput;
+
+use fake_eks_auth::FakeEksAuth;
+use harness::{run_ceiling, CEILING_ENV, CLUSTER};
+use std::time::Duration;
+
+fn main() {
+    if let Ok(body) = std::env::var(CEILING_ENV) {
+        return run_ceiling(body);
+    }
+    let wanted: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let want = |s: &str| wanted.is_empty() || wanted.iter().any(|w| w == s);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let rows = rt.block_on(async {
+        let fake = FakeEksAuth::start(CLUSTER).await;
+        let mut rows = Vec::new();
+        if want("hit") {
+            rows.extend(throughput::versus_ceiling(&fake, "1 hit path", 1, 64, 0.8).await);
+        }
+        if want("pods") {
+            rows.extend(throughput::versus_ceiling(&fake, "2 many pods", 10_000, 64, 0.7).await);
+        }
+        if want("herd") {
+            rows.push(herd::herd(&fake).await);
+        }
+        if want("storm") {
+            rows.push(storm::storm(&fake).await);
+        }
+        if want("refresh") {
+            // Scaled from 10,000 x 10 min (a 13-minute run): more refresh work (100 s at 20/s)
+            // than fits before the hard point (80 s), as at full scale (500 s vs 400 s).
+            rows.push(refresh::refresh(&fake, 2_000, Duration::from_secs(120)).await);
+        }
+        // The full scale: a 13-minute run, so only when named.
+        if wanted.iter().any(|w| w == "refresh-full") {
+            rows.push(refresh::refresh(&fake, 10_000, Duration::from_secs(600)).await);
+        }
+        if want("memory") {
+            rows.extend(memory::memory(&fake).await);
+        }
+        if want("startup") {
+            rows.extend(startup::startup(&fake).await);
+        }
+        rows
+    });
+    println!("\n| scenario | measured | target | met |\n|---|---|---|---|");
+    for r in rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "-",
+        };
+        println!("| {} | {} | {} | {met} |", r.scenario, r.figures, r.target);
+    }
+}
