@@ -100,9 +100,9 @@ pub struct EmulatorArgs {
 }
 
 impl EmulatorArgs {
-    pub fn config(&self) -> EmulatorConfig {
-        EmulatorConfig {
-            state_dir: state_dir(self.state_dir.as_deref()),
+    pub fn config(&self) -> Result<EmulatorConfig, String> {
+        Ok(EmulatorConfig {
+            state_dir: state_dir(self.state_dir.as_deref())?,
             associations: match (&self.associations, &self.from_cluster) {
                 (Some(path), _) => AssociationsFrom::File(path.clone()),
                 (None, Some(cluster)) => AssociationsFrom::Cluster(cluster.clone()),
@@ -112,7 +112,7 @@ impl EmulatorArgs {
                 EmulatedCredentials::Fake => CredentialsFrom::Fake,
                 EmulatedCredentials::Sts => CredentialsFrom::Sts,
             },
-        }
+        })
     }
 }
 
@@ -159,7 +159,7 @@ pub struct TokenArgs {
 }
 
 impl TokenArgs {
-    pub fn state_dir(&self) -> PathBuf {
+    pub fn state_dir(&self) -> Result<PathBuf, String> {
         state_dir(self.state_dir.as_deref())
     }
 }

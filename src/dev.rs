@@ -63,7 +63,7 @@ impl RunningEmulator {
 }
 
 pub async fn run_token(args: TokenArgs) -> Result<(), String> {
-    let dir = args.state_dir();
+    let dir = args.state_dir()?;
     let issuer = Issuer::load_or_create(&dir).map_err(|e| e.to_string())?;
     let mut req = MintRequest::new(&args.namespace, &args.service_account);
     req.pod = args.pod;
@@ -92,7 +92,7 @@ pub async fn run_token(args: TokenArgs) -> Result<(), String> {
 
 pub async fn run_emulate(args: EmulateArgs) -> Result<(), String> {
     crate::logging::init(&args.log, LogFormat::Text);
-    let config = args.emulator.config();
+    let config = args.emulator.config()?;
     let emulator = Arc::new(Emulator::build(&config).await?);
     let running = RunningEmulator::start(emulator, args.listen).await?;
     println!("# EKS Auth emulator listening; point clients at it with:");
@@ -109,7 +109,7 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
         return run_token(t).await;
     }
     crate::logging::init(&args.log, LogFormat::Text);
-    let config = args.emulator.config();
+    let config = args.emulator.config()?;
     let dir = config.state_dir.clone();
     let emulator = Arc::new(Emulator::build(&config).await?);
     let issuer = emulator.issuer.clone();

@@ -194,10 +194,14 @@ async fn from_cluster_imports_the_association_table() {
 
 #[tokio::test]
 async fn from_cluster_failure_is_a_clear_error() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let state_arg = state.path().display().to_string();
     let mut cmd = agent_command(&[
         "emulate-eks-auth",
         "--listen",
         "127.0.0.1:0",
+        "--state-dir",
+        &state_arg,
         "--from-cluster",
         "missing",
     ]);

@@ -1,26 +1,33 @@
 //! The emulator's state directory: where the issuer key and minted tokens live.
 //!
 //! Contract: the directory is `--state-dir` when given, else `$XDG_CACHE_HOME/pod-identity-agent`,
-//! else `$HOME/.cache/pod-identity-agent`. Token files are written without a trailing newline
-//! (every SDK sends the file's bytes as they are), owner-only, atomically.
+//! else `$HOME/.cache/pod-identity-agent`. With none of them it is an error asking for
+//! `--state-dir`: never the working directory, where a private key would land in whatever
+//! checkout the command ran from. Token files are written without a trailing newline (every SDK
+//! sends the file's bytes as they are), owner-only, atomically.
 
 use super::issuer::{write_private, Issuer, MintRequest};
 use std::path::{Path, PathBuf};
 
-/// `~/.cache/pod-identity-agent` (or `$XDG_CACHE_HOME/pod-identity-agent`).
-pub fn default_state_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
+/// `$XDG_CACHE_HOME/pod-identity-agent`, or `~/.cache/pod-identity-agent`; `None` without either.
+pub fn default_state_dir() -> Option<PathBuf> {
+    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    let base = nonempty("XDG_CACHE_HOME")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("pod-identity-agent")
+        .or_else(|| nonempty("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("pod-identity-agent"))
 }
 
-/// The given directory, or the default one.
-pub fn state_dir(given: Option<&Path>) -> PathBuf {
-    given
-        .map(Path::to_path_buf)
-        .unwrap_or_else(default_state_dir)
+/// The given directory, or the default one, or an error that says how to give one.
+pub fn state_dir(given: Option<&Path>) -> Result<PathBuf, String> {
+    match given {
+        Some(dir) => Ok(dir.to_path_buf()),
+        None => default_state_dir().ok_or_else(|| {
+            "no state directory: neither HOME nor XDG_CACHE_HOME is set; pass --state-dir DIR \
+             (it keeps the emulator's private issuer key)"
+                .to_owned()
+        }),
+    }
 }
 
 /// Where `dev token` writes by default.
