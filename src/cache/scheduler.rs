@@ -17,7 +17,7 @@
 //! [`Refresher::pending`]. After [`MAX_RESTARTS`] panics within a minute it stops for good and
 //! [`Health::is_running`] turns false, which the probes report.
 
-use crate::cache::bucket::TokenBucket;
+use crate::bucket::TokenBucket;
 use futures_util::future::BoxFuture;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
@@ -250,6 +250,44 @@ impl<K: Clone + Eq + Hash> Queue<K> {
     fn start_at(&self, rate: f64) -> Option<Instant> {
         start_at(self.by_time.keys().map(|k| k.0), self.len(), rate)
     }
+
+    /// When the scheduler must next look at the queue: [`start_at`] when work is near, and
+    /// otherwise a cheap lower bound of it, `first deadline - (all the queued work)` (every
+    /// deadline is at least the first one), so that a queue of many far-off refreshes (a node's
+    /// worth of new entries) does not cost a walk of the whole queue per message.
+    fn next_look(&self, rate: f64, now: Instant) -> Option<Instant> {
+        let first = self.by_time.keys().next()?.0;
+        let per = Duration::from_secs_f64(1.0 / rate.max(0.001));
+        let all = per.saturating_mul(u32::try_from(self.len()).unwrap_or(u32::MAX));
+        match first.checked_sub(all) {
+            Some(bound) if bound > now => Some(bound),
+            _ => self.start_at(rate),
+        }
+    }
+}
+
+/// Messages handled per wake-up before the queue is looked at again.
+const BATCH: usize = 1024;
+
+/// Apply one message; drops `waiting` if it is replaced or cancelled.
+fn apply<K: Clone + Eq + Hash>(queue: &mut Queue<K>, waiting: &mut Option<(K, u64)>, msg: Msg<K>) {
+    match msg {
+        Msg::Schedule(key, generation, at) => {
+            if waiting.as_ref().is_some_and(|(k, _)| *k == key) {
+                *waiting = None;
+            }
+            queue.schedule(key, generation, instant_of(at));
+        }
+        Msg::Cancel(key, generation) => {
+            if waiting
+                .as_ref()
+                .is_some_and(|w| w.0 == key && w.1 == generation)
+            {
+                *waiting = None;
+            }
+            queue.cancel(&key, generation);
+        }
+    }
 }
 
 fn instant_of(at: SystemTime) -> Instant {
@@ -279,17 +317,20 @@ async fn run<R: Refresher>(
     let mut granted: Option<OwnedSemaphorePermit> = None;
     let mut acquiring: Option<BoxFuture<'static, Option<OwnedSemaphorePermit>>> = None;
     loop {
+        let mut next = None;
         if waiting.is_none() {
             // Take the next piece of work that is due and still worth doing.
-            while queue
-                .start_at(ctx.rate)
-                .is_some_and(|t| t <= Instant::now())
-            {
+            loop {
+                next = queue.next_look(ctx.rate, Instant::now());
+                if next.is_none_or(|t| t > Instant::now()) {
+                    break;
+                }
                 let Some((key, generation)) = queue.pop() else {
                     break;
                 };
                 if ctx.refresher.due(&key, generation) {
                     waiting = Some((key, generation));
+                    next = None;
                     break;
                 }
             }
@@ -311,26 +352,17 @@ async fn run<R: Refresher>(
         if waiting.is_some() && granted.is_none() && acquiring.is_none() {
             acquiring = Some(Box::pin(budget(ctx.bucket.clone(), ctx.slots.clone())));
         }
-        let next = if waiting.is_none() {
-            queue.start_at(ctx.rate)
-        } else {
-            None
-        };
         ctx.refresher
             .queued(queue.len() + usize::from(waiting.is_some()));
         tokio::select! {
             msg = rx.recv() => match msg {
-                Some(Msg::Schedule(key, generation, at)) => {
-                    if waiting.as_ref().is_some_and(|(k, _)| *k == key) {
-                        waiting = None;
+                Some(msg) => {
+                    apply(&mut queue, &mut waiting, msg);
+                    // Whatever else is waiting, before the queue is looked at again.
+                    for _ in 0..BATCH {
+                        let Ok(msg) = rx.try_recv() else { break };
+                        apply(&mut queue, &mut waiting, msg);
                     }
-                    queue.schedule(key, generation, instant_of(at));
-                }
-                Some(Msg::Cancel(key, generation)) => {
-                    if waiting.as_ref().is_some_and(|w| w.0 == key && w.1 == generation) {
-                        waiting = None;
-                    }
-                    queue.cancel(&key, generation);
                 }
                 None => return,
             },
@@ -406,6 +438,26 @@ mod tests {
             at,
             now + Duration::from_secs(100) - Duration::from_millis(100)
         );
+    }
+
+    #[test]
+    fn the_cheap_bound_never_lets_work_start_late() {
+        let now = Instant::now();
+        let mut q: Queue<u32> = Queue::new();
+        // Far-off work: the bound answers without walking, and it is not after the exact start.
+        for k in 0..5000 {
+            q.schedule(
+                k,
+                1,
+                now + Duration::from_secs(3 * 3600 + u64::from(k % 600)),
+            );
+        }
+        let look = q.next_look(3.0, now).expect("some");
+        let exact = q.start_at(3.0).expect("some");
+        assert!(look <= exact && look > now, "{look:?} vs {exact:?}");
+        // Near work: exact.
+        q.schedule(9999, 1, now + Duration::from_secs(1));
+        assert_eq!(q.next_look(3.0, now), q.start_at(3.0));
     }
 
     #[test]
