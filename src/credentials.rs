@@ -1,8 +1,8 @@
 //! Role credentials and the JSON body every SDK's container provider parses.
 //!
 //! Contract: a [`Credentials`] value is complete (non-empty key id, secret and session token, an
-//! expiration) or it does not exist; [`Credentials::validate`] is the gate from whatever EKS Auth
-//! sent. The body is serialised once, when the value is built, as exactly
+//! expiration in the future, and no further than [`MAX_LIFETIME`]) or it does not exist;
+//! [`Credentials::validate`] is the gate from whatever EKS Auth sent. The body is serialised once, when the value is built, as exactly
 //! `{"AccessKeyId","SecretAccessKey","Token","AccountId","Expiration"}` in that order, with
 //! `Expiration` in RFC 3339 UTC ending in `Z` and no fraction (the strictest parsers, Rust's and
 //! JS's, accept only that). `AccountId` is the account field of the assumed-role ARN and is
@@ -22,7 +22,13 @@ pub enum InvalidCredentials {
     Missing(&'static str),
     #[error("EKS Auth returned credentials that expired {0} s ago")]
     AlreadyExpired(u64),
+    #[error("EKS Auth returned credentials that expire {0} s from now, more than any AWS credentials last")]
+    Implausible(u64),
 }
+
+/// The longest credentials can last (STS's longest sessions are 36 h; EKS Auth issues 6 h).
+/// Anything beyond is a garbled answer, and past year 9999 it could not even be written.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Credentials as the agent holds them: the serialised body plus what the cache needs to know.
 #[derive(Clone)]
@@ -99,6 +105,10 @@ impl Credentials {
                 .as_secs();
             return Err(InvalidCredentials::AlreadyExpired(ago));
         }
+        let lifetime = raw.expiration.duration_since(now).unwrap_or_default();
+        if lifetime > MAX_LIFETIME {
+            return Err(InvalidCredentials::Implausible(lifetime.as_secs()));
+        }
         // Whole seconds: the body says no more, and the cache must not believe in more.
         let expiration = UNIX_EPOCH
             + Duration::from_secs(
@@ -166,7 +176,8 @@ mod tests {
     #[test]
     fn body_is_exact() {
         let exp = UNIX_EPOCH + Duration::from_secs(1_767_247_200); // 2026-01-01T06:00:00Z
-        let c = Credentials::validate(raw(exp), UNIX_EPOCH).expect("valid");
+        let fetched = exp - Duration::from_secs(6 * 3600);
+        let c = Credentials::validate(raw(exp), fetched).expect("valid");
         assert_eq!(
             std::str::from_utf8(c.body()).expect("utf8"),
             r#"{"AccessKeyId":"ASIAEXAMPLE","SecretAccessKey":"secret/key+value","Token":"session-token","AccountId":"111122223333","Expiration":"2026-01-01T06:00:00Z"}"#
@@ -197,6 +208,13 @@ mod tests {
             Err(InvalidCredentials::AlreadyExpired(_))
         ));
         assert!(Credentials::validate(raw(UNIX_EPOCH), now).is_err());
+        // A garbled expiration far in the future would format as 1970 (expired to every SDK).
+        let year_3000 = UNIX_EPOCH + Duration::from_secs(32_503_680_000);
+        assert!(matches!(
+            Credentials::validate(raw(year_3000), now),
+            Err(InvalidCredentials::Implausible(_))
+        ));
+        assert!(Credentials::validate(raw(now + MAX_LIFETIME), now).is_ok());
     }
 
     #[test]

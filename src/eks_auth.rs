@@ -40,15 +40,55 @@ pub enum ExchangeError {
     BadResponse(String),
 }
 
-impl ExchangeError {
-    /// Recoverable failures (throttling, 5xx, network, garbled answers) may go away on their own:
-    /// cached credentials keep being served. The rest say the pod's token or association is
-    /// wrong: retrying cannot help and cached credentials must go.
-    pub fn recoverable(&self) -> bool {
+/// Whose fault a failed exchange is: that decides what happens to the pod's cached credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The pod's token or its association is wrong (invalid, expired, no association, a bad
+    /// request): retrying cannot help, cached credentials for the token are evicted, and the
+    /// rejection is remembered.
+    Token,
+    /// The node's own credentials or permissions were refused (`AccessDeniedException`, any
+    /// 401/403): not the pod's doing, so the pod's valid cached credentials keep being served.
+    Node,
+    /// EKS Auth is throttling, failing, unreachable or garbled: it may pass by itself.
+    Transient,
+}
+
+impl Fault {
+    pub fn as_str(self) -> &'static str {
         match self {
-            ExchangeError::Service { status, .. } => *status == 429 || *status >= 500,
-            ExchangeError::Unavailable(_) | ExchangeError::BadResponse(_) => true,
+            Fault::Token => "token",
+            Fault::Node => "node",
+            Fault::Transient => "transient",
         }
+    }
+}
+
+impl ExchangeError {
+    /// Whose fault this is; see [`Fault`]. Known codes follow [`KNOWN_CODES`]; otherwise the
+    /// status decides: 401/403 are about the request's signature (the node), 429 and 5xx are
+    /// transient, and any other 4xx is about the token.
+    pub fn fault(&self) -> Fault {
+        match self {
+            ExchangeError::Service { status, code, .. } => match known(code) {
+                // EKS Auth answers an expired *pod* token with 400; the same code with 403 is
+                // AWS's answer to expired *node* session credentials.
+                Some(k) if !(*status == 401 || *status == 403) => k.fault,
+                _ => match *status {
+                    401 | 403 => Fault::Node,
+                    429 | 500.. => Fault::Transient,
+                    400..=499 => Fault::Token,
+                    _ => Fault::Transient,
+                },
+            },
+            ExchangeError::Unavailable(_) | ExchangeError::BadResponse(_) => Fault::Transient,
+        }
+    }
+
+    /// Whether cached credentials for the token survive this failure: everything but a
+    /// [`Fault::Token`]. (The metrics' `Recoverable`/`NonRecoverable` label.)
+    pub fn recoverable(&self) -> bool {
+        self.fault() != Fault::Token
     }
 
     /// The error code as metrics and error bodies name it.
@@ -172,55 +212,78 @@ struct KnownCode {
     code: &'static str,
     /// The HTTP status EKS Auth answers it with.
     status: u16,
+    fault: Fault,
     /// What a person should do about it; the start of the agent's error message.
     hint: &'static str,
 }
 
-/// Every error code EKS Auth documents for `AssumeRoleForPodIdentity`.
+/// Every error code EKS Auth documents for `AssumeRoleForPodIdentity`, and the common AWS
+/// codes for a request whose signature or credentials are refused (all the node's fault).
 const KNOWN_CODES: &[KnownCode] = &[
     KnownCode {
         code: "AccessDeniedException",
         status: 400,
+        fault: Fault::Node,
         hint: "the node role needs eks-auth:AssumeRoleForPodIdentity",
     },
     KnownCode {
         code: "ExpiredTokenException",
         status: 400,
+        fault: Fault::Token,
         hint: "the pod's service-account token has expired",
     },
     KnownCode {
         code: "InvalidParameterException",
         status: 400,
+        fault: Fault::Token,
         hint: "EKS Auth refused the request",
     },
     KnownCode {
         code: "InvalidRequestException",
         status: 400,
+        fault: Fault::Token,
         hint: "EKS Auth refused the request",
     },
     KnownCode {
         code: "InvalidTokenException",
         status: 400,
+        fault: Fault::Token,
         hint: "EKS Auth rejected the service-account token (signature, audience or issuer)",
     },
     KnownCode {
         code: "ResourceNotFoundException",
         status: 404,
+        fault: Fault::Token,
         hint: "no Pod Identity association for this service account, or no such cluster (check --cluster-name)",
+    },
+    KnownCode {
+        code: "UnrecognizedClientException",
+        status: 403,
+        fault: Fault::Node,
+        hint: "EKS Auth does not recognise the node's access key (check the node's credentials)",
+    },
+    KnownCode {
+        code: "InvalidSignatureException",
+        status: 403,
+        fault: Fault::Node,
+        hint: "EKS Auth refused the node's signature (check the node's secret key and clock)",
     },
     KnownCode {
         code: "ThrottlingException",
         status: 429,
+        fault: Fault::Transient,
         hint: "EKS Auth is throttling; retry later",
     },
     KnownCode {
         code: "InternalServerException",
         status: 500,
+        fault: Fault::Transient,
         hint: "EKS Auth failed; retry",
     },
     KnownCode {
         code: "ServiceUnavailableException",
         status: 503,
+        fault: Fault::Transient,
         hint: "EKS Auth failed; retry",
     },
 ];
@@ -247,29 +310,26 @@ where
     match err {
         SdkError::ServiceError(ctx) => {
             let status = ctx.raw().status();
+            // Only an error status is passed on to a pod: a 1xx, 2xx or 3xx (or anything past 5xx)
+            // without usable credentials is an unusable answer, whatever its body says.
+            let error_status = (400..600).contains(&status).then_some(status);
             let e = ctx.err();
-            match e.code() {
-                Some(code) => ExchangeError::Service {
-                    status: if status >= 400 {
-                        status
-                    } else {
-                        status_of_code(code).unwrap_or(502)
-                    },
+            match (e.code(), error_status) {
+                (Some(code), _) => ExchangeError::Service {
+                    status: error_status.or_else(|| status_of_code(code)).unwrap_or(502),
                     code: code.to_owned(),
                     message: e.message().unwrap_or("no message").to_owned(),
                     request_id: e.request_id().map(str::to_owned),
                 },
-                // No error code: a success status with an unparseable body, or an error status
-                // with a body that is not EKS Auth's.
-                None if (200..300).contains(&status) => ExchangeError::BadResponse(format!(
-                    "HTTP {status} with a body that is not an EKS Auth answer"
-                )),
-                None => ExchangeError::Service {
+                (None, Some(status)) => ExchangeError::Service {
                     status,
                     code: "UnknownError".to_owned(),
                     message: format!("HTTP {status} without an error code"),
                     request_id: e.request_id().map(str::to_owned),
                 },
+                (None, None) => ExchangeError::BadResponse(format!(
+                    "HTTP {status} with a body that is not an EKS Auth answer"
+                )),
             }
         }
         SdkError::TimeoutError(_) => {
@@ -319,7 +379,6 @@ mod tests {
             request_id: None,
         };
         for code in [
-            "AccessDeniedException",
             "ExpiredTokenException",
             "InvalidTokenException",
             "InvalidParameterException",
@@ -328,6 +387,14 @@ mod tests {
         }
         assert!(!svc(404, "ResourceNotFoundException").recoverable());
         assert!(svc(429, "ThrottlingException").recoverable());
+        // The node's credentials, not the pod's token: cached credentials stay.
+        assert_eq!(svc(400, "AccessDeniedException").fault(), Fault::Node);
+        assert_eq!(svc(403, "ExpiredTokenException").fault(), Fault::Node);
+        assert_eq!(svc(403, "UnrecognizedClientException").fault(), Fault::Node);
+        assert_eq!(svc(403, "SomethingNew").fault(), Fault::Node);
+        assert_eq!(svc(400, "ExpiredTokenException").fault(), Fault::Token);
+        assert_eq!(svc(418, "SomethingNew").fault(), Fault::Token);
+        assert_eq!(svc(502, "UnknownError").fault(), Fault::Transient);
         assert!(svc(500, "InternalServerException").recoverable());
         assert!(svc(503, "ServiceUnavailableException").recoverable());
         assert!(ExchangeError::Unavailable("x".into()).recoverable());
