@@ -3,14 +3,19 @@
 //!
 //! Contract: nothing here ever contains a token, secret key or session token: variants carry
 //! only codes, counts and upstream messages. EKS Auth errors keep their upstream status (400,
-//! 404, 429, 500, 503) and code and name the upstream request id; an unreachable EKS Auth is 503,
-//! an unusable EKS Auth answer 502. No SDK needs the body, but Go and Java surface it.
+//! 403, 404, 429, 500, 503) and code and name the upstream request id, also when the refusal was
+//! remembered (the message says so); an unreachable EKS Auth is 503, an unusable EKS Auth answer
+//! 502. Refusals made without asking EKS Auth: a token that fails local verification is 400
+//! `InvalidToken`; a client over its exchange budget is 429 `ExchangeRateExceeded`, the node at
+//! its ceiling 503 `ExchangeCapacityExceeded`, both with [`Error::retry_after`] for the
+//! `Retry-After` header. No SDK needs the body, but Go and Java surface it.
 
-use crate::cache::CacheError;
+use crate::cache::{CacheError, Denial, Refusal, Scope};
 use crate::eks_auth::ExchangeError;
 use crate::token::TokenError;
 use bytes::Bytes;
 use serde::Serialize;
+use std::time::Duration;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -24,6 +29,19 @@ pub enum Error {
     MethodNotAllowed(String),
     #[error("{0}")]
     Exchange(#[from] ExchangeError),
+    /// EKS Auth refused this token `age_s` ago; it is not asked again for `ttl_s` in all.
+    #[error("{error} (remembered)")]
+    Remembered {
+        error: ExchangeError,
+        age_s: u64,
+        ttl_s: u64,
+    },
+    #[error("{0}; this token is refused without asking EKS Auth (--token-issuer)")]
+    Unverified(String),
+    #[error("too many new credential exchanges from this address; cached credentials are never limited, retry after {} s", .0.as_secs().max(1))]
+    ClientOverBudget(Duration),
+    #[error("the node is at its limit of new credential exchanges; retry after {} s", .0.as_secs().max(1))]
+    NodeOverBudget(Duration),
     #[error("the agent is shutting down; retry")]
     ShuttingDown,
 }
@@ -32,6 +50,22 @@ impl From<CacheError> for Error {
     fn from(e: CacheError) -> Self {
         match e {
             CacheError::Exchange(e) => Error::Exchange(e),
+            CacheError::Remembered(r) => {
+                let age_s = r.age().as_secs();
+                match &r.refusal {
+                    Refusal::Upstream(error) => Error::Remembered {
+                        error: error.clone(),
+                        age_s,
+                        ttl_s: r.ttl().as_secs(),
+                    },
+                    Refusal::Unverified(why) => Error::Unverified(why.clone()),
+                }
+            }
+            CacheError::Denied(Denial::Invalid(why)) => Error::Unverified(why),
+            CacheError::Denied(Denial::Busy { scope, retry_after }) => match scope {
+                Scope::Client => Error::ClientOverBudget(retry_after),
+                Scope::Node => Error::NodeOverBudget(retry_after),
+            },
             CacheError::ShuttingDown => Error::ShuttingDown,
         }
     }
@@ -53,6 +87,10 @@ impl Error {
             Error::Exchange(ExchangeError::Service { status, .. }) => *status,
             Error::Exchange(ExchangeError::Unavailable(_)) => 503,
             Error::Exchange(ExchangeError::BadResponse(_)) => 502,
+            Error::Remembered { error, .. } => Error::Exchange(error.clone()).status(),
+            Error::Unverified(_) => 400,
+            Error::ClientOverBudget(_) => 429,
+            Error::NodeOverBudget(_) => 503,
             Error::ShuttingDown => 503,
         }
     }
@@ -66,14 +104,35 @@ impl Error {
             Error::HostNotAllowed(_) => "HostNotAllowed",
             Error::NotFound(_) => "NotFound",
             Error::MethodNotAllowed(_) => "MethodNotAllowed",
-            Error::Exchange(e) => e.code(),
+            Error::Exchange(e) | Error::Remembered { error: e, .. } => e.code(),
+            Error::Unverified(_) => "InvalidToken",
+            Error::ClientOverBudget(_) => "ExchangeRateExceeded",
+            Error::NodeOverBudget(_) => "ExchangeCapacityExceeded",
             Error::ShuttingDown => "ShuttingDown",
+        }
+    }
+
+    /// How long the client should wait before retrying, for `Retry-After`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::ClientOverBudget(d) | Error::NodeOverBudget(d) => {
+                Some((*d).max(Duration::from_secs(1)))
+            }
+            _ => None,
         }
     }
 
     /// The message: for upstream errors, what EKS Auth said plus what to do about it.
     pub fn message(&self) -> String {
         match self {
+            Error::Remembered {
+                error,
+                age_s,
+                ttl_s,
+            } => format!(
+                "{} [remembered: EKS Auth refused this token {age_s} s ago; it is not asked again for up to {ttl_s} s]",
+                Error::Exchange(error.clone()).message()
+            ),
             Error::Exchange(ExchangeError::Service {
                 code,
                 message,
@@ -136,6 +195,31 @@ mod tests {
                 "EksAuthInvalidResponse",
             ),
             (CacheError::ShuttingDown.into(), 503, "ShuttingDown"),
+            (
+                Error::ClientOverBudget(Duration::from_millis(300)),
+                429,
+                "ExchangeRateExceeded",
+            ),
+            (
+                Error::NodeOverBudget(Duration::from_secs(2)),
+                503,
+                "ExchangeCapacityExceeded",
+            ),
+            (Error::Unverified("bad".into()), 400, "InvalidToken"),
+            (
+                Error::Remembered {
+                    error: ExchangeError::Service {
+                        status: 404,
+                        code: "ResourceNotFoundException".into(),
+                        message: "m".into(),
+                        request_id: Some("r-2".into()),
+                    },
+                    age_s: 3,
+                    ttl_s: 60,
+                },
+                404,
+                "ResourceNotFoundException",
+            ),
             (
                 ExchangeError::Service {
                     status: 404,

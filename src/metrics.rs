@@ -51,6 +51,18 @@ pub struct Metrics {
     /// Panics of the refresh scheduler's loop (each followed by a restart, or by the agent
     /// reporting not ready after too many).
     pub scheduler_panics: IntCounter,
+    /// EKS Auth refusals of the node's own credentials, by code: the pods keep their cached
+    /// credentials, but new pods get none until the node's credentials are fixed.
+    pub node_refused: IntCounterVec,
+    /// Requests answered with a refusal without asking EKS Auth, by reason.
+    pub rejected_locally: IntCounterVec,
+    /// Refusals remembered in the negative cache.
+    pub negative_entries: IntGauge,
+    /// Local token verifications (`--token-issuer`) by result: valid, invalid, unverifiable
+    /// (issuer keys unavailable: the token went to EKS Auth unverified).
+    pub verifications: IntCounterVec,
+    /// Connections open on all listeners.
+    pub open_connections: IntGauge,
     /// Refreshes queued or waiting for budget: a backlog that keeps growing means
     /// `--max-service-qps` is too low for the node's pods.
     pub refresh_queue: IntGauge,
@@ -98,6 +110,21 @@ impl Metrics {
             "pod_identity_eks_auth_calls_total",
             "EKS Auth exchanges by result code (Success or the error code).",
             &["code"],
+        )?;
+        let node_refused = counter(
+            "pod_identity_node_credentials_refused_total",
+            "EKS Auth refusals of the node's own credentials or permissions, by code; pods keep their cached credentials.",
+            &["code"],
+        )?;
+        let rejected_locally = counter(
+            "pod_identity_rejected_locally_total",
+            "Requests refused without an EKS Auth call, by reason: negative_cache, client_budget, node_budget, signature, connection_limit.",
+            &["reason"],
+        )?;
+        let verifications = counter(
+            "pod_identity_token_verifications_total",
+            "Local token verifications (--token-issuer) by result: valid, invalid, unverifiable (sent on to EKS Auth unverified).",
+            &["result"],
         )?;
         let refreshes = counter(
             "pod_identity_refreshes_total",
@@ -150,6 +177,20 @@ impl Metrics {
                 "Panics of the refresh scheduler; each is logged and followed by a restart.",
             )?,
         )?;
+        let negative_entries = registered(
+            &registry,
+            IntGauge::new(
+                "pod_identity_negative_cache_entries",
+                "Token refusals remembered (answered without asking EKS Auth).",
+            )?,
+        )?;
+        let open_connections = registered(
+            &registry,
+            IntGauge::new(
+                "pod_identity_open_connections",
+                "Connections open on the agent's listeners.",
+            )?,
+        )?;
         let refresh_queue = registered(
             &registry,
             IntGauge::new(
@@ -176,6 +217,11 @@ impl Metrics {
             served_remaining,
             scheduler_panics,
             refresh_queue,
+            node_refused,
+            rejected_locally,
+            negative_entries,
+            open_connections,
+            verifications,
         })
     }
 

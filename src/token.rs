@@ -45,6 +45,27 @@ pub enum TokenError {
     NotYetValid(u64),
 }
 
+/// Kubernetes names are at most 253 characters; claims longer than that are cut.
+pub const MAX_NAME: usize = 253;
+
+/// A claim as it may appear in a log line: at most [`MAX_NAME`] characters, no control
+/// characters (a forged claim cannot forge log lines), `…` where it was cut.
+fn loggable(claim: String) -> String {
+    let too_long = claim.chars().count() > MAX_NAME;
+    if !too_long && !claim.chars().any(char::is_control) {
+        return claim;
+    }
+    let mut out: String = claim
+        .chars()
+        .take(MAX_NAME)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect();
+    if too_long {
+        out.push('…');
+    }
+    out
+}
+
 /// SHA-256 of the raw token bytes: the cache key, and the only name a token has in logs.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TokenHash(pub [u8; 32]);
@@ -71,7 +92,9 @@ impl fmt::Debug for TokenHash {
     }
 }
 
-/// Who the token says it speaks for. Not secret: these are logged to tell pods apart.
+/// Who the token says it speaks for. Not secret: these are logged to tell pods apart. They are
+/// attacker-chosen (the agent does not verify tokens), so each is cut to [`MAX_NAME`] characters
+/// with control characters replaced, before anything logs them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Subject {
     pub namespace: String,
@@ -207,6 +230,11 @@ impl Token {
                 }
             }
         }
+        let subject = Subject {
+            namespace: loggable(subject.namespace),
+            service_account: loggable(subject.service_account),
+            pod: loggable(subject.pod),
+        };
         Ok(Token {
             hash: TokenHash::of(text.as_bytes()),
             raw: Arc::from(text),
@@ -324,6 +352,24 @@ mod tests {
             .check_time(SystemTime::now(), Duration::from_secs(60))
             .is_ok());
         assert_eq!(parsed.raw(), t);
+    }
+
+    #[test]
+    fn claims_are_cut_and_cleaned_for_logs() {
+        let long = "n".repeat(10_000);
+        let t = token(json!({"exp": now() + 100,
+            "kubernetes.io": {"namespace": long, "pod": {"name": "p\n{\"level\":\"ERROR\"}"},
+                              "serviceaccount": {"name": "sa"}}}));
+        let parsed = Token::parse(t.as_bytes()).expect("parses");
+        let s = &parsed.claims().subject;
+        assert_eq!(
+            s.namespace.chars().count(),
+            MAX_NAME + 1,
+            "cut, with a mark"
+        );
+        assert!(s.namespace.ends_with('…'));
+        assert!(!s.pod.contains('\n'), "{:?}", s.pod);
+        assert_eq!(s.service_account, "sa");
     }
 
     #[test]

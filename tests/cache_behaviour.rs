@@ -80,28 +80,54 @@ async fn herd_of_first_requests_makes_one_call() {
 }
 
 #[tokio::test]
-async fn errors_are_shared_by_the_flight_and_not_cached() {
+async fn errors_are_shared_by_the_flight_and_only_token_refusals_remembered() {
     let h = Harness::start().await;
+    // A transient failure is shared by its flight, then forgotten: the next request asks again.
+    h.fake.set_default(slow("error-service-unavailable", 200));
+    let t = token();
+    let statuses = herd(&h, &t, 50).await;
+    assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
+    assert_eq!(
+        h.fake.calls(),
+        3,
+        "one failure (3 SDK attempts), shared; not a herd"
+    );
+    h.fake.respond_with("success");
+    assert_eq!(h.get(&t).await.status, 200);
+    assert_eq!(h.fake.calls(), 4);
+
+    // A refusal of the token itself is shared, then remembered: asking again costs no call.
     h.fake.set_default(slow("error-resource-not-found", 200));
     let t = token();
+    let statuses = herd(&h, &t, 50).await;
+    assert!(statuses.iter().all(|s| *s == 404), "{statuses:?}");
+    assert_eq!(h.fake.calls(), 5, "one call for the herd");
+    h.fake.respond_with("success");
+    let again = h.get(&t).await;
+    assert_eq!(again.status, 404, "remembered: {}", again.text());
+    assert!(again.json()["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("remembered")));
+    assert_eq!(h.fake.calls(), 5, "remembered, not asked again");
+}
+
+/// `n` concurrent first requests for `t`; their statuses.
+async fn herd(h: &Harness, t: &str, n: usize) -> Vec<u16> {
     let mut tasks = Vec::new();
-    for _ in 0..50 {
+    for _ in 0..n {
         let addr = h.addr();
-        let t = t.clone();
+        let t = t.to_owned();
         tasks.push(tokio::spawn(async move {
             get(addr, "/v1/credentials", &[("authorization", &t)])
                 .await
                 .status
         }));
     }
+    let mut statuses = Vec::new();
     for task in tasks {
-        assert_eq!(task.await.expect("task"), 404);
+        statuses.push(task.await.expect("task"));
     }
-    assert_eq!(h.fake.calls(), 1, "one failure, shared; not a herd");
-    // The error lived only as long as its flight: the next request asks again.
-    h.fake.respond_with("success");
-    assert_eq!(h.get(&t).await.status, 200);
-    assert_eq!(h.fake.calls(), 2);
+    statuses
 }
 
 #[tokio::test]
@@ -303,9 +329,8 @@ async fn static_stability_during_an_outage() {
 }
 
 #[tokio::test]
-async fn irrecoverable_refresh_failures_evict() {
+async fn refusals_of_the_token_evict() {
     for fixture in [
-        "error-access-denied",
         "error-expired-token",
         "error-invalid-token",
         "error-resource-not-found",
@@ -324,6 +349,51 @@ async fn irrecoverable_refresh_failures_evict() {
         );
         let want = load(fixture);
         let reply = h.get(&t).await;
+        assert_eq!(
+            u64::from(reply.status),
+            want["agent"]["status"].as_u64().expect("status"),
+            "{fixture}"
+        );
+        assert_eq!(reply.json()["code"], want["agent"]["code"], "{fixture}");
+    }
+}
+
+#[tokio::test]
+async fn refusals_of_the_node_credentials_keep_the_pods_credentials() {
+    for fixture in [
+        "error-access-denied",
+        "error-node-key-unrecognized",
+        "error-node-credentials-expired",
+        "error-node-signature-invalid",
+    ] {
+        let h =
+            Harness::start_with(|s, _| s.cache.policy.max_retention = Duration::from_millis(300))
+                .await;
+        let t = token();
+        let first = h.get(&t).await.json()["AccessKeyId"].clone();
+        // The node's credentials go bad (a half-written hybrid credentials file, a role that
+        // lost its permission): refreshes are refused, but that is not the pod's doing.
+        h.fake.respond_with(fixture);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(h.agent.cache.len(), 1, "{fixture}: entry kept");
+        let reply = h.get(&t).await;
+        assert_eq!(reply.status, 200, "{fixture}: {}", reply.text());
+        assert_eq!(reply.json()["AccessKeyId"], first, "{fixture}");
+        let m = h.metrics().await;
+        let code = load(fixture)["agent"]["code"]
+            .as_str()
+            .expect("code")
+            .to_owned();
+        assert!(
+            metric(
+                &m,
+                &format!("pod_identity_node_credentials_refused_total{{code=\"{code}\"}}")
+            ) >= 1.0,
+            "{fixture}: {m}"
+        );
+        // A new pod gets the node's refusal, with its status and code.
+        let reply = h.get(&token()).await;
+        let want = load(fixture);
         assert_eq!(
             u64::from(reply.status),
             want["agent"]["status"].as_u64().expect("status"),

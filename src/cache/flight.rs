@@ -90,9 +90,9 @@ impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
         )
     }
 
-    /// Whether a flight for `key` is under way: joining it costs no exchange.
-    pub fn is_flying(&self, key: &K) -> bool {
-        lock(&self.map).contains_key(key)
+    /// Join the flight for `key` if one is under way; never starts one.
+    pub fn join(&self, key: &K) -> Option<watch::Receiver<Option<V>>> {
+        lock(&self.map).get(key).cloned()
     }
 
     pub fn in_flight(&self) -> usize {

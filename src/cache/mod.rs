@@ -16,25 +16,36 @@
 //! ahead of expiry is driven by demand, through one deadline-ordered [`scheduler`] that sees
 //! only token hashes and entry generations. The cache knows nothing of HTTP.
 //!
+//! Before a request may start an exchange, two things are asked, in this order, and nothing
+//! else on the request path is limited: a remembered refusal of the token ([`negative`])
+//! answers at once; then the caller's [`Gate`] (per-client budgets, local verification) may
+//! admit it, hold it back or refuse it. Hits and requests that join an exchange already under
+//! way never ask the gate. What happens to cached credentials when an exchange fails depends
+//! on whose fault it is ([`Fault`]): the token's evicts and is remembered; the node's keeps the
+//! pod's valid credentials (with a warning and a metric); a transient one backs off.
+//!
 //! Every exchange and refresh runs on the cache's own task tracker, so shutdown can stop
 //! refreshing, wait for exchanges under way, and end the ones that outlive the grace period.
 
-mod bucket;
 pub mod entry;
 pub mod flight;
+pub mod negative;
 pub mod policy;
 pub mod scheduler;
 
 pub use entry::{Demand, Entry, Outcome};
+pub use negative::{NegativeSettings, Refusal, Remembered};
 
-use crate::eks_auth::{CredentialSource, ExchangeError};
+use crate::eks_auth::{CredentialSource, ExchangeError, Fault};
 use crate::metrics::Metrics;
 use crate::token::{Token, TokenHash};
 use flight::{Flights, Lookup};
 use futures_util::future::BoxFuture;
 use moka::policy::EvictionPolicy;
 use moka::Expiry;
+use negative::Rejections;
 use policy::RefreshPolicy;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
@@ -44,14 +55,70 @@ use tokio_util::task::TaskTracker;
 type FlightResult = Result<Arc<Entry>, ExchangeError>;
 
 /// Why the cache could not answer a request.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CacheError {
     /// The exchange for this token failed, and nothing cached may be served instead.
     #[error(transparent)]
     Exchange(#[from] ExchangeError),
+    /// This token was refused a short while ago; it was not asked about again.
+    #[error("refused {:?} ago", .0.age())]
+    Remembered(Arc<Remembered>),
+    /// The gate would not let this request start an exchange.
+    #[error("{0:?}")]
+    Denied(Denial),
     /// The exchange this request waited for was ended by shutdown.
     #[error("the agent is shutting down; retry")]
     ShuttingDown,
+}
+
+/// Decides whether a request may start a new exchange. Asked only on a miss, when no exchange
+/// for the token is under way and no refusal of it is remembered; it may wait (for a shared
+/// budget) but should not wait long.
+pub trait Gate: Sync {
+    fn admit(&self, token: &Token) -> impl Future<Output = Result<Ticket, Denial>> + Send;
+}
+
+/// What a gate wants held for as long as the exchange it admitted runs (budget slots): the
+/// exchange's task owns it, so a client hanging up does not free its slot early.
+pub struct Ticket(#[allow(dead_code)] Option<Box<dyn Send + Sync>>);
+
+impl Ticket {
+    /// Nothing to hold.
+    pub fn free() -> Ticket {
+        Ticket(None)
+    }
+
+    pub fn holding(held: impl Send + Sync + 'static) -> Ticket {
+        Ticket(Some(Box::new(held)))
+    }
+}
+
+/// Who is over a budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The client that sent the request (its source address).
+    Client,
+    /// The node as a whole.
+    Node,
+}
+
+/// Why a gate refused to start an exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    /// Over a budget: try again after `retry_after`. Not remembered.
+    Busy { scope: Scope, retry_after: Duration },
+    /// The token failed verification: remembered like an EKS Auth rejection of the token.
+    Invalid(String),
+}
+
+/// A gate that admits every request: for callers with no budgets (benchmarks, tests).
+pub struct Open;
+
+impl Gate for Open {
+    #[allow(clippy::manual_async_fn)]
+    fn admit(&self, _: &Token) -> impl Future<Output = Result<Ticket, Denial>> + Send {
+        async { Ok(Ticket::free()) }
+    }
 }
 
 /// Settings of the cache, from the command line.
@@ -63,6 +130,8 @@ pub struct CacheSettings {
     pub refresh_qps: f64,
     /// Refresh exchanges under way at once.
     pub refresh_concurrency: usize,
+    /// Remembered refusals (`--negative-cache-ttl`, `--negative-cache-size`).
+    pub negative: NegativeSettings,
 }
 
 impl Default for CacheSettings {
@@ -76,6 +145,7 @@ impl Default for CacheSettings {
             },
             refresh_qps: 3.0,
             refresh_concurrency: 16,
+            negative: NegativeSettings::default(),
         }
     }
 }
@@ -86,6 +156,8 @@ struct Inner {
     entries: moka::sync::Cache<TokenHash, Arc<Entry>>,
     /// Exchanges under way, one per token, their result shared by every request waiting on it.
     flights: Flights<TokenHash, FlightResult>,
+    /// Tokens refused a short while ago, answered without asking again.
+    rejections: Rejections,
     /// EKS Auth in production; fakes in tests.
     source: Arc<dyn CredentialSource>,
     policy: RefreshPolicy,
@@ -180,6 +252,7 @@ impl CredentialCache {
         let inner = Arc::new(Inner {
             entries,
             flights: Flights::default(),
+            rejections: Rejections::new(&settings.negative),
             source,
             policy: settings.policy,
             leeway,
@@ -205,8 +278,13 @@ impl CredentialCache {
         CredentialCache { inner }
     }
 
-    /// Credentials for `token`, whose time claims the caller has checked.
-    pub async fn get(&self, token: &Token) -> Result<(Arc<Entry>, Outcome), CacheError> {
+    /// Credentials for `token`, whose time claims the caller has checked. `gate` is asked only
+    /// if this request would start a new exchange.
+    pub async fn get<G: Gate>(
+        &self,
+        token: &Token,
+        gate: &G,
+    ) -> Result<(Arc<Entry>, Outcome), CacheError> {
         let inner = &self.inner;
         let hash = token.hash();
         let now = SystemTime::now();
@@ -218,13 +296,32 @@ impl CredentialCache {
                 return Ok((entry.clone(), outcome));
             }
         }
-        let (rx, started) = match inner.start_or_join(token, || inner.servable(&hash, now)) {
-            Join::Servable((entry, outcome)) => {
-                inner.touch(&entry, now);
-                inner.metrics.cache_hits.inc();
-                return Ok((entry, outcome));
+        if let Some(remembered) = inner.rejections.recall(&hash) {
+            return Err(CacheError::Remembered(remembered));
+        }
+        let (rx, started) = match inner.flights.join(&hash) {
+            Some(rx) => (rx, false),
+            None => {
+                let ticket = match gate.admit(token).await {
+                    Ok(ticket) => ticket,
+                    Err(Denial::Invalid(why)) => {
+                        inner
+                            .rejections
+                            .remember(hash, Refusal::Unverified(why.clone()));
+                        return Err(CacheError::Denied(Denial::Invalid(why)));
+                    }
+                    Err(busy) => return Err(CacheError::Denied(busy)),
+                };
+                let now = SystemTime::now();
+                match inner.start_or_join(token, || inner.servable(&hash, now), ticket) {
+                    Join::Servable((entry, outcome)) => {
+                        inner.touch(&entry, now);
+                        inner.metrics.cache_hits.inc();
+                        return Ok((entry, outcome));
+                    }
+                    Join::Waiting { rx, started } => (rx, started),
+                }
             }
-            Join::Waiting { rx, started } => (rx, started),
         };
         inner.metrics.cache_misses.inc();
         let Some(result) = flight::wait(rx).await else {
@@ -258,6 +355,11 @@ impl CredentialCache {
             },
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Refusals remembered now.
+    pub fn remembered(&self) -> u64 {
+        self.inner.rejections.len()
     }
 
     /// Entries in the map, pending housekeeping applied first so the figure is exact.
@@ -320,12 +422,14 @@ impl Inner {
         }
     }
 
-    /// Join the exchange under way for `token`, or start one in a task of its own; unless
-    /// `servable` (called under the flights lock) finds that none is needed.
+    /// Join the exchange under way for `token`, or start one in a task of its own that holds
+    /// `ticket` until it ends; unless `servable` (called under the flights lock) finds that
+    /// none is needed.
     fn start_or_join<C>(
         self: &Arc<Self>,
         token: &Token,
         servable: impl FnOnce() -> Option<C>,
+        ticket: Ticket,
     ) -> Join<C> {
         match self.flights.join_or_start(&token.hash(), servable) {
             Lookup::Cached(c) => Join::Servable(c),
@@ -334,6 +438,7 @@ impl Inner {
                 let inner = self.clone();
                 let token = token.clone();
                 self.tasks.spawn(async move {
+                    let _ticket = ticket;
                     let abort = inner.abort.clone();
                     tokio::select! {
                         result = inner.exchange(&token) => tx.finish(result),
@@ -400,10 +505,12 @@ impl Inner {
         entry
     }
 
-    /// A failed exchange: a recoverable one backs the token's entry off (it keeps being served
-    /// while valid, and is retried then); an irrecoverable one evicts it.
+    /// A failed exchange. The token's fault evicts its entry and is remembered; the node's
+    /// fault or a transient one backs the entry off (it keeps being served while valid, and is
+    /// retried then), and the node's fault is remembered briefly too.
     fn apply_failure(&self, token: &Token, e: &ExchangeError) {
         let hash = token.hash();
+        let fault = e.fault();
         let kind = if e.recoverable() {
             "Recoverable"
         } else {
@@ -413,19 +520,31 @@ impl Inner {
             .cache_errors
             .with_label_values(&[kind, e.code()])
             .inc();
-        if let Some(current) = self.entries.get(&hash) {
-            if e.recoverable() {
-                let retry_at = current.back_off(SystemTime::now());
-                if retry_at < current.valid_until {
-                    self.scheduler.schedule(hash, current.generation, retry_at);
+        let current = self.entries.get(&hash);
+        match (fault, &current) {
+            (Fault::Token, Some(_)) => self.entries.invalidate(&hash),
+            (_, Some(entry)) => {
+                let retry_at = entry.back_off(SystemTime::now());
+                if retry_at < entry.valid_until {
+                    self.scheduler.schedule(hash, entry.generation, retry_at);
                 }
-            } else {
-                self.entries.invalidate(&hash);
             }
+            (_, None) => {}
         }
+        self.rejections.remember(hash, Refusal::Upstream(e.clone()));
         let s = &token.claims().subject;
-        tracing::warn!(token = %hash, namespace = %s.namespace, service_account = %s.service_account,
-            code = e.code(), recoverable = e.recoverable(), error = %e, "EKS Auth exchange failed");
+        if fault == Fault::Node {
+            self.metrics
+                .node_refused
+                .with_label_values(&[e.code()])
+                .inc();
+            tracing::warn!(token = %hash, namespace = %s.namespace, service_account = %s.service_account,
+                code = e.code(), error = %e, kept_cached_credentials = current.is_some(),
+                "EKS Auth refused the node's own credentials; pods keep their cached credentials");
+        } else {
+            tracing::warn!(token = %hash, namespace = %s.namespace, service_account = %s.service_account,
+                code = e.code(), fault = fault.as_str(), error = %e, "EKS Auth exchange failed");
+        }
     }
 }
 
@@ -463,7 +582,7 @@ impl scheduler::Refresher for Refresh {
         // A request may have replaced the entry while the scheduler waited for budget.
         let entry = inner.current(&hash, generation)?;
         Some(Box::pin(async move {
-            let result = match inner.start_or_join(&entry.token, || None::<()>) {
+            let result = match inner.start_or_join(&entry.token, || None::<()>, Ticket::free()) {
                 Join::Servable(()) => return,
                 Join::Waiting { rx, .. } => flight::wait(rx).await,
             };
