@@ -1,9 +1,12 @@
-//! A token bucket: at most `rate` acquisitions per second, evenly paced.
+//! A token bucket: at most `rate` takes per second on average, at most `burst` at once.
 //!
 //! Contract: [`TokenBucket::acquire`] returns once a token is available, sleeping exactly as long
-//! as the refill needs (no polling). It takes one token per call; the reference agent's limiter
-//! took two per refresh, halving its real rate. The burst is one token, so no one-second window
-//! sees more than `rate + 1` acquisitions: `--max-service-qps` means per second, not on average.
+//! as the refill needs (no polling); [`TokenBucket::try_take`] takes one now or says how long
+//! until one would be there; [`TokenBucket::reserve`] takes one now or books the next one if it
+//! comes within `max_wait`, returning how long to wait for it (booked tokens are not given to
+//! anyone else). Each call takes one token: the reference agent's refresh limiter took two per
+//! refresh, halving its real rate. With a burst of 1 no one-second window sees more than
+//! `rate + 1` takes: the refresh scheduler uses that, so `--max-service-qps` means per second.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -12,33 +15,72 @@ use tokio::time::Instant;
 pub struct TokenBucket {
     rate: f64,
     burst: f64,
+    /// Tokens available now (negative: booked ahead) and when that was computed.
     state: Mutex<(f64, Instant)>,
 }
 
 impl TokenBucket {
+    /// A bucket that refills at `rate_per_second` and holds one token.
     pub fn new(rate_per_second: f64) -> Self {
-        let rate = rate_per_second.max(0.001);
-        let burst = 1.0;
+        TokenBucket::with_burst(rate_per_second, 1)
+    }
+
+    /// A bucket that refills at `rate_per_second`, holds `burst` tokens, and starts full.
+    pub fn with_burst(rate_per_second: f64, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
         TokenBucket {
-            rate,
+            rate: rate_per_second.max(0.001),
             burst,
             state: Mutex::new((burst, Instant::now())),
         }
     }
 
+    /// Apply `f` to the refilled state under the lock.
+    fn with_state<T>(&self, f: impl FnOnce(&mut f64) -> T) -> T {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let refill = now.duration_since(s.1).as_secs_f64() * self.rate;
+        s.0 = (s.0 + refill).min(self.burst);
+        s.1 = now;
+        f(&mut s.0)
+    }
+
+    fn wait_for(&self, tokens: f64) -> Duration {
+        Duration::from_secs_f64(((1.0 - tokens) / self.rate).max(0.0))
+    }
+
+    /// Take a token now, or `Err(time until one is there)`.
+    pub fn try_take(&self) -> Result<(), Duration> {
+        self.with_state(|tokens| {
+            if *tokens >= 1.0 {
+                *tokens -= 1.0;
+                Ok(())
+            } else {
+                Err(self.wait_for(*tokens))
+            }
+        })
+    }
+
+    /// Take a token now or book one that comes within `max_wait`: `Ok(wait)` (zero if now), or
+    /// `Err(time until one would be there)` without booking.
+    pub fn reserve(&self, max_wait: Duration) -> Result<Duration, Duration> {
+        self.with_state(|tokens| {
+            let wait = self.wait_for(*tokens);
+            if wait <= max_wait {
+                *tokens -= 1.0;
+                Ok(wait)
+            } else {
+                Err(wait)
+            }
+        })
+    }
+
+    /// Wait for a token and take it.
     pub async fn acquire(&self) {
         loop {
-            let wait = {
-                let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                let now = Instant::now();
-                let refill = now.duration_since(s.1).as_secs_f64() * self.rate;
-                s.0 = (s.0 + refill).min(self.burst);
-                s.1 = now;
-                if s.0 >= 1.0 {
-                    s.0 -= 1.0;
-                    return;
-                }
-                Duration::from_secs_f64((1.0 - s.0) / self.rate)
+            let wait = match self.try_take() {
+                Ok(()) => return,
+                Err(wait) => wait,
             };
             tokio::time::sleep(wait).await;
         }
@@ -62,5 +104,27 @@ mod tests {
             elapsed >= Duration::from_millis(2790) && elapsed <= Duration::from_millis(2900),
             "{elapsed:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn burst_then_rate_and_bounded_booking() {
+        let bucket = TokenBucket::with_burst(2.0, 3);
+        for _ in 0..3 {
+            assert_eq!(bucket.try_take(), Ok(()));
+        }
+        let wait = bucket.try_take().expect_err("empty");
+        assert!(wait > Duration::from_millis(490) && wait <= Duration::from_millis(500));
+        // Book the next token (due in 500 ms), but not the one after (1 s) with 600 ms allowed.
+        assert!(bucket.reserve(Duration::from_millis(600)).is_ok());
+        let refused = bucket
+            .reserve(Duration::from_millis(600))
+            .expect_err("too far");
+        assert!(refused > Duration::from_millis(900), "{refused:?}");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        // Refilled to the burst, not beyond.
+        for _ in 0..3 {
+            assert_eq!(bucket.try_take(), Ok(()));
+        }
+        assert!(bucket.try_take().is_err());
     }
 }

@@ -5,6 +5,8 @@
 //! (single-flight, refresh-ahead) → [`eks_auth`] (the exchange) → [`credentials`] (the body),
 //! with [`error`] mapping every failure to one status and JSON body, and [`metrics`] counting.
 
+pub mod admission;
+pub mod bucket;
 pub mod cache;
 pub mod cli;
 pub mod credentials;
@@ -12,6 +14,7 @@ pub mod dev;
 pub mod eks_auth;
 pub mod emulator;
 pub mod error;
+pub mod issuer;
 pub mod logging;
 pub mod metrics;
 pub mod netlink;

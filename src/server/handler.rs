@@ -1,18 +1,26 @@
-//! `/v1/credentials`: validation → cache → response, with its metrics and its one log line.
+//! `/v1/credentials`: validation → cache (with the client's admission gate) → response, with its
+//! metrics and its one log line.
 //!
 //! Contract: every request gets exactly one answer, success or a JSON error, and is counted
-//! once in `pod_identity_http_response` and the latency histogram. The debug line names the
-//! token by its short hash, never by its value. If the client hangs up mid-exchange, this
-//! future is dropped but the exchange goes on in the cache's own task.
+//! once in `pod_identity_http_response` and the latency histogram. A refusal made without asking
+//! EKS Auth (remembered rejection, budget, failed verification) is also counted by reason in
+//! `pod_identity_rejected_locally_total` and reported to [`Admission::note_refusal`], which
+//! warns about it now and then, naming the client; and it is answered after [`REFUSAL_PACE`],
+//! so a client flooding the agent with tokens it will refuse gets at most about ten answers a
+//! second per connection (HTTP/1.1 is serial) and cannot take the CPU from other pods. The debug line names the token by its short
+//! hash, never by its value. If the client hangs up mid-exchange, this future is dropped but the
+//! exchange goes on in the cache's own task.
 
 use super::response::{error_response, json_response};
-use crate::cache::{CredentialCache, Outcome};
+use crate::admission::{Admission, Reason};
+use crate::cache::{CacheError, CredentialCache, Denial, Outcome, Scope};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::request::{self, AllowedHosts};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,19 +32,62 @@ pub struct CredentialHandler {
     pub hosts: AllowedHosts,
     /// Clock leeway on the token's `exp`/`nbf`; the cache was built with the same value.
     pub leeway: Duration,
+    /// Who may start an exchange: per-client and node budgets, local verification.
+    pub admission: Arc<Admission>,
     pub metrics: Arc<Metrics>,
 }
 
+/// How long a local refusal waits before it is answered. A pod meeting one now and then (a
+/// token with no association yet) loses a tenth of a second; a flood loses its speed.
+pub const REFUSAL_PACE: Duration = Duration::from_millis(100);
+
+/// Why the cache refused without asking EKS Auth, if it did.
+fn local_reason(e: &CacheError) -> Option<Reason> {
+    match e {
+        CacheError::Remembered(_) => Some(Reason::NegativeCache),
+        CacheError::Denied(Denial::Invalid(_)) => Some(Reason::Signature),
+        CacheError::Denied(Denial::Busy {
+            scope: Scope::Client,
+            ..
+        }) => Some(Reason::ClientBudget),
+        CacheError::Denied(Denial::Busy {
+            scope: Scope::Node, ..
+        }) => Some(Reason::NodeBudget),
+        CacheError::Exchange(_) | CacheError::ShuttingDown => None,
+    }
+}
+
 impl CredentialHandler {
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
+    pub async fn handle<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let started = Instant::now();
         let result = match request::validate(&req, &self.hosts, self.leeway) {
-            Ok(token) => self
+            Ok(token) => match self
                 .cache
-                .get(&token)
+                .get(&token, &self.admission.gate(peer.ip()))
                 .await
-                .map_err(Error::from)
-                .map(|(e, o)| (token, e, o)),
+            {
+                Ok((entry, outcome)) => Ok((token, entry, outcome)),
+                Err(e) => {
+                    let reason = local_reason(&e);
+                    let e = Error::from(e);
+                    if let Some(reason) = reason {
+                        self.metrics
+                            .rejected_locally
+                            .with_label_values(&[reason.as_str()])
+                            .inc();
+                        self.admission.note_refusal(
+                            peer.ip(),
+                            &token.claims().subject,
+                            reason,
+                            e.code(),
+                        );
+                        if reason != Reason::NodeBudget {
+                            tokio::time::sleep(REFUSAL_PACE).await;
+                        }
+                    }
+                    Err(e)
+                }
+            },
             Err(e) => Err(e),
         };
         let m = &self.metrics;

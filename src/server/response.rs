@@ -3,12 +3,12 @@
 //!
 //! Contract: every answer the agent's listeners give goes through here, so each carries
 //! `Content-Type: application/json` (Go and Java SDKs show a JSON error's code and message only
-//! then), and a 405 names the allowed method.
+//! then), a 405 names the allowed method, and a refusal for a budget carries `Retry-After`.
 
 use crate::error::Error;
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -26,6 +26,12 @@ pub fn error_response(e: &Error) -> Response<Full<Bytes>> {
     if matches!(e, Error::MethodNotAllowed(_)) {
         res.headers_mut()
             .insert(ALLOW, HeaderValue::from_static("GET"));
+    }
+    if let Some(wait) = e.retry_after() {
+        // Whole seconds, rounded up: the header has no fractions.
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        res.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
     }
     res
 }
