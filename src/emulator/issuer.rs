@@ -138,6 +138,22 @@ impl Issuer {
         &self.kid
     }
 
+    /// The issuer URL tokens carry in `iss`.
+    pub fn url(&self) -> &str {
+        &self.issuer
+    }
+
+    /// The OIDC discovery document, with the key set served at `base` (this emulator's URL).
+    pub fn discovery(&self, base: &str) -> Value {
+        json!({
+            "issuer": self.issuer,
+            "jwks_uri": format!("{base}/openid/v1/jwks"),
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+        })
+    }
+
     /// The public key as a JWKS document, as a cluster's OIDC discovery serves it.
     pub fn jwks(&self) -> Value {
         let pk = self.key.public_key();

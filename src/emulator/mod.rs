@@ -11,7 +11,9 @@
 //! - a service account with no association → `ResourceNotFoundException`;
 //! - otherwise credentials from [`minting`].
 //!
-//! `GET /openid/v1/jwks` serves the issuer's public key, for tools that verify tokens.
+//! `GET /.well-known/openid-configuration` and `GET /openid/v1/jwks` make it an OIDC issuer: the
+//! discovery document names the issuer (`iss` of the tokens it mints) and the JWKS at this
+//! emulator's own address, as a cluster's issuer does, so `--token-issuer` can verify locally.
 //! The agent reaches the emulator only over HTTP, exactly as it reaches EKS Auth.
 //! [`Emulator::build`] makes one from its [`EmulatorConfig`] (state directory, association
 //! table, credential source); [`Emulator::serve`] runs it on a listener.
@@ -23,6 +25,7 @@ pub mod minting;
 pub mod state;
 pub mod wire;
 
+use crate::server::limits::{ConnectionLimiter, ConnectionLimits};
 use crate::server::listener::{self, Connections};
 use crate::server::response::json_response;
 use associations::Associations;
@@ -73,6 +76,8 @@ pub struct Emulator {
     pub account: String,
     /// Exchanges answered, successful or not (tests and logs).
     pub calls: AtomicU64,
+    /// Discovery documents and key sets served (tests of how often verifiers fetch them).
+    pub key_fetches: AtomicU64,
 }
 
 impl Emulator {
@@ -84,6 +89,7 @@ impl Emulator {
             region: "us-east-1".into(),
             account: "000000000000".into(),
             calls: AtomicU64::new(0),
+            key_fetches: AtomicU64::new(0),
         }
     }
 
@@ -124,19 +130,33 @@ impl Emulator {
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(listener::serve(
             bound,
-            move |req| {
+            move |req, _peer| {
                 let e = self.clone();
                 async move { e.handle(req).await }
             },
             stop,
             connections,
+            ConnectionLimiter::new(ConnectionLimits::default(), None),
         ))
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_owned();
         if req.method() == Method::GET && path == "/openid/v1/jwks" {
+            self.key_fetches.fetch_add(1, Ordering::Relaxed);
             return json_response(StatusCode::OK, Bytes::from(self.issuer.jwks().to_string()));
+        }
+        if req.method() == Method::GET && path == "/.well-known/openid-configuration" {
+            self.key_fetches.fetch_add(1, Ordering::Relaxed);
+            let host = req
+                .headers()
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("127.0.0.1");
+            return json_response(
+                StatusCode::OK,
+                Bytes::from(self.issuer.discovery(&format!("http://{host}")).to_string()),
+            );
         }
         let cluster = path
             .strip_prefix("/clusters/")
