@@ -7,11 +7,14 @@
 //! (`3h`, `1h30m`, `3h0m0s`, `500ms`). The first `-b` replaces the default bind hosts. A value
 //! that does not parse is refused by clap with exit code 2 and a one-line reason.
 
+use crate::admission::AdmissionSettings;
 use crate::cache::policy::RefreshPolicy;
-use crate::cache::CacheSettings;
+use crate::cache::{CacheSettings, NegativeSettings};
 use crate::eks_auth::ExchangeSettings;
 use crate::emulator::state::state_dir;
 use crate::emulator::{AssociationsFrom, CredentialsFrom, EmulatorConfig};
+use crate::issuer::IssuerSettings;
+use crate::server::limits::ConnectionLimits;
 use crate::server::ServerSettings;
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
@@ -253,7 +256,122 @@ pub struct ServerArgs {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
     #[command(flatten)]
+    pub abuse: AbuseArgs,
+    #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// What one pod may cost the node: remembered refusals, exchange budgets, connection bounds and
+/// local token verification.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Abuse resistance")]
+pub struct AbuseArgs {
+    /// Remember EKS Auth's refusal of a token (invalid, expired, no association) this long;
+    /// 0s turns remembering off. Refusals of the node's own credentials: at most 5s.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub negative_cache_ttl: Duration,
+    /// Most refusals remembered at once (separate from --max-cache-size).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub negative_cache_size: u64,
+    /// New exchanges per second one client (source IP) may start, sustained. Cache hits are
+    /// never limited.
+    #[arg(long, default_value = "1", value_parser = parse_rate)]
+    pub client_exchange_qps: f64,
+    /// New exchanges one client may start at once before --client-exchange-qps applies.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub client_exchange_burst: u32,
+    /// Exchanges one client may have under way at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub client_max_concurrent_exchanges: u32,
+    /// New exchanges per second for the whole node, sustained (refreshes are separate:
+    /// --max-service-qps).
+    #[arg(long, default_value = "50", value_parser = parse_rate)]
+    pub exchange_qps: f64,
+    /// New exchanges the node may start at once (a reboot's first requests).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub exchange_burst: u32,
+    /// New exchanges the node may have under way at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_exchanges: u32,
+    /// How long a request may wait for the node's exchange budget before a 503.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub max_exchange_wait: Duration,
+    /// Verify tokens locally against this OIDC issuer (the cluster's, e.g.
+    /// https://oidc.eks.us-west-2.amazonaws.com/id/EXAMPLE) before any exchange. Off by default.
+    #[arg(long, value_parser = parse_url)]
+    pub token_issuer: Option<String>,
+    /// Where the issuer's discovery document is
+    /// [default: <token-issuer>/.well-known/openid-configuration].
+    #[arg(long, requires = "token_issuer", value_parser = parse_url)]
+    pub token_issuer_discovery_url: Option<String>,
+    /// Open connections at once on the credential listeners; beyond it clients wait.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Open connections one client (source IP) may hold; beyond it they are refused (429).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_client: u32,
+    /// A request's headers must arrive within this.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+}
+
+impl AbuseArgs {
+    pub fn admission(&self) -> AdmissionSettings {
+        AdmissionSettings {
+            client_qps: self.client_exchange_qps,
+            client_burst: self.client_exchange_burst,
+            client_concurrency: self.client_max_concurrent_exchanges as usize,
+            node_qps: self.exchange_qps,
+            node_burst: self.exchange_burst,
+            node_concurrency: self.max_concurrent_exchanges as usize,
+            node_wait: self.max_exchange_wait,
+            ..AdmissionSettings::default()
+        }
+    }
+
+    pub fn token_issuer(&self) -> Option<IssuerSettings> {
+        let issuer = self.token_issuer.as_deref()?;
+        let mut settings = IssuerSettings::new(issuer);
+        if let Some(url) = &self.token_issuer_discovery_url {
+            settings.discovery_url = url.clone();
+        }
+        Some(settings)
+    }
+
+    pub fn connections(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections as usize,
+            max_per_client: self.max_connections_per_client as usize,
+            header_timeout: self.header_timeout,
+        }
+    }
+
+    pub fn negative(&self) -> NegativeSettings {
+        NegativeSettings {
+            ttl: self.negative_cache_ttl,
+            max_entries: self.negative_cache_size,
+        }
+    }
+}
+
+/// A positive rate per second.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!("{s:?} is not a positive number per second")),
+    }
+}
+
+/// An http or https URL.
+pub fn parse_url(s: &str) -> Result<String, String> {
+    let uri: hyper::Uri = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a URL"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("https" | "http"), Some(h)) if !h.is_empty() => Ok(s.trim().to_owned()),
+        _ => Err(format!("{s:?} is not an http(s) URL with a host")),
+    }
 }
 
 /// A bind host: an IP literal, bracketed IPv6 included, or `localhost`.
@@ -293,9 +411,13 @@ impl ServerArgs {
                 },
                 refresh_qps: f64::from(self.max_service_qps),
                 refresh_concurrency: 16,
+                negative: self.abuse.negative(),
             },
             leeway: self.token_leeway,
             shutdown_grace: self.shutdown_grace,
+            admission: self.abuse.admission(),
+            token_issuer: self.abuse.token_issuer(),
+            connections: self.abuse.connections(),
         }
     }
 
@@ -335,6 +457,27 @@ mod tests {
         assert_eq!((s.max_cache_size, s.max_service_qps), (2000, 3));
         assert!(!s.rotate_credentials);
         assert_eq!(s.log.verbosity, Verbosity::Info);
+        // Ours: documented in the README's flag table.
+        let settings = s.server_settings();
+        assert_eq!(settings.cache.negative.ttl, Duration::from_secs(60));
+        assert_eq!(settings.cache.negative.max_entries, 10_000);
+        let a = settings.admission;
+        assert_eq!(
+            (a.client_qps, a.client_burst, a.client_concurrency),
+            (1.0, 10, 4)
+        );
+        assert_eq!(
+            (a.node_qps, a.node_burst, a.node_concurrency),
+            (50.0, 200, 64)
+        );
+        assert_eq!(a.node_wait, Duration::from_secs(2));
+        assert!(
+            settings.token_issuer.is_none(),
+            "verification is off by default"
+        );
+        let c = settings.connections;
+        assert_eq!((c.max_connections, c.max_per_client), (2048, 128));
+        assert_eq!(c.header_timeout, Duration::from_secs(3));
     }
 
     #[test]
@@ -393,6 +536,11 @@ mod tests {
                 "soon",
             ],
             vec!["-c", "c", "--max-service-qps", "0"],
+            vec!["-c", "c", "--client-exchange-qps", "0"],
+            vec!["-c", "c", "--client-exchange-qps", "NaN"],
+            vec!["-c", "c", "--token-issuer", "oidc.example"],
+            vec!["-c", "c", "--token-issuer-discovery-url", "http://x/y"],
+            vec!["-c", "c", "--max-connections", "0"],
         ] {
             let err = server(&bad).expect_err("must fail");
             assert_eq!(err.exit_code(), 2, "{bad:?}");

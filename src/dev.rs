@@ -6,6 +6,7 @@
 //! token for `default/default` into the state directory, then prints to stdout the shell lines
 //! that point any AWS SDK at it, and runs until SIGINT/SIGTERM. Logs go to stderr.
 
+use crate::admission::AdmissionSettings;
 use crate::cache::CacheSettings;
 use crate::cli::{DevArgs, EmulateArgs, LogFormat, TokenArgs};
 use crate::eks_auth::{EksAuthClient, ExchangeSettings};
@@ -13,6 +14,7 @@ use crate::emulator::issuer::{Issuer, MintRequest};
 use crate::emulator::state::{mint_to, token_path};
 use crate::emulator::Emulator;
 use crate::metrics::Metrics;
+use crate::server::limits::ConnectionLimits;
 use crate::server::listener::{self, Connections};
 use crate::server::{Server, ServerSettings};
 use std::io::Write;
@@ -139,6 +141,9 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
         cache: CacheSettings::default(),
         leeway: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(2),
+        admission: AdmissionSettings::default(),
+        token_issuer: None,
+        connections: ConnectionLimits::default(),
     };
     let metrics = Arc::new(Metrics::new().map_err(|e| e.to_string())?);
     let agent = Server::start(

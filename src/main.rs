@@ -51,6 +51,19 @@ where
 
 async fn server(args: ServerArgs) -> Result<(), String> {
     logging::init(&args.log, pod_identity_agent::cli::LogFormat::Json);
+    // Every connection is a descriptor: the bound on connections must be reachable.
+    match pod_identity_agent::server::limits::raise_fd_limit() {
+        Ok((before, after)) => {
+            let needed = u64::from(args.abuse.max_connections) + 256;
+            if after < needed {
+                tracing::warn!(open_files = after, max_connections = args.abuse.max_connections,
+                    "the open-files limit is below --max-connections; accept will fail before the bound is reached");
+            } else if before != after {
+                tracing::debug!(before, after, "raised the open-files limit");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
     if args.rotate_credentials {
         // Hybrid nodes: the node's keys are rewritten in the shared credentials file; ask the

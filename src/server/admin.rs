@@ -9,6 +9,7 @@
 //! `/metrics` is the Prometheus text exposition. Both listeners answer all three paths so either
 //! port can be probed.
 
+use super::listener::Connections;
 use super::response::json_response;
 use crate::cache::CredentialCache;
 use crate::metrics::Metrics;
@@ -32,6 +33,8 @@ pub struct Admin {
     pub skipped: Vec<SocketAddr>,
     /// For the entry count in `/metrics` and the scheduler's health.
     pub cache: CredentialCache,
+    /// For the open-connection count in `/metrics`.
+    pub connections: Connections,
     pub metrics: Arc<Metrics>,
 }
 
@@ -60,6 +63,12 @@ impl Admin {
             "/readyz" => self.readyz().await,
             "/metrics" => {
                 self.metrics.cache_entries.set(self.cache.len() as i64);
+                self.metrics
+                    .negative_entries
+                    .set(self.cache.remembered() as i64);
+                self.metrics
+                    .open_connections
+                    .set(self.connections.open() as i64);
                 let mut res = Response::new(Full::new(Bytes::from(self.metrics.render())));
                 res.headers_mut()
                     .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));

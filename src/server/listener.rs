@@ -8,9 +8,10 @@
 //! by itself, or because [`Connections::close`] was called, which ends every connection at once
 //! (shutdown does that when the grace period is over). Every connection runs as a task on the
 //! shared tracker, so shutdown can wait for them. Connections are HTTP/1.1 with keep-alive, a
-//! bounded header size and a header read timeout, so a slow or hostile client cannot hold memory
-//! or a task forever.
+//! bounded header size and a header read timeout, and are admitted within the bounds of a
+//! [`ConnectionLimiter`], so a slow or hostile client cannot hold memory or a task forever.
 
+use super::limits::ConnectionLimiter;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -29,7 +30,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tokens are at most 16 KiB; this leaves room for the other headers and no more.
 const MAX_BUF: usize = 32 * 1024;
 
@@ -47,6 +47,8 @@ pub enum BindError {
     Bind { addr: SocketAddr, source: io::Error },
     #[error("no credential listener could be bound (tried {0})")]
     NoneBound(String),
+    #[error("{0}")]
+    Setup(String),
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<Bound, BindError> {
@@ -134,52 +136,71 @@ impl Drop for OpenGuard {
     }
 }
 
-/// Serve `bound` with `handler` until `stop` is cancelled; return once its connections ended.
-pub async fn serve<H, F>(bound: Bound, handler: H, stop: CancellationToken, conns: Connections)
-where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+/// Serve `bound` with `handler` (given each request and its client's address) until `stop` is
+/// cancelled, within `limiter`'s bounds; return once its connections ended.
+pub async fn serve<H, F>(
+    bound: Bound,
+    handler: H,
+    stop: CancellationToken,
+    conns: Connections,
+    limiter: Arc<ConnectionLimiter>,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limiter.limits().header_timeout)
         .max_buf_size(MAX_BUF)
         .keep_alive(true);
     bound.accepting.store(true, Ordering::Relaxed);
     loop {
-        tokio::select! {
-            accepted = bound.listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning, keep serving.
-                        tracing::warn!(addr = %bound.addr, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let handler = handler.clone();
-                let svc = service_fn(move |req| {
-                    let fut = handler(req);
-                    async move { Ok::<_, Infallible>(fut.await) }
-                });
-                let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
-                let close = conns.close.clone();
-                conns.open.fetch_add(1, Ordering::Relaxed);
-                let open = OpenGuard(conns.open.clone());
-                conns.tracker.spawn(async move {
-                    let _open = open;
-                    tokio::select! {
-                        _ = conn => {}
-                        // Dropping the connection future closes its socket.
-                        _ = close.cancelled() => {}
-                    }
-                });
-            }
+        // A slot first: at the limit, new clients wait in the kernel's backlog.
+        let pending = tokio::select! {
+            slot = limiter.global_slot() => match slot {
+                Some(slot) => slot,
+                None => break,
+            },
             _ = stop.cancelled() => break,
-        }
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = bound.listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning, keep serving.
+                    tracing::warn!(addr = %bound.addr, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let Some(slot) = limiter.client_slot(pending, peer.ip()) else {
+            limiter.refused(peer.ip());
+            // Best effort and never waiting: the answer fits in an empty socket buffer.
+            let _ = stream.try_write(super::limits::too_many_connections().as_bytes());
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let svc = service_fn(move |req| {
+            let fut = handler(req, peer);
+            async move { Ok::<_, Infallible>(fut.await) }
+        });
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+        let close = conns.close.clone();
+        conns.open.fetch_add(1, Ordering::Relaxed);
+        let open = OpenGuard(conns.open.clone());
+        conns.tracker.spawn(async move {
+            let _open = open;
+            let _slot = slot;
+            tokio::select! {
+                _ = conn => {}
+                // Dropping the connection future closes its socket.
+                _ = close.cancelled() => {}
+            }
+        });
     }
     bound.accepting.store(false, Ordering::Relaxed);
     drop(bound.listener);

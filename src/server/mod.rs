@@ -12,16 +12,20 @@
 
 pub mod admin;
 pub mod handler;
+pub mod limits;
 pub mod listener;
 mod memory;
 pub mod response;
 
+use crate::admission::{Admission, AdmissionSettings};
 use crate::cache::{CacheSettings, CredentialCache};
 use crate::eks_auth::CredentialSource;
+use crate::issuer::{IssuerSettings, Verifier};
 use crate::metrics::Metrics;
 use crate::request::AllowedHosts;
 use admin::Admin;
 use handler::CredentialHandler;
+use limits::{ConnectionLimiter, ConnectionLimits};
 use listener::{BindError, Bound, Connections};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -41,7 +45,21 @@ pub struct ServerSettings {
     pub leeway: Duration,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// Who may start a new exchange (per-client and node budgets).
+    pub admission: AdmissionSettings,
+    /// `--token-issuer`: verify tokens locally before any exchange.
+    pub token_issuer: Option<IssuerSettings>,
+    /// Bounds on the credential listeners' connections.
+    pub connections: ConnectionLimits,
 }
+
+/// The probe and metrics listeners have their own, small connection pool: a flood on the
+/// credential listeners never starves the kubelet's probes or a scrape.
+const ADMIN_CONNECTIONS: ConnectionLimits = ConnectionLimits {
+    max_connections: 64,
+    max_per_client: 64,
+    header_timeout: Duration::from_secs(3),
+};
 
 /// A started server. Dropping it without [`shutdown`](RunningServer::shutdown) leaves its tasks
 /// running on the runtime until the runtime ends.
@@ -83,15 +101,40 @@ impl Server {
             Some(a) => Some(listener::bind(a).await?),
             None => None,
         };
+        let verifier = match &settings.token_issuer {
+            Some(issuer) => {
+                tracing::info!(issuer = %issuer.issuer, discovery = %issuer.discovery_url,
+                    "tokens are verified locally before any exchange");
+                Some(Verifier::start(issuer.clone()).map_err(BindError::Setup)?)
+            }
+            None => None,
+        };
         let cache = CredentialCache::new(source, &settings.cache, settings.leeway, metrics.clone());
         let bound_ips: Vec<IpAddr> = creds.iter().map(|b| b.addr.ip()).collect();
         let handler = Arc::new(CredentialHandler {
             cache: cache.clone(),
             hosts: AllowedHosts::new(&bound_ips),
             leeway: settings.leeway,
+            admission: Arc::new(Admission::counted(
+                settings.admission,
+                verifier,
+                Some(metrics.verifications.clone()),
+            )),
             metrics: metrics.clone(),
         });
+        let credential_limiter = ConnectionLimiter::new(
+            settings.connections,
+            Some(
+                metrics
+                    .rejected_locally
+                    .with_label_values(&["connection_limit"]),
+            ),
+        );
+        let admin_limiter = ConnectionLimiter::new(ADMIN_CONNECTIONS, None);
+        let stop = CancellationToken::new();
+        let connections = Connections::default();
         let admin = Arc::new(Admin {
+            connections: connections.clone(),
             listeners: creds
                 .iter()
                 .map(|b| (b.addr, b.accepting.clone()))
@@ -100,8 +143,6 @@ impl Server {
             cache: cache.clone(),
             metrics: metrics.clone(),
         });
-        let stop = CancellationToken::new();
-        let connections = Connections::default();
         let tasks = connections.tracker().clone();
         let credential_addrs: Vec<SocketAddr> = creds.iter().map(|b| b.addr).collect();
         for bound in creds {
@@ -109,12 +150,13 @@ impl Server {
             let h = handler.clone();
             tasks.spawn(listener::serve(
                 bound,
-                move |req| {
+                move |req, peer| {
                     let h = h.clone();
-                    async move { h.handle(req).await }
+                    async move { h.handle(req, peer).await }
                 },
                 stop.clone(),
                 connections.clone(),
+                credential_limiter.clone(),
             ));
         }
         let spawn_admin = |bound: Option<Bound>, what: &'static str| {
@@ -124,12 +166,13 @@ impl Server {
                 let a = admin.clone();
                 tasks.spawn(listener::serve(
                     bound,
-                    move |req| {
+                    move |req, _peer| {
                         let a = a.clone();
                         async move { a.handle(req).await }
                     },
                     stop.clone(),
                     connections.clone(),
+                    admin_limiter.clone(),
                 ));
                 addr
             })
