@@ -334,3 +334,67 @@ async fn rotate_credentials_rereads_the_shared_credentials_file() {
         "secrets in logs"
     );
 }
+
+#[tokio::test]
+async fn refusals_are_logged_naming_the_client_never_the_token() {
+    let fake = FakeEksAuth::start(CLUSTER).await;
+    fake.answer_namespace("attacker", "error-invalid-token");
+    let endpoint = fake.endpoint();
+    let mut args = LOCAL.to_vec();
+    args.extend(["--endpoint", &endpoint]);
+    let (mut agent, addr) = spawn_agent(agent_command(&args)).await;
+
+    // The open-files limit was raised to the hard limit at start.
+    let pid = agent.child.id().expect("pid");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let nofile: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| l.split_whitespace().skip(3).take(2).collect())
+        .unwrap_or_default();
+    assert_eq!(nofile.first(), nofile.get(1), "soft == hard: {nofile:?}");
+
+    let client: std::net::IpAddr = "127.0.0.7".parse().expect("ip");
+    let mut tokens = Vec::new();
+    for _ in 0..15 {
+        let t = mint("attacker", "x", 3600);
+        tokens.push(t.clone());
+        let r = get_from(client, addr, "/v1/credentials", &[("authorization", &t)]).await;
+        assert!(matches!(r.status, 400 | 429), "{}", r.status);
+    }
+    let again = get_from(
+        client,
+        addr,
+        "/v1/credentials",
+        &[("authorization", &tokens[0])],
+    )
+    .await;
+    assert_eq!(again.status, 400, "remembered");
+    agent.sigterm();
+    let _ = tokio::time::timeout(Duration::from_secs(10), agent.child.wait()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let logs = agent.stderr.joined();
+    let warnings: Vec<serde_json::Value> = agent
+        .stderr
+        .all()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "refused a request without asking EKS Auth")
+        .collect();
+    assert_eq!(warnings.len(), 1, "once per client per 10 s: {logs}");
+    let w = &warnings[0];
+    assert_eq!(w["level"], "WARN");
+    assert_eq!(w["client"], "127.0.0.7");
+    assert_eq!(w["namespace"], "attacker");
+    assert_eq!(w["service_account"], "x");
+    assert!(
+        w["reason"] == "client_budget" || w["reason"] == "negative_cache",
+        "{w}"
+    );
+    for t in &tokens {
+        for part in t.split('.') {
+            assert!(!logs.contains(part), "a token segment reached the logs");
+        }
+    }
+}

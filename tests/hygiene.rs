@@ -32,7 +32,10 @@ async fn no_state_dir_is_an_error_not_the_working_directory() {
             .flatten()
             .map(|e| e.path())
             .collect();
-        assert!(left.is_empty(), "{args:?} wrote into the working directory: {left:?}");
+        assert!(
+            left.is_empty(),
+            "{args:?} wrote into the working directory: {left:?}"
+        );
     }
 }
 
@@ -79,7 +82,10 @@ fn holds_pem_private_key(text: &str) -> bool {
     let header = format!("PRIVATE {}-----", "KEY");
     text.match_indices(&header).any(|(at, _)| {
         let after = &text[at + header.len()..];
-        let Some(body) = after.strip_prefix("\r\n").or_else(|| after.strip_prefix('\n')) else {
+        let Some(body) = after
+            .strip_prefix("\r\n")
+            .or_else(|| after.strip_prefix('\n'))
+        else {
             return false;
         };
         let line: String = body.chars().take_while(|c| *c != '\n').collect();
@@ -96,5 +102,7 @@ fn the_key_detector_finds_keys() {
     let header = format!("-----BEGIN PRIVATE {}-----", "KEY");
     let key = format!("{header}\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7\n-----END");
     assert!(holds_pem_private_key(&key));
-    assert!(!holds_pem_private_key(&format!("const PEM_BEGIN: &str = \"{header}\";")));
+    assert!(!holds_pem_private_key(&format!(
+        "const PEM_BEGIN: &str = \"{header}\";"
+    )));
 }

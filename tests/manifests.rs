@@ -144,18 +144,19 @@ fn render(variant: &str) -> Option<Rendered> {
     }
 }
 
+/// The node's IP as the downward API would give it, for `$(HOST_IP)`.
+const NODE_IP: &str = "10.0.12.34";
+
 /// `$(VAR)` in args expanded from the container's env, as kubelet does.
 fn expand(arg: &str, c: &Container, config: &BTreeMap<String, String>) -> String {
     let mut out = arg.to_owned();
     for e in c.env.iter().flatten() {
         let value = e.value.clone().or_else(|| {
-            let key = e
-                .value_from
-                .as_ref()?
-                .config_map_key_ref
-                .as_ref()?
-                .key
-                .clone();
+            let from = e.value_from.as_ref()?;
+            if let Some(field) = &from.field_ref {
+                return (field.field_path == "status.hostIP").then(|| NODE_IP.to_owned());
+            }
+            let key = from.config_map_key_ref.as_ref()?.key.clone();
             config.get(&key).cloned()
         });
         if let Some(v) = value {
@@ -237,6 +238,19 @@ fn renders_are_valid_and_match_the_agent() {
             "{variant}"
         );
         assert_eq!(caps(init), (vec!["NET_ADMIN".into()], vec!["ALL".into()]));
+        for c in [init, &pod.containers[0]] {
+            let seccomp = c
+                .security_context
+                .as_ref()
+                .and_then(|s| s.seccomp_profile.as_ref())
+                .map(|p| p.type_.clone());
+            assert_eq!(
+                seccomp.as_deref(),
+                Some("RuntimeDefault"),
+                "{variant}: {}",
+                c.name
+            );
+        }
         assert_ne!(
             init.security_context.as_ref().and_then(|s| s.privileged),
             Some(true)
@@ -281,13 +295,19 @@ fn renders_are_valid_and_match_the_agent() {
                 "the probe listener binds 127.0.0.1"
             );
         }
-        let metrics_port = main
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.name.as_deref() == Some("metrics"))
-            .expect("metrics port");
-        assert_eq!(metrics_port.container_port, i32::from(args.metrics_port));
+        // hostNetwork: declared ports would be host ports and keep a second agent pod (an
+        // upgrade's surge) off the node; the agent binds its own addresses.
+        assert!(
+            main.ports.as_ref().is_none_or(Vec::is_empty),
+            "{variant}: no declared ports"
+        );
+        // Metrics on loopback, except where the metrics overlay moves them to the node's IP.
+        let metrics_ip = if *variant == "daemonset/overlays/metrics" {
+            NODE_IP
+        } else {
+            "127.0.0.1"
+        };
+        assert_eq!(args.metrics_address.to_string(), metrics_ip, "{variant}");
         let res = main.resources.as_ref().expect("resources");
         assert!(res
             .requests
@@ -339,15 +359,9 @@ fn renders_are_valid_and_match_the_agent() {
                 file.is_some_and(|f| f.starts_with(&mount.mount_path)),
                 "{variant}: credentials file inside the mount"
             );
-            let selinux = sc
-                .se_linux_options
-                .as_ref()
-                .and_then(|o| o.type_.as_deref());
-            assert_eq!(
-                selinux,
-                variant.ends_with("bottlerocket").then_some("spc_t"),
-                "{variant}"
-            );
+            // Reading one read-only directory needs no SELinux type of its own, Bottlerocket
+            // included: no spc_t.
+            assert!(sc.se_linux_options.is_none(), "{variant}");
         } else {
             assert!(!args.rotate_credentials);
             assert!(
@@ -363,7 +377,7 @@ fn renders_are_valid_and_match_the_agent() {
             assert_eq!(port.port, i32::from(args.metrics_port));
             assert_eq!(
                 serde_json::to_value(&port.target_port).expect("tp"),
-                "metrics"
+                serde_json::json!(args.metrics_port)
             );
             let svc_selector = svc_spec.selector.clone().unwrap_or_default();
             assert!(

@@ -3,8 +3,9 @@
 //!
 //! It checks each request the way EKS Auth would see it (method, path with the cluster name,
 //! JSON body with a token, a SigV4 `Authorization` header for service `eks-auth`), counts calls,
-//! records the signing access key ids, and can be told to add latency, hang, or walk through a
-//! scripted sequence of fixtures before falling back to a default.
+//! records the signing access key ids, and can be told to add latency, hang, walk through a
+//! scripted sequence of fixtures before falling back to a default, or answer tokens of one
+//! namespace with a fixture of their own (forged tokens refused while real pods get credentials).
 
 #![allow(dead_code)]
 
@@ -72,6 +73,7 @@ struct State {
     bad_requests: AtomicUsize,
     access_key_ids: Mutex<Vec<String>>,
     tokens: Mutex<Vec<String>>,
+    by_namespace: Mutex<std::collections::HashMap<String, String>>,
 }
 
 #[derive(Clone)]
@@ -96,6 +98,7 @@ impl FakeEksAuth {
             bad_requests: AtomicUsize::new(0),
             access_key_ids: Mutex::default(),
             tokens: Mutex::default(),
+            by_namespace: Mutex::default(),
         });
         let s = state.clone();
         tokio::spawn(async move {
@@ -150,6 +153,15 @@ impl FakeEksAuth {
     /// Answer the next calls with these steps, in order, then fall back to the default.
     pub fn script(&self, steps: impl IntoIterator<Item = Step>) {
         self.state.script.lock().expect("lock").extend(steps);
+    }
+
+    /// Answer every token whose `kubernetes.io.namespace` claim is `namespace` with `fixture`.
+    pub fn answer_namespace(&self, namespace: &str, fixture: &str) {
+        self.state
+            .by_namespace
+            .lock()
+            .expect("lock")
+            .insert(namespace.to_owned(), fixture.to_owned());
     }
 
     pub fn set_lifetime(&self, lifetime: Duration) {
@@ -207,10 +219,21 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
             "fake EKS Auth: unexpected request shape",
         );
     };
-    state.tokens.lock().expect("lock").push(token);
-    let step = {
-        let next = state.script.lock().expect("lock").pop_front();
-        next.unwrap_or_else(|| state.default.lock().expect("lock").clone())
+    let by_namespace = {
+        let map = state.by_namespace.lock().expect("lock");
+        (!map.is_empty())
+            .then(|| namespace_of(&token).and_then(|ns| map.get(&ns).cloned()))
+            .flatten()
+    };
+    if state.tokens.lock().expect("lock").len() < 100_000 {
+        state.tokens.lock().expect("lock").push(token);
+    }
+    let step = match by_namespace {
+        Some(fixture) => Step::fixture(&fixture),
+        None => {
+            let next = state.script.lock().expect("lock").pop_front();
+            next.unwrap_or_else(|| state.default.lock().expect("lock").clone())
+        }
     };
     if !step.delay.is_zero() {
         tokio::time::sleep(step.delay).await;
@@ -220,6 +243,17 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
     }
     let lifetime = *state.lifetime.lock().expect("lock");
     render(&load_fixture(&step.fixture), call, lifetime)
+}
+
+/// The `kubernetes.io.namespace` claim of an (unverified) JWT.
+fn namespace_of(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    v["kubernetes.io"]["namespace"].as_str().map(str::to_owned)
 }
 
 /// Turn a fixture's recorded response into a real one, filling its placeholders.

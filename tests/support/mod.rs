@@ -16,9 +16,11 @@ use fake_eks_auth::FakeEksAuth;
 use http_body_util::{BodyExt, Empty};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+use pod_identity_agent::admission::AdmissionSettings;
 use pod_identity_agent::cache::CacheSettings;
 use pod_identity_agent::eks_auth::{EksAuthClient, ExchangeSettings};
 use pod_identity_agent::metrics::Metrics;
+use pod_identity_agent::server::limits::ConnectionLimits;
 use pod_identity_agent::server::{RunningServer, Server, ServerSettings};
 use serde_json::json;
 use std::net::SocketAddr;
@@ -71,6 +73,15 @@ pub fn settings() -> ServerSettings {
         },
         leeway: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(2),
+        // Tests of other behaviour make many first exchanges from one address; the abuse tests
+        // set real budgets.
+        admission: AdmissionSettings::unlimited(),
+        token_issuer: None,
+        connections: ConnectionLimits {
+            max_connections: 20_000,
+            max_per_client: 20_000,
+            ..ConnectionLimits::default()
+        },
     }
 }
 
@@ -177,7 +188,46 @@ pub async fn request_result(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<Reply, String> {
-    let stream = tokio::net::TcpStream::connect(addr)
+    request_from(None, addr, method, path, headers).await
+}
+
+/// One GET from source address `from` (any 127.x.y.z is local: one address per simulated pod).
+pub async fn get_from(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    request_from(Some(from), addr, "GET", path, headers)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} on {addr} from {from}: {e}"))
+}
+
+/// A TCP connection to `addr`, from `from` if given.
+pub async fn connect_from(
+    from: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let Some(from) = from else {
+        return tokio::net::TcpStream::connect(addr).await;
+    };
+    let socket = if from.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(addr).await
+}
+
+pub async fn request_from(
+    from: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String> {
+    let stream = connect_from(from, addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

@@ -19,6 +19,11 @@ pub fn agent_command(args: &[&str]) -> Command {
     hermetic(Command::new(BIN), args)
 }
 
+/// [`agent_command`] for another build of the agent (benchmarks compare against a baseline).
+pub fn binary_command(bin: &str, args: &[&str]) -> Command {
+    hermetic(Command::new(bin), args)
+}
+
 /// The binary run inside network namespace `ns` (`ip netns exec` keeps the environment and PID).
 pub fn agent_command_in(ns: &str, args: &[&str]) -> Command {
     let mut full = vec!["netns", "exec", ns, BIN];
