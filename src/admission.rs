@@ -25,7 +25,7 @@
 use crate::bucket::TokenBucket;
 use crate::cache::{Denial, Gate, Scope, Ticket};
 use crate::issuer::{Verdict, Verifier};
-use crate::token::{Subject, Token};
+use crate::token::Token;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -188,7 +188,7 @@ impl Admission {
     }
 
     /// Log a local refusal at warn, at most once per client per [`WARN_EVERY`].
-    pub fn note_refusal(&self, client: IpAddr, subject: &Subject, reason: Reason, code: &str) {
+    pub fn note_refusal(&self, client: IpAddr, token: &Token, reason: Reason, code: &str) {
         let client = client.to_canonical();
         let state = self.client(client);
         let due = {
@@ -204,6 +204,7 @@ impl Admission {
             return;
         }
         let unlogged = state.unlogged.swap(0, Ordering::Relaxed);
+        let subject = token.subject();
         tracing::warn!(%client, namespace = %subject.namespace, service_account = %subject.service_account,
             pod = %subject.pod, reason = reason.as_str(), code, refusals_not_logged = unlogged,
             "refused a request without asking EKS Auth");

@@ -102,12 +102,13 @@ pub struct Subject {
     pub pod: String,
 }
 
-/// The claims the agent reads. Everything else in the payload is ignored.
+/// The claims every request needs. Who the token speaks for ([`Token::subject`]) is decoded
+/// again from the raw payload only where it is logged: keeping three strings per request and
+/// per cached entry for that would cost an allocation each on the hit path and ~200 bytes an entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claims {
     pub exp: u64,
     pub nbf: Option<u64>,
-    pub subject: Subject,
 }
 
 /// A structurally valid, unverified JWT.
@@ -129,29 +130,15 @@ impl fmt::Debug for Token {
 }
 
 #[derive(Deserialize)]
-struct RawHeader {
-    alg: String,
+struct RawHeader<'a> {
+    #[serde(borrow)]
+    alg: std::borrow::Cow<'a, str>,
 }
 
 #[derive(Deserialize)]
 struct RawClaims {
     exp: Option<f64>,
     nbf: Option<f64>,
-    sub: Option<String>,
-    #[serde(rename = "kubernetes.io")]
-    kubernetes: Option<RawKubernetes>,
-}
-
-#[derive(Deserialize, Default)]
-struct RawKubernetes {
-    namespace: Option<String>,
-    pod: Option<RawNamed>,
-    serviceaccount: Option<RawNamed>,
-}
-
-#[derive(Deserialize)]
-struct RawNamed {
-    name: Option<String>,
 }
 
 fn decode_segment(segment: &str, what: &'static str) -> Result<Vec<u8>, TokenError> {
@@ -196,9 +183,9 @@ impl Token {
         if h.is_empty() || p.is_empty() || s.is_empty() {
             return Err(TokenError::Malformed("a segment is empty"));
         }
-        let header: RawHeader =
-            serde_json::from_slice(&decode_segment(h, "header is not base64url")?)
-                .map_err(|_| TokenError::Malformed("header is not a JSON object with an alg"))?;
+        let header_bytes = decode_segment(h, "header is not base64url")?;
+        let header: RawHeader = serde_json::from_slice(&header_bytes)
+            .map_err(|_| TokenError::Malformed("header is not a JSON object with an alg"))?;
         if header.alg.is_empty() || header.alg.eq_ignore_ascii_case("none") {
             return Err(TokenError::Malformed("header alg is empty or none"));
         }
@@ -211,35 +198,46 @@ impl Token {
                 .ok_or(TokenError::Malformed("the exp claim is missing"))?,
         )?;
         let nbf = raw.nbf.map(numeric_date).transpose()?;
-        let k = raw.kubernetes.unwrap_or_default();
-        let mut subject = Subject {
-            namespace: k.namespace.unwrap_or_default(),
-            service_account: k.serviceaccount.and_then(|s| s.name).unwrap_or_default(),
-            pod: k.pod.and_then(|p| p.name).unwrap_or_default(),
-        };
-        // Fall back to `sub = system:serviceaccount:<ns>:<sa>` for tokens without the nested claims.
-        if subject.namespace.is_empty() {
-            if let Some(rest) = raw
-                .sub
-                .as_deref()
-                .and_then(|s| s.strip_prefix("system:serviceaccount:"))
-            {
-                if let Some((ns, sa)) = rest.split_once(':') {
-                    subject.namespace = ns.to_owned();
-                    subject.service_account = sa.to_owned();
-                }
-            }
-        }
-        let subject = Subject {
-            namespace: loggable(subject.namespace),
-            service_account: loggable(subject.service_account),
-            pod: loggable(subject.pod),
-        };
         Ok(Token {
             hash: TokenHash::of(text.as_bytes()),
             raw: Arc::from(text),
-            claims: Claims { exp, nbf, subject },
+            claims: Claims { exp, nbf },
         })
+    }
+
+    /// Who the token says it speaks for: the `kubernetes.io` claims, or `sub =
+    /// system:serviceaccount:<ns>:<sa>` for tokens without them. Decoded from the raw payload
+    /// each time (for logs, not for the hit path); a claim of the wrong type reads as empty.
+    pub fn subject(&self) -> Subject {
+        let claims: serde_json::Value = self
+            .raw
+            .split('.')
+            .nth(1)
+            .and_then(|p| B64.decode(p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+        let k = &claims["kubernetes.io"];
+        let mut subject = Subject {
+            namespace: text(&k["namespace"]),
+            service_account: text(&k["serviceaccount"]["name"]),
+            pod: text(&k["pod"]["name"]),
+        };
+        if subject.namespace.is_empty() {
+            if let Some((ns, sa)) = claims["sub"]
+                .as_str()
+                .and_then(|s| s.strip_prefix("system:serviceaccount:"))
+                .and_then(|rest| rest.split_once(':'))
+            {
+                subject.namespace = ns.to_owned();
+                subject.service_account = sa.to_owned();
+            }
+        }
+        Subject {
+            namespace: loggable(subject.namespace),
+            service_account: loggable(subject.service_account),
+            pod: loggable(subject.pod),
+        }
     }
 
     /// Refuse a token outside `[nbf - leeway, exp + leeway]`. Leeway absorbs a node clock that
@@ -341,7 +339,7 @@ mod tests {
         }));
         let parsed = Token::parse(t.as_bytes()).expect("valid token");
         assert_eq!(
-            parsed.claims().subject,
+            parsed.subject(),
             Subject {
                 namespace: "ns".into(),
                 service_account: "sa".into(),
@@ -361,7 +359,7 @@ mod tests {
             "kubernetes.io": {"namespace": long, "pod": {"name": "p\n{\"level\":\"ERROR\"}"},
                               "serviceaccount": {"name": "sa"}}}));
         let parsed = Token::parse(t.as_bytes()).expect("parses");
-        let s = &parsed.claims().subject;
+        let s = parsed.subject();
         assert_eq!(
             s.namespace.chars().count(),
             MAX_NAME + 1,
@@ -376,8 +374,17 @@ mod tests {
     fn falls_back_to_sub_claim() {
         let t = token(json!({"exp": now() + 100, "sub": "system:serviceaccount:a:b"}));
         let parsed = Token::parse(t.as_bytes()).expect("valid token");
-        assert_eq!(parsed.claims().subject.namespace, "a");
-        assert_eq!(parsed.claims().subject.service_account, "b");
+        assert_eq!(parsed.subject().namespace, "a");
+        assert_eq!(parsed.subject().service_account, "b");
+        // Claims of the wrong type are not a reason to refuse: they read as empty.
+        let odd = token(json!({"exp": now() + 100, "kubernetes.io": {"namespace": 7}}));
+        assert_eq!(
+            Token::parse(odd.as_bytes())
+                .expect("parses")
+                .subject()
+                .namespace,
+            ""
+        );
     }
 
     #[test]

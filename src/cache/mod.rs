@@ -532,7 +532,7 @@ impl Inner {
             (_, None) => {}
         }
         self.rejections.remember(hash, Refusal::Upstream(e.clone()));
-        let s = &token.claims().subject;
+        let s = token.subject();
         if fault == Fault::Node {
             self.metrics
                 .node_refused

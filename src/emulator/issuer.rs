@@ -346,7 +346,7 @@ mod tests {
         );
         // The agent's own parser accepts it too.
         let parsed = crate::token::Token::parse(token.as_bytes()).expect("agent parses");
-        assert_eq!(parsed.claims().subject.namespace, "ns");
+        assert_eq!(parsed.subject().namespace, "ns");
         // Same key on reload.
         let again = Issuer::load_or_create(dir.path()).expect("reload");
         assert_eq!(again.kid(), issuer.kid());

@@ -75,12 +75,8 @@ impl CredentialHandler {
                             .rejected_locally
                             .with_label_values(&[reason.as_str()])
                             .inc();
-                        self.admission.note_refusal(
-                            peer.ip(),
-                            &token.claims().subject,
-                            reason,
-                            e.code(),
-                        );
+                        self.admission
+                            .note_refusal(peer.ip(), &token, reason, e.code());
                         if reason != Reason::NodeBudget {
                             tokio::time::sleep(REFUSAL_PACE).await;
                         }
@@ -100,11 +96,13 @@ impl CredentialHandler {
                 m.request_duration(outcome.as_str())
                     .observe(elapsed.as_secs_f64());
                 m.served_remaining.observe(remaining.as_secs_f64());
-                let s = &token.claims().subject;
-                tracing::debug!(status = 200, outcome = outcome.as_str(), token = %token.hash(),
-                    namespace = %s.namespace, service_account = %s.service_account, pod = %s.pod,
-                    access_key_id = creds.access_key_id(), remaining_s = remaining.as_secs(),
-                    micros = elapsed.as_micros() as u64, "served credentials");
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    let s = token.subject();
+                    tracing::debug!(status = 200, outcome = outcome.as_str(), token = %token.hash(),
+                        namespace = %s.namespace, service_account = %s.service_account, pod = %s.pod,
+                        access_key_id = creds.access_key_id(), remaining_s = remaining.as_secs(),
+                        micros = elapsed.as_micros() as u64, "served credentials");
+                }
                 if outcome == Outcome::Stale {
                     // Per request, so debug: the cause (a failed exchange, a refresh backlog) is
                     // logged once where it happens.
