@@ -10,6 +10,7 @@
 mod jwt;
 
 use criterion::{criterion_group, Criterion};
+use pod_identity_agent::admission::{Admission, AdmissionSettings};
 use pod_identity_agent::cache::{CacheSettings, CredentialCache};
 use pod_identity_agent::credentials::{Credentials, Unvalidated};
 use pod_identity_agent::eks_auth::{CredentialSource, FetchFuture};
@@ -73,10 +74,17 @@ fn handler(rt: &tokio::runtime::Runtime) -> CredentialHandler {
             cache,
             hosts: AllowedHosts::new(&["169.254.170.23".parse().expect("ip")]),
             leeway,
+            admission: Arc::new(Admission::new(AdmissionSettings::default(), None)),
             metrics,
         }
     })
 }
+
+/// A pod's address.
+const PEER: std::net::SocketAddr = std::net::SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 3, 7)),
+    40_000,
+);
 
 fn request(t: &str) -> hyper::Request<()> {
     hyper::Request::get("/v1/credentials")
@@ -92,11 +100,11 @@ fn hit_path(c: &mut Criterion) {
     let t = token();
     let request = || request(&t);
     // Warm: the first request exchanges, every measured one hits.
-    let warm = rt.block_on(handler.handle(request()));
+    let warm = rt.block_on(handler.handle(request(), PEER));
     assert_eq!(warm.status(), 200);
     c.bench_function("hit path: request -> response", |b| {
         b.to_async(&rt).iter(|| async {
-            let res = handler.handle(request()).await;
+            let res = handler.handle(request(), PEER).await;
             debug_assert_eq!(res.status(), 200);
             res
         })
@@ -112,9 +120,9 @@ fn fixed_iterations(n: u64) {
     let handler = handler(&rt);
     let t = token();
     rt.block_on(async {
-        assert_eq!(handler.handle(request(&t)).await.status(), 200);
+        assert_eq!(handler.handle(request(&t), PEER).await.status(), 200);
         for _ in 0..n {
-            let res = handler.handle(request(&t)).await;
+            let res = handler.handle(request(&t), PEER).await;
             debug_assert_eq!(res.status(), 200);
         }
     });

@@ -8,12 +8,13 @@ use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::process::{Child, Command};
 
 pub const CLUSTER: &str = "bench";
@@ -31,13 +32,18 @@ pub fn now() -> u64 {
 
 /// A ~1 KB projected-token-shaped JWT, distinct per `n`.
 pub fn token(n: usize) -> String {
+    token_in(n, &format!("ns-{}", n % 50))
+}
+
+/// [`token`] in namespace `namespace`.
+pub fn token_in(n: usize, namespace: &str) -> String {
     let t = now();
     jwt::encode_unsigned(
         &json!({"alg": "RS256", "kid": "bench-key-0123456789abcdef"}),
         &json!({"aud": ["pods.eks.amazonaws.com"], "exp": t + 86400, "iat": t, "nbf": t,
             "iss": "https://oidc.eks.us-west-2.amazonaws.com/id/0123456789ABCDEF0123456789ABCDEF",
-            "sub": format!("system:serviceaccount:ns-{}:sa-{n}", n % 50), "jti": format!("{n:08}-bench"),
-            "kubernetes.io": {"namespace": format!("ns-{}", n % 50),
+            "sub": format!("system:serviceaccount:{namespace}:sa-{n}"), "jti": format!("{n:08}-bench"),
+            "kubernetes.io": {"namespace": namespace,
                 "pod": {"name": format!("workload-{n}-7d9f8c6b5d-x2k4q"), "uid": format!("3b1f0a2e-6c4d-4e8f-9a1b-{n:012}")},
                 "serviceaccount": {"name": format!("sa-{n}"), "uid": "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"}},
             "padding": "p".repeat(260)}),
@@ -68,6 +74,55 @@ impl Agent {
 
 /// Start the release agent; returns once its credential and probe listeners are up.
 pub async fn agent(fake: &FakeEksAuth, extra: &[&str]) -> Agent {
+    let mut args = LIFTED_BUDGETS.to_vec();
+    args.extend_from_slice(extra);
+    agent_with_defaults(fake, &args).await
+}
+
+/// Budgets out of the way, for scenarios that measure something else from one address (warming
+/// 100,000 entries, 1,000 connections for one token).
+pub const LIFTED_BUDGETS: &[&str] = &[
+    "--client-exchange-qps",
+    "1000000",
+    "--client-exchange-burst",
+    "1000000",
+    "--client-max-concurrent-exchanges",
+    "100000",
+    "--exchange-qps",
+    "1000000",
+    "--exchange-burst",
+    "1000000",
+    "--max-concurrent-exchanges",
+    "100000",
+    "--max-connections",
+    "20000",
+    "--max-connections-per-client",
+    "20000",
+    // The storm and herd connect every client first and send later: headers may take seconds.
+    "--header-timeout",
+    "60s",
+];
+
+/// `PIA_BENCH_BASELINE`: another build of the agent, measured alternately with this one in the
+/// throughput and storm scenarios, so that a comparison does not depend on the machine's speed
+/// from one minute to the next. Only flags every build understands are passed to it.
+pub fn baseline() -> Option<String> {
+    std::env::var("PIA_BENCH_BASELINE")
+        .ok()
+        .filter(|b| !b.is_empty())
+}
+
+/// The baseline build (see [`baseline`]) with `extra`.
+pub async fn baseline_agent(bin: &str, fake: &FakeEksAuth, extra: &[&str]) -> Agent {
+    start_agent(Some(bin), fake, extra).await
+}
+
+/// The release agent with its default budgets (plus `extra`).
+pub async fn agent_with_defaults(fake: &FakeEksAuth, extra: &[&str]) -> Agent {
+    start_agent(None, fake, extra).await
+}
+
+async fn start_agent(bin: Option<&str>, fake: &FakeEksAuth, extra: &[&str]) -> Agent {
     let endpoint = fake.endpoint();
     let mut args = vec![
         "server",
@@ -87,7 +142,11 @@ pub async fn agent(fake: &FakeEksAuth, extra: &[&str]) -> Agent {
         &endpoint,
     ];
     args.extend_from_slice(extra);
-    let process = process::spawn(process::agent_command(&args));
+    let command = match bin {
+        Some(bin) => process::binary_command(bin, &args),
+        None => process::agent_command(&args),
+    };
+    let process = process::spawn(command);
     let addr = process.listening("serving credentials").await;
     let probe = process.listening("serving probes").await;
     Agent {
@@ -182,7 +241,39 @@ pub fn hist() -> Histogram<u64> {
 }
 
 pub async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    connect_from(None, addr).await
+}
+
+/// A TCP connection to `addr` from source address `from` (any 127.x.y.z is local on Linux, so
+/// one machine can play many pods).
+pub async fn tcp_from(from: Option<IpAddr>, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let Some(from) = from else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = if from.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(addr).await
+}
+
+/// `127.1.x.y` for client number `n`: one loopback address per simulated pod.
+pub fn pod_ip(n: usize) -> IpAddr {
+    IpAddr::V4(std::net::Ipv4Addr::new(
+        127,
+        1,
+        (n / 250) as u8,
+        (n % 250 + 1) as u8,
+    ))
+}
+
+pub async fn connect_from(
+    from: Option<IpAddr>,
+    addr: SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    let stream = tcp_from(from, addr).await.expect("connect");
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -220,13 +311,37 @@ pub async fn drive(
     rate: Option<f64>,
     track_remaining: bool,
 ) -> Run {
+    drive_with(None, addr, conns, duration, tokens, rate, track_remaining).await
+}
+
+/// [`drive`] from source address `from`.
+pub async fn drive_from(
+    from: Option<IpAddr>,
+    addr: SocketAddr,
+    conns: usize,
+    duration: Duration,
+    tokens: Arc<Vec<String>>,
+    rate: Option<f64>,
+) -> Run {
+    drive_with(from, addr, conns, duration, tokens, rate, false).await
+}
+
+async fn drive_with(
+    from: Option<IpAddr>,
+    addr: SocketAddr,
+    conns: usize,
+    duration: Duration,
+    tokens: Arc<Vec<String>>,
+    rate: Option<f64>,
+    track_remaining: bool,
+) -> Run {
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
     for c in 0..conns {
         let tokens = tokens.clone();
         tasks.push(tokio::spawn(async move {
-            let mut sender = connect(addr).await;
+            let mut sender = connect_from(from, addr).await;
             let mut h = hist();
             let (mut ok, mut errors, mut min_rem) = (0u64, 0u64, None::<i64>);
             let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
@@ -265,7 +380,7 @@ pub async fn drive(
                     }
                     Err(_) => {
                         errors += 1;
-                        sender = connect(addr).await;
+                        sender = connect_from(from, addr).await;
                     }
                 }
             }
@@ -294,13 +409,23 @@ pub async fn drive(
 /// One request per token on its own connection, all released together (or spread over
 /// `spread`); returns per-request latency.
 pub async fn burst(addr: SocketAddr, tokens: Vec<String>, spread: Duration) -> Run {
+    burst_from(addr, tokens, spread, |_| None).await
+}
+
+/// [`burst`], with request `i` sent from source address `from(i)`.
+pub async fn burst_from(
+    addr: SocketAddr,
+    tokens: Vec<String>,
+    spread: Duration,
+    from: fn(usize) -> Option<IpAddr>,
+) -> Run {
     let n = tokens.len();
     let gate = Arc::new(tokio::sync::Barrier::new(n + 1));
     let mut tasks = Vec::new();
     for (i, t) in tokens.into_iter().enumerate() {
         let gate = gate.clone();
         tasks.push(tokio::spawn(async move {
-            let mut sender = connect(addr).await;
+            let mut sender = connect_from(from(i), addr).await;
             gate.wait().await;
             if !spread.is_zero() {
                 tokio::time::sleep(spread.mul_f64(i as f64 / n as f64)).await;

@@ -2,7 +2,8 @@
 //! against a ceiling server that answers the same body from memory with the same runtime.
 //!
 //! `cargo bench --bench load [-- SCENARIO...]` runs the scenarios (all by default: hit, pods,
-//! herd, storm, refresh, memory, startup; `refresh-full`, 13 minutes, only when named) and
+//! herd, storm, refresh, memory, flood, connections, startup; `refresh-full`, 13 minutes, only
+//! when named) and
 //! prints one table. The agent and the ceiling run
 //! as separate processes (the ceiling is this binary re-executed), the load generator and the
 //! fake EKS Auth here; all traffic stays on 127.0.0.1 and every loop is bounded in time.
@@ -14,6 +15,7 @@ mod jwt;
 #[path = "../../tests/support/process.rs"]
 mod process;
 
+mod abuse;
 mod harness;
 mod herd;
 mod memory;
@@ -66,6 +68,12 @@ fn main() {
         }
         if want("memory") {
             rows.extend(memory::memory(&fake).await);
+        }
+        if want("flood") {
+            rows.extend(abuse::flood(&fake).await);
+        }
+        if want("connections") {
+            rows.extend(abuse::connections(&fake).await);
         }
         if want("startup") {
             rows.extend(startup::startup(&fake).await);

@@ -9,6 +9,29 @@ use std::time::Duration;
 /// operator would), with ~1 KB tokens and ~1 KB session tokens.
 pub async fn memory(fake: &FakeEksAuth) -> Vec<Row> {
     fake.respond_with("success-realistic-size");
+    if let Some(bin) = baseline() {
+        // The same 10,000 entries in the baseline build and this one, one after the other.
+        for (name, which) in [("baseline", Some(bin.as_str())), ("this build", None)] {
+            let a = match which {
+                Some(bin) => baseline_agent(bin, fake, &["--max-cache-size", "10000"]).await,
+                None => agent(fake, &["--max-cache-size", "10000"]).await,
+            };
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let idle = a.rss_kib();
+            let tokens = Arc::new(
+                (0..10_000)
+                    .map(|i| token(3_500_000 + i))
+                    .collect::<Vec<_>>(),
+            );
+            warm(a.addr, &tokens, 64).await;
+            tokio::time::sleep(Duration::from_secs(11)).await;
+            let rss = a.rss_kib();
+            println!(
+                "6 memory, {name}: idle {idle} KiB, 10k entries {rss} KiB ({:.0} bytes/entry)",
+                (rss.saturating_sub(idle) * 1024) as f64 / 10_000.0
+            );
+        }
+    }
     let mut rows = Vec::new();
     for (n, limit) in [(10_000usize, Some(48 * 1024)), (100_000, None)] {
         let a = agent(fake, &["--max-cache-size", &n.to_string()]).await;

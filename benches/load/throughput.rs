@@ -18,13 +18,27 @@ pub async fn versus_ceiling(
     let size = (n_tokens + 1000).to_string();
     let a = agent(fake, &["--max-cache-size", &size]).await;
     warm(a.addr, &tokens, 64).await;
+    let base = match baseline() {
+        Some(bin) => {
+            let b = baseline_agent(&bin, fake, &["--max-cache-size", &size]).await;
+            warm(b.addr, &tokens, 64).await;
+            Some(b)
+        }
+        None => None,
+    };
     let (_c, caddr) = ceiling(&sample_body(fake).await).await;
     let secs = Duration::from_secs(3);
-    let (mut best_a, mut best_c) = (Run::default(), Run::default());
+    let (mut best_a, mut best_b, mut best_c) = (Run::default(), Run::default(), Run::default());
     for _ in 0..2 {
         let r = drive(a.addr, conns, secs, tokens.clone(), None, false).await;
         if r.rate() > best_a.rate() {
             best_a = r;
+        }
+        if let Some(b) = &base {
+            let r = drive(b.addr, conns, secs, tokens.clone(), None, false).await;
+            if r.rate() > best_b.rate() {
+                best_b = r;
+            }
         }
         let r = drive(caddr, conns, secs, tokens.clone(), None, false).await;
         if r.rate() > best_c.rate() {
@@ -32,6 +46,15 @@ pub async fn versus_ceiling(
         }
     }
     let ratio = best_a.rate() / best_c.rate().max(1.0);
+    if base.is_some() {
+        println!(
+            "{scenario}: baseline {:.0} req/s ({}), ratio {:.2}; this build {:.0} req/s, ratio {ratio:.2}",
+            best_b.rate(),
+            lat(&best_b),
+            best_b.rate() / best_c.rate().max(1.0),
+            best_a.rate()
+        );
+    }
     let mut rows = vec![Row {
         scenario,
         figures: format!(
