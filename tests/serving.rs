@@ -269,3 +269,33 @@ async fn probes_report_listeners() {
     // The probe port answers probes directly; proxies configured in the environment are not used
     // by the agent's own listener checks (they connect by socket).
 }
+
+#[tokio::test]
+async fn a_connection_accepted_just_before_shutdown_is_still_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start().await;
+    let t = token();
+    assert_eq!(h.get(&t).await.status, 200, "cached");
+    let mut s = tokio::net::TcpStream::connect(h.addr())
+        .await
+        .expect("connect");
+    // Accepted, but its request not sent yet, when the agent stops (a handover or a SIGTERM).
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let addr = h.addr();
+    let Harness { agent, fake } = h;
+    let stopping = tokio::spawn(agent.shutdown());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let req = format!("GET /v1/credentials HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {t}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        s.read_to_string(&mut answer),
+    )
+    .await
+    .expect("answered, then closed");
+    // Served, and then closed (read_to_string saw the end).
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    stopping.await.expect("stopped");
+    drop(fake);
+}

@@ -2,12 +2,14 @@
 //!
 //! Contract: [`bind_credential_listeners`] binds one listener per bind host. An IPv6 host that
 //! cannot be bound (a node without IPv6) is reported and skipped; an IPv4 host that cannot be
-//! bound, or no listener at all, is an error. [`serve`] accepts connections until `stop` is
-//! cancelled, then stops accepting at once and lets the connections it accepted finish their
-//! requests (keep-alive is turned off for them). It returns when the last of them has ended:
-//! by itself, or because [`Connections::close`] was called, which ends every connection at once
-//! (shutdown does that when the grace period is over). Every connection runs as a task on the
-//! shared tracker, so shutdown can wait for them. Connections are HTTP/1.1 with keep-alive, a
+//! bound, or no listener at all, is an error. [`Sockets`] supplies sockets a predecessor handed
+//! over, or waits for a port it still holds. [`serve`] accepts connections until `stop` is
+//! cancelled, then stops accepting at once and returns; the connections it accepted finish in
+//! their own tasks: keep-alive is turned off, so each ends after the request it is on (an idle
+//! one at once), and one accepted a moment ago that has not sent its request yet gets a second
+//! to send it, rather than being closed as idle and losing it. [`Connections::close`] ends every
+//! connection at once (shutdown does that when the grace period is over). Every connection runs
+//! as a task on the shared tracker, so shutdown can wait for them. Connections are HTTP/1.1 with keep-alive, a
 //! bounded header size and a header read timeout, and are admitted within the bounds of a
 //! [`ConnectionLimiter`], so a slow or hostile client cannot hold memory or a task forever.
 
@@ -18,7 +20,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -27,17 +28,91 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Tokens are at most 16 KiB; this leaves room for the other headers and no more.
 const MAX_BUF: usize = 32 * 1024;
 
+/// What a listening socket is for: a successor agent matches handed-over sockets by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Credentials,
+    Probe,
+    Metrics,
+}
+
 /// A listener that bound, and whether its accept loop still runs (for `/readyz`).
 pub struct Bound {
     pub listener: TcpListener,
     pub addr: SocketAddr,
     pub accepting: Arc<AtomicBool>,
+}
+
+/// Where listening sockets come from: those a predecessor handed over, else fresh binds, which
+/// wait while a predecessor that did not hand over still holds the port.
+#[derive(Default)]
+pub struct Sockets {
+    /// Handed-over listening sockets, by role and address.
+    pub inherited: Vec<(Role, SocketAddr, std::net::TcpListener)>,
+    /// Retry a port in use until it is free, instead of failing at once.
+    pub wait_for_ports: bool,
+}
+
+/// How often a bind waiting for a predecessor's port is retried, and how often it says so.
+const BIND_RETRY: Duration = Duration::from_millis(100);
+const BIND_WARN_EVERY: Duration = Duration::from_secs(5);
+
+impl Sockets {
+    /// The handed-over socket for `role` at `addr` (port 0 matches any port on that IP), or a
+    /// fresh bind.
+    pub async fn bind(&mut self, role: Role, addr: SocketAddr) -> Result<Bound, BindError> {
+        let found = self.inherited.iter().position(|(r, a, _)| {
+            *r == role && a.ip() == addr.ip() && (addr.port() == 0 || a.port() == addr.port())
+        });
+        if let Some(at) = found {
+            let (_, _, std_listener) = self.inherited.remove(at);
+            let listener = std_listener
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(std_listener))
+                .map_err(|source| BindError::Bind { addr, source })?;
+            return Bound::from_listener(listener, addr);
+        }
+        if !self.wait_for_ports {
+            return bind(addr).await;
+        }
+        let mut warned = std::time::Instant::now();
+        loop {
+            match bind(addr).await {
+                Err(BindError::Bind { source, .. })
+                    if source.kind() == io::ErrorKind::AddrInUse =>
+                {
+                    if warned.elapsed() >= BIND_WARN_EVERY {
+                        warned = std::time::Instant::now();
+                        tracing::warn!(%addr, "waiting for the previous agent to let go of the address");
+                    }
+                    tokio::time::sleep(BIND_RETRY).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Bound {
+    fn from_listener(listener: TcpListener, asked: SocketAddr) -> Result<Bound, BindError> {
+        let addr = listener.local_addr().map_err(|source| BindError::Bind {
+            addr: asked,
+            source,
+        })?;
+        Ok(Bound {
+            listener,
+            addr,
+            accepting: Arc::new(AtomicBool::new(false)),
+        })
+    }
 }
 
 /// Why the agent cannot serve credentials.
@@ -55,26 +130,20 @@ pub async fn bind(addr: SocketAddr) -> Result<Bound, BindError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| BindError::Bind { addr, source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| BindError::Bind { addr, source })?;
-    Ok(Bound {
-        listener,
-        addr,
-        accepting: Arc::new(AtomicBool::new(false)),
-    })
+    Bound::from_listener(listener, addr)
 }
 
 /// Bind every host; return the bound listeners and the IPv6 hosts that were skipped.
 pub async fn bind_credential_listeners(
     hosts: &[IpAddr],
     port: u16,
+    sockets: &mut Sockets,
 ) -> Result<(Vec<Bound>, Vec<(SocketAddr, io::Error)>), BindError> {
     let mut bound = Vec::new();
     let mut skipped = Vec::new();
     for ip in hosts {
         let addr = SocketAddr::new(*ip, port);
-        match bind(addr).await {
+        match sockets.bind(Role::Credentials, addr).await {
             Ok(b) => bound.push(b),
             Err(BindError::Bind { addr, source })
                 if addr.is_ipv6() && source.kind() != io::ErrorKind::AddrInUse =>
@@ -148,7 +217,6 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limiter.limits().header_timeout)
@@ -188,22 +256,144 @@ pub async fn serve<H, F>(
             let fut = handler(req, peer);
             async move { Ok::<_, Infallible>(fut.await) }
         });
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
-        let close = conns.close.clone();
+        let first = Arc::new(Notify::new());
+        let io = TokioIo::new(Heard {
+            inner: stream,
+            first: first.clone(),
+            heard: false,
+        });
+        let conn = http.serve_connection(io, svc);
+        let (stop, close) = (stop.clone(), conns.close.clone());
         conns.open.fetch_add(1, Ordering::Relaxed);
         let open = OpenGuard(conns.open.clone());
         conns.tracker.spawn(async move {
             let _open = open;
             let _slot = slot;
-            tokio::select! {
-                _ = conn => {}
-                // Dropping the connection future closes its socket.
-                _ = close.cancelled() => {}
-            }
+            drain(conn, first, stop, close).await;
         });
     }
     bound.accepting.store(false, Ordering::Relaxed);
+    // The connections go on in their own tasks; shutdown waits for them on the tracker.
     drop(bound.listener);
-    // Ends when every connection watched here has ended, by itself or by `Connections::close`.
-    graceful.shutdown().await;
+}
+
+/// How long, at shutdown, a connection that has not sent a byte yet gets to send its request.
+/// It was accepted a moment ago (its client connected just before the listener stopped or
+/// was handed over); closing it as idle would lose that request.
+const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
+
+/// Serve one connection; once `stop` is cancelled, turn keep-alive off so it ends after the
+/// request it is on (at once if it is idle between requests), but give one that has not sent
+/// its first request yet [`FIRST_REQUEST_WAIT`] for it. `close` ends it at once.
+async fn drain<C>(conn: C, first: Arc<Notify>, stop: CancellationToken, close: CancellationToken)
+where
+    C: Future + GracefulConnection,
+{
+    tokio::pin!(conn);
+    let mut heard = false;
+    let mut draining = false;
+    let patience = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(patience);
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            // Dropping the connection future closes its socket.
+            _ = close.cancelled() => return,
+            _ = first.notified(), if !heard => {
+                heard = true;
+                if draining {
+                    conn.as_mut().shut_down_gracefully();
+                }
+            }
+            _ = stop.cancelled(), if !draining => {
+                draining = true;
+                if heard {
+                    conn.as_mut().shut_down_gracefully();
+                } else {
+                    patience.as_mut().reset(tokio::time::Instant::now() + FIRST_REQUEST_WAIT);
+                }
+            }
+            _ = &mut patience, if draining && !heard => {
+                heard = true;
+                conn.as_mut().shut_down_gracefully();
+            }
+        }
+    }
+}
+
+/// A connection that can be told to finish gracefully.
+trait GracefulConnection {
+    fn shut_down_gracefully(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S> GracefulConnection for hyper::server::conn::http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::ResBody: hyper::body::Body + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+{
+    fn shut_down_gracefully(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// A connection's stream that says when its first bytes arrive.
+struct Heard {
+    inner: tokio::net::TcpStream,
+    first: Arc<Notify>,
+    heard: bool,
+}
+
+impl tokio::io::AsyncRead for Heard {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if !self.heard && buf.filled().len() > before {
+            self.heard = true;
+            // Stores a permit if nobody waits yet: the drain loop sees it later.
+            self.first.notify_one();
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Heard {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
