@@ -258,7 +258,26 @@ pub struct ServerArgs {
     #[command(flatten)]
     pub abuse: AbuseArgs,
     #[command(flatten)]
+    pub handover: HandoverArgs,
+    #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// Upgrades without a gap: taking over a running agent's sockets and cache.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Handover")]
+pub struct HandoverArgs {
+    /// Directory of the handover socket, shared by successive agents on a node (made mode
+    /// 0700); empty turns handover off.
+    #[arg(long, env = "POD_IDENTITY_AGENT_HANDOVER_DIR", default_value = "/run/pod-identity-agent",
+          value_parser = parse_dir_or_off)]
+    pub handover_dir: PathBuf,
+    /// After SIGTERM, how long to keep serving while waiting for a new agent to take over.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub handover_wait: Duration,
+    /// How long each step of a handover may take before the other agent is given up on.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub handover_timeout: Duration,
 }
 
 /// What one pod may cost the node: remembered refusals, exchange budgets, connection bounds and
@@ -354,6 +373,11 @@ impl AbuseArgs {
     }
 }
 
+/// A directory, or nothing (the feature is off).
+pub fn parse_dir_or_off(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s.trim()))
+}
+
 /// A positive rate per second.
 pub fn parse_rate(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
@@ -419,6 +443,18 @@ impl ServerArgs {
             token_issuer: self.abuse.token_issuer(),
             connections: self.abuse.connections(),
         }
+    }
+
+    /// `None` when handover is off (`--handover-dir ""`).
+    #[cfg(target_os = "linux")]
+    pub fn handover_settings(&self) -> Option<crate::handover::HandoverSettings> {
+        let h = &self.handover;
+        (!h.handover_dir.as_os_str().is_empty()).then(|| crate::handover::HandoverSettings {
+            dir: h.handover_dir.clone(),
+            timeout: h.handover_timeout,
+            wait: h.handover_wait,
+            grace: self.shutdown_grace,
+        })
     }
 
     pub fn exchange_settings(&self) -> ExchangeSettings {

@@ -83,7 +83,46 @@ pub fn format_expiration(t: SystemTime) -> String {
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
 }
 
+/// The body as it is written, read back (a successor agent receiving a predecessor's cache).
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+struct Written {
+    access_key_id: String,
+    secret_access_key: String,
+    token: String,
+    account_id: Option<String>,
+    expiration: String,
+}
+
 impl Credentials {
+    /// Credentials from a body this agent (or its predecessor) wrote, checked as EKS Auth's
+    /// answers are: complete, not expired, plausible. The body is rebuilt, so it is byte for
+    /// byte what [`Credentials::validate`] would make.
+    pub fn restore(body: &str, now: SystemTime) -> Result<Credentials, InvalidCredentials> {
+        let w: Written = serde_json::from_str(body)
+            .map_err(|_| InvalidCredentials::Missing("credentials body"))?;
+        let expiration = DateTime::from_str(&w.expiration, Format::DateTime)
+            .ok()
+            .and_then(|d| u64::try_from(d.secs()).ok())
+            .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+            .ok_or(InvalidCredentials::Missing("Expiration"))?;
+        let arn = w
+            .account_id
+            .as_deref()
+            .map(|a| format!("arn:aws:sts::{a}:assumed-role/restored/restored"))
+            .unwrap_or_default();
+        Credentials::validate(
+            Unvalidated {
+                access_key_id: &w.access_key_id,
+                secret_access_key: &w.secret_access_key,
+                session_token: &w.token,
+                expiration,
+                assumed_role_arn: &arn,
+            },
+            now,
+        )
+    }
+
     /// Accept only complete credentials that are still valid at `now`.
     pub fn validate(
         raw: Unvalidated<'_>,
@@ -231,6 +270,21 @@ mod tests {
         assert!(!std::str::from_utf8(c.body())
             .expect("utf8")
             .contains("AccountId"));
+    }
+
+    #[test]
+    fn a_written_body_restores_to_the_same_bytes() {
+        let now = SystemTime::now();
+        let c = Credentials::validate(raw(now + Duration::from_secs(3600)), now).expect("valid");
+        let body = std::str::from_utf8(c.body()).expect("utf8");
+        let back = Credentials::restore(body, now).expect("restores");
+        assert_eq!(back.body(), c.body());
+        assert_eq!(back.expiration(), c.expiration());
+        for bad in ["", "{}", "not json", r#"{"AccessKeyId":"a"}"#] {
+            assert!(Credentials::restore(bad, now).is_err(), "{bad}");
+        }
+        // Expired by the time it arrives: refused.
+        assert!(Credentials::restore(body, now + Duration::from_secs(7200)).is_err());
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub mod dev;
 pub mod eks_auth;
 pub mod emulator;
 pub mod error;
+#[cfg(target_os = "linux")]
+pub mod handover;
 pub mod issuer;
 pub mod logging;
 pub mod metrics;

@@ -4,8 +4,10 @@
 use clap::Parser;
 use pod_identity_agent::cli::{Cli, Command, InitArgs, ServerArgs};
 use pod_identity_agent::eks_auth::EksAuthClient;
+use pod_identity_agent::handover::{self, Takeover};
 use pod_identity_agent::logging;
 use pod_identity_agent::metrics::Metrics;
+use pod_identity_agent::server::listener::Sockets;
 use pod_identity_agent::server::Server;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -83,11 +85,69 @@ async fn server(args: ServerArgs) -> Result<(), String> {
     }
     let source = Arc::new(EksAuthClient::new(&sdk, &args.exchange_settings()));
     let metrics = Arc::new(Metrics::new().map_err(|e| format!("cannot register metrics: {e}"))?);
-    let running = Server::start(&args.server_settings(), source, metrics)
-        .await
-        .map_err(|e| e.to_string())?;
+    let settings = args.server_settings();
+    let handover = args.handover_settings();
+
+    // A running agent here hands over its sockets and cache; else bind as on a first start.
+    let mut sockets = Sockets::default();
+    let mut entries = Vec::new();
+    let mut successor = None;
+    if let Some(h) = &handover {
+        match handover::take_over(h, &metrics).await {
+            Takeover::Alone => {}
+            Takeover::Inherited(mut s) => {
+                tracing::info!(
+                    entries = s.entries.len(),
+                    listeners = s.listeners.len(),
+                    "a running agent handed over its sockets and cache"
+                );
+                sockets.inherited = std::mem::take(&mut s.listeners);
+                entries = std::mem::take(&mut s.entries);
+                successor = Some(s);
+            }
+            Takeover::Failed(e) => {
+                tracing::warn!(error = %e, "the running agent did not hand over; binding fresh once it lets go of its addresses");
+                sockets.wait_for_ports = true;
+            }
+        }
+    }
+    let start = Server::start_with(&settings, source, metrics.clone(), sockets, entries);
+    let running = tokio::select! {
+        r = start => r.map_err(|e| e.to_string())?,
+        _ = pod_identity_agent::signal::shutdown() => return Ok(()),
+    };
+    if let (Some(s), Some(h)) = (successor, &handover) {
+        // Failures past this point cost exchanges, not availability; finish logs them.
+        let _ = s
+            .finish(running.preloaded, &running.cache, &metrics, h)
+            .await;
+    }
+    let mut predecessor = match &handover {
+        Some(h) => {
+            let offer = handover::Offer {
+                cache: running.cache.clone(),
+                listeners: running.sockets.clone(),
+                retire: Arc::new(running.retirer()),
+            };
+            match handover::Predecessor::listen(h, offer, metrics.clone()) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(error = %e, "handover unavailable: the next agent will bind fresh after this one stops");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     tracing::info!(cluster = %args.cluster_name, version = env!("CARGO_PKG_VERSION"), "ready");
     pod_identity_agent::signal::shutdown().await;
+    if let (Some(p), Some(h)) = (predecessor.as_mut(), &handover) {
+        if p.wait_for_successor(h.wait).await {
+            tracing::info!("stopping after handing over");
+            running.shutdown().await;
+            return Ok(());
+        }
+    }
     tracing::info!("shutting down: no new connections, finishing requests in flight");
     running.shutdown().await;
     tracing::info!("stopped");

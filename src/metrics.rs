@@ -63,6 +63,13 @@ pub struct Metrics {
     pub verifications: IntCounterVec,
     /// Connections open on all listeners.
     pub open_connections: IntGauge,
+    /// Handovers by role (successor, predecessor) and result (started, completed,
+    /// completed_without_delta, failed).
+    pub handover: IntCounterVec,
+    /// Cache entries handed over, by direction (sent, received).
+    pub handover_entries: IntCounterVec,
+    /// How long the last handover took, by role.
+    pub handover_seconds: prometheus::GaugeVec,
     /// Refreshes queued or waiting for budget: a backlog that keeps growing means
     /// `--max-service-qps` is too low for the node's pods.
     pub refresh_queue: IntGauge,
@@ -125,6 +132,26 @@ impl Metrics {
             "pod_identity_token_verifications_total",
             "Local token verifications (--token-issuer) by result: valid, invalid, unverifiable (sent on to EKS Auth unverified).",
             &["result"],
+        )?;
+        let handover = counter(
+            "pod_identity_handover_total",
+            "Handovers between an agent and its successor, by role (successor, predecessor) and result (started, completed, completed_without_delta, failed).",
+            &["role", "result"],
+        )?;
+        let handover_entries = counter(
+            "pod_identity_handover_entries_total",
+            "Cached entries handed over, by direction (sent, received).",
+            &["direction"],
+        )?;
+        let handover_seconds = registered(
+            &registry,
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "pod_identity_handover_duration_seconds",
+                    "How long the last handover took, by role.",
+                ),
+                &["role"],
+            )?,
         )?;
         let refreshes = counter(
             "pod_identity_refreshes_total",
@@ -222,6 +249,9 @@ impl Metrics {
             negative_entries,
             open_connections,
             verifications,
+            handover,
+            handover_entries,
+            handover_seconds,
         })
     }
 

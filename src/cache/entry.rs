@@ -61,6 +61,20 @@ impl Demand {
     }
 }
 
+/// What an entry knows beyond its credentials and plan, carried along in a handover.
+#[derive(Debug, Clone, Copy)]
+pub struct Carried {
+    pub demand: Demand,
+    pub failures: u32,
+    pub retry_after: SystemTime,
+}
+
+impl Demand {
+    pub fn from_wire(v: u8) -> Demand {
+        Demand::from_u8(v)
+    }
+}
+
 /// One token's credentials and the schedule that keeps them fresh.
 pub struct Entry {
     /// Kept for refresh: the exchange needs the raw token, not its hash.
@@ -96,6 +110,33 @@ impl Entry {
             demand: AtomicU8::new(Demand::Unused as u8),
             failures: AtomicU32::new(0),
             retry_after_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// An entry a predecessor agent handed over, with its schedule and backoff state as they were.
+    pub(super) fn restored(
+        token: Token,
+        credentials: Credentials,
+        plan: Plan,
+        valid_until: SystemTime,
+        generation: u64,
+        state: Carried,
+    ) -> Entry {
+        let e = Entry::new(token, credentials, plan, valid_until, generation);
+        e.demand.store(state.demand as u8, Ordering::Relaxed);
+        e.failures.store(state.failures, Ordering::Relaxed);
+        e.retry_after_ms
+            .store(millis(state.retry_after), Ordering::Relaxed);
+        e
+    }
+
+    /// The state that travels with the entry in a handover.
+    pub(super) fn carried(&self) -> Carried {
+        Carried {
+            demand: self.demand(),
+            failures: self.failures.load(Ordering::Relaxed),
+            retry_after: UNIX_EPOCH
+                + Duration::from_millis(self.retry_after_ms.load(Ordering::Relaxed)),
         }
     }
 

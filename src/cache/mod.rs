@@ -33,7 +33,7 @@ pub mod negative;
 pub mod policy;
 pub mod scheduler;
 
-pub use entry::{Demand, Entry, Outcome};
+pub use entry::{Carried, Demand, Entry, Outcome};
 pub use negative::{NegativeSettings, Refusal, Remembered};
 
 use crate::eks_auth::{CredentialSource, ExchangeError, Fault};
@@ -69,6 +69,28 @@ pub enum CacheError {
     /// The exchange this request waited for was ended by shutdown.
     #[error("the agent is shutting down; retry")]
     ShuttingDown,
+}
+
+/// A cached entry leaving for a successor agent, or arriving from a predecessor: all it takes to
+/// serve it and keep refreshing it. It holds a token and credentials: deliberately no `Debug`.
+pub struct Exported {
+    /// The pod's token, as it sent it.
+    pub token: String,
+    /// The credentials body, exactly as served.
+    pub body: String,
+    pub plan: policy::Plan,
+    pub valid_until: SystemTime,
+    pub state: Carried,
+}
+
+/// What an import made of a predecessor's entries.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Imported {
+    pub installed: usize,
+    /// Entries this cache already had as fresh or fresher.
+    pub kept_ours: usize,
+    /// Entries no longer usable (expired, or unreadable).
+    pub refused: usize,
 }
 
 /// Decides whether a request may start a new exchange. Asked only on a miss, when no exchange
@@ -360,6 +382,81 @@ impl CredentialCache {
     /// Refusals remembered now.
     pub fn remembered(&self) -> u64 {
         self.inner.rejections.len()
+    }
+
+    /// Every entry made or renewed after generation `since` (0: all), and the newest generation
+    /// now, so a later call can ask for what changed since this one.
+    pub fn export(&self, since: u64) -> (Vec<Exported>, u64) {
+        let newest = self.inner.generations.load(Ordering::Relaxed);
+        let now = SystemTime::now();
+        let entries = self
+            .inner
+            .entries
+            .iter()
+            .filter(|(_, e)| e.generation > since && now < e.valid_until)
+            .filter_map(|(_, e)| {
+                Some(Exported {
+                    token: e.token.raw().to_owned(),
+                    body: std::str::from_utf8(e.credentials().body()).ok()?.to_owned(),
+                    plan: e.plan,
+                    valid_until: e.valid_until,
+                    state: e.carried(),
+                })
+            })
+            .collect();
+        (entries, newest)
+    }
+
+    /// Install a predecessor's entries, each checked as if it had just been fetched (token
+    /// parses and is within its time, credentials complete and unexpired), and queue their
+    /// refreshes. An entry this cache already has with credentials lasting as long or longer
+    /// is left alone.
+    pub fn import(&self, entries: Vec<Exported>) -> Imported {
+        let inner = &self.inner;
+        let now = SystemTime::now();
+        let mut out = Imported::default();
+        for x in entries {
+            let Ok(token) = Token::parse(x.token.as_bytes()) else {
+                out.refused += 1;
+                continue;
+            };
+            if token.check_time(now, inner.leeway).is_err() {
+                out.refused += 1;
+                continue;
+            }
+            let Ok(credentials) = crate::credentials::Credentials::restore(&x.body, now) else {
+                out.refused += 1;
+                continue;
+            };
+            let hash = token.hash();
+            if inner
+                .entries
+                .get(&hash)
+                .is_some_and(|ours| ours.credentials().expiration() >= credentials.expiration())
+            {
+                out.kept_ours += 1;
+                continue;
+            }
+            let valid_until = x
+                .valid_until
+                .min(credentials.expiration())
+                .min(token.expires_at(inner.leeway));
+            let generation = inner.generations.fetch_add(1, Ordering::Relaxed) + 1;
+            let entry = Arc::new(Entry::restored(
+                token,
+                credentials,
+                x.plan,
+                valid_until,
+                generation,
+                x.state,
+            ));
+            inner.entries.insert(hash, entry.clone());
+            if let Some(at) = entry.next_refresh() {
+                inner.scheduler.schedule(hash, generation, at.max(now));
+            }
+            out.installed += 1;
+        }
+        out
     }
 
     /// Entries in the map, pending housekeeping applied first so the figure is exact.

@@ -18,7 +18,7 @@ mod memory;
 pub mod response;
 
 use crate::admission::{Admission, AdmissionSettings};
-use crate::cache::{CacheSettings, CredentialCache};
+use crate::cache::{CacheSettings, CredentialCache, Exported, Imported};
 use crate::eks_auth::CredentialSource;
 use crate::issuer::{IssuerSettings, Verifier};
 use crate::metrics::Metrics;
@@ -26,8 +26,9 @@ use crate::request::AllowedHosts;
 use admin::Admin;
 use handler::CredentialHandler;
 use limits::{ConnectionLimiter, ConnectionLimits};
-use listener::{BindError, Bound, Connections};
+use listener::{BindError, Bound, Connections, Role, Sockets};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -78,6 +79,10 @@ pub struct RunningServer {
     /// The listener tasks and every connection they accepted.
     connections: Connections,
     shutdown_grace: Duration,
+    /// Every listening socket by role, for a handover.
+    pub sockets: Vec<(Role, SocketAddr, RawFd)>,
+    /// What became of the entries given to [`Server::start_with`].
+    pub preloaded: Imported,
 }
 
 /// After the grace period, how long requests whose exchange was ended get to send their 503.
@@ -91,16 +96,40 @@ impl Server {
         source: Arc<dyn CredentialSource>,
         metrics: Arc<Metrics>,
     ) -> Result<RunningServer, BindError> {
+        Server::start_with(settings, source, metrics, Sockets::default(), Vec::new()).await
+    }
+
+    /// [`Server::start`], on the listening sockets in `sockets` where it has them, and with
+    /// `entries` in the cache before the first connection is accepted (a handover).
+    pub async fn start_with(
+        settings: &ServerSettings,
+        source: Arc<dyn CredentialSource>,
+        metrics: Arc<Metrics>,
+        mut sockets: Sockets,
+        entries: Vec<Exported>,
+    ) -> Result<RunningServer, BindError> {
         let (creds, skipped) =
-            listener::bind_credential_listeners(&settings.bind_hosts, settings.port).await?;
+            listener::bind_credential_listeners(&settings.bind_hosts, settings.port, &mut sockets)
+                .await?;
         let probe = match settings.probe_addr {
-            Some(a) => Some(listener::bind(a).await?),
+            Some(a) => Some(sockets.bind(Role::Probe, a).await?),
             None => None,
         };
         let metrics_l = match settings.metrics_addr {
-            Some(a) => Some(listener::bind(a).await?),
+            Some(a) => Some(sockets.bind(Role::Metrics, a).await?),
             None => None,
         };
+        // Every listening socket, for a handover to a successor. The descriptors stay open for
+        // as long as the listeners serve.
+        let mut sockets_held: Vec<(Role, SocketAddr, RawFd)> = creds
+            .iter()
+            .map(|b| (Role::Credentials, b.addr, b.listener.as_raw_fd()))
+            .collect();
+        for (role, b) in [(Role::Probe, &probe), (Role::Metrics, &metrics_l)] {
+            if let Some(b) = b {
+                sockets_held.push((role, b.addr, b.listener.as_raw_fd()));
+            }
+        }
         let verifier = match &settings.token_issuer {
             Some(issuer) => {
                 tracing::info!(issuer = %issuer.issuer, discovery = %issuer.discovery_url,
@@ -110,6 +139,7 @@ impl Server {
             None => None,
         };
         let cache = CredentialCache::new(source, &settings.cache, settings.leeway, metrics.clone());
+        let preloaded = cache.import(entries);
         let bound_ips: Vec<IpAddr> = creds.iter().map(|b| b.addr.ip()).collect();
         let handler = Arc::new(CredentialHandler {
             cache: cache.clone(),
@@ -196,11 +226,39 @@ impl Server {
             stop,
             connections,
             shutdown_grace: settings.shutdown_grace,
+            sockets: sockets_held,
+            preloaded,
         })
     }
 }
 
 impl RunningServer {
+    /// Stop accepting and refreshing, and wait (within the grace period) for the requests in
+    /// flight: what an agent does once a successor serves on its sockets. The returned function
+    /// can be called from anywhere; [`RunningServer::shutdown`] still ends the server after it.
+    pub fn retirer(
+        &self,
+    ) -> impl Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync {
+        let (stop, cache, connections, grace) = (
+            self.stop.clone(),
+            self.cache.clone(),
+            self.connections.clone(),
+            self.shutdown_grace,
+        );
+        move || {
+            let (stop, cache, connections) = (stop.clone(), cache.clone(), connections.clone());
+            Box::pin(async move {
+                stop.cancel();
+                cache.stop_refreshing();
+                let _ = tokio::time::timeout(grace, async {
+                    connections.wait().await;
+                    cache.finish_exchanges().await;
+                })
+                .await;
+            })
+        }
+    }
+
     /// Stop accepting everywhere and stop refreshing; drain within the grace period; then close
     /// what is left. Returns when every task the server started has ended.
     pub async fn shutdown(self) {

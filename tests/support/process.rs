@@ -41,6 +41,8 @@ fn hermetic(mut c: Command, args: &[&str]) -> Command {
         .env("AWS_ACCESS_KEY_ID", NODE_ACCESS_KEY_ID)
         .env("AWS_SECRET_ACCESS_KEY", "node-secret-key-value")
         .env("AWS_REGION", "us-west-2")
+        // Agents started by tests never find each other: a handover test names its own dir.
+        .env("POD_IDENTITY_AGENT_HANDOVER_DIR", "")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -1,0 +1,307 @@
+//! The handover protocol on the wire: length-prefixed JSON frames on a Unix stream socket, with
+//! listening sockets passed as `SCM_RIGHTS` on the frame that lists them.
+//!
+//! Contract: a frame is a 4-byte big-endian length (at most [`MAX_FRAME`]) and that many bytes
+//! of JSON, one [`Msg`]. File descriptors ride on the first bytes of the frame that names them,
+//! in the order it names them. Every read and write is bounded by the channel's timeout; a peer
+//! that stops talking, sends an oversized or unparseable frame, or sends descriptors with a
+//! frame that does not name them, is an error, never a hang. Frames carry tokens and
+//! credentials: nothing here implements `Debug` for them or logs them, and they exist only in
+//! memory and in the socket's kernel buffers, never on disk.
+
+use serde::{Deserialize, Serialize};
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+/// The protocol this build speaks. A peer that speaks another is refused, and the successor
+/// binds fresh instead.
+pub const PROTOCOL: u32 = 1;
+/// Frames larger than this are refused: entries travel in chunks well below it.
+pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+/// Descriptors accepted with one frame.
+const MAX_FDS: usize = 32;
+
+/// One message of the protocol. See [`super`] for the order they come in.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Msg {
+    /// Successor → predecessor: who is asking, and in which protocol.
+    Hello {
+        protocol: u32,
+        version: String,
+        pid: u32,
+    },
+    /// Either way: no handover, and why.
+    Refused { reason: String },
+    /// Predecessor → successor: cache entries, in chunks.
+    Entries { entries: Vec<WireEntry> },
+    /// Predecessor → successor: its listening sockets, descriptors attached in this order.
+    Listeners { listeners: Vec<WireListener> },
+    /// Successor → predecessor: it serves on them now; the predecessor stops accepting.
+    Taken,
+    /// Predecessor → successor: entries made or renewed since the snapshot, sent once its own
+    /// requests have finished.
+    Delta { entries: Vec<WireEntry> },
+    /// Predecessor → successor: nothing more.
+    Done,
+}
+
+impl Msg {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "hello",
+            Msg::Refused { .. } => "refused",
+            Msg::Entries { .. } => "entries",
+            Msg::Listeners { .. } => "listeners",
+            Msg::Taken => "taken",
+            Msg::Delta { .. } => "delta",
+            Msg::Done => "done",
+        }
+    }
+}
+
+pub use crate::server::listener::Role;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireListener {
+    pub role: Role,
+    pub addr: SocketAddr,
+}
+
+/// A cache entry in transit. Holds a token and credentials: deliberately no `Debug`.
+#[derive(Serialize, Deserialize)]
+pub struct WireEntry {
+    /// The pod's token, as it sent it.
+    pub token: String,
+    /// The credentials body, exactly as served.
+    pub body: String,
+    pub refresh_at_ms: u64,
+    pub hard_at_ms: u64,
+    pub serve_queued_until_ms: u64,
+    pub valid_until_ms: u64,
+    /// 0 unused, 1 used, 2 dormant.
+    pub demand: u8,
+    pub failures: u32,
+    pub retry_after_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("frame of {0} bytes is larger than allowed")]
+    TooLarge(usize),
+    #[error("frame is not a handover message: {0}")]
+    Malformed(String),
+    #[error("{0} descriptors came with a frame that names {1}")]
+    Descriptors(usize, usize),
+}
+
+/// One end of a handover connection (blocking; run it off the async runtime).
+pub struct Channel {
+    stream: UnixStream,
+}
+
+fn io_err(e: nix::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e as i32)
+}
+
+impl Channel {
+    pub fn new(stream: UnixStream, timeout: Duration) -> std::io::Result<Channel> {
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(Channel { stream })
+    }
+
+    pub fn set_timeout(&mut self, timeout: Duration) -> std::io::Result<()> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        self.stream.set_write_timeout(Some(timeout))
+    }
+
+    /// The peer's user id (`SO_PEERCRED`): handovers happen only between processes of one user.
+    pub fn peer_uid(&self) -> std::io::Result<u32> {
+        nix::sys::socket::getsockopt(&self.stream, nix::sys::socket::sockopt::PeerCredentials)
+            .map(|c| c.uid())
+            .map_err(io_err)
+    }
+
+    fn frame(msg: &Msg) -> Result<Vec<u8>, WireError> {
+        let json = serde_json::to_vec(msg).map_err(|e| WireError::Malformed(e.to_string()))?;
+        if json.len() > MAX_FRAME {
+            return Err(WireError::TooLarge(json.len()));
+        }
+        let mut frame = Vec::with_capacity(4 + json.len());
+        frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&json);
+        Ok(frame)
+    }
+
+    pub fn send(&mut self, msg: &Msg) -> Result<(), WireError> {
+        let frame = Self::frame(msg)?;
+        self.stream.write_all(&frame)?;
+        Ok(())
+    }
+
+    /// Send `msg` with `fds` attached to its first bytes.
+    pub fn send_with_fds(&mut self, msg: &Msg, fds: &[RawFd]) -> Result<(), WireError> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+        let frame = Self::frame(msg)?;
+        let cmsg = [ControlMessage::ScmRights(fds)];
+        let sent = loop {
+            match sendmsg::<UnixAddr>(
+                self.stream.as_raw_fd(),
+                &[IoSlice::new(&frame)],
+                &cmsg,
+                MsgFlags::empty(),
+                None,
+            ) {
+                Ok(n) => break n,
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(io_err(e).into()),
+            }
+        };
+        self.stream.write_all(&frame[sent..])?;
+        Ok(())
+    }
+
+    /// The next message and the descriptors that came with it.
+    pub fn recv(&mut self) -> Result<(Msg, Vec<OwnedFd>), WireError> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+        let mut len = [0u8; 4];
+        let mut fds = Vec::new();
+        let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
+        let got = loop {
+            let mut iov = [IoSliceMut::new(&mut len)];
+            match recvmsg::<UnixAddr>(
+                self.stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg_space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(msg) => {
+                    for c in msg.cmsgs().map_err(io_err)? {
+                        if let ControlMessageOwned::ScmRights(raw) = c {
+                            // SAFETY: the kernel just created these descriptors for this
+                            // process; nothing else owns them.
+                            fds.extend(
+                                raw.into_iter()
+                                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                            );
+                        }
+                    }
+                    break msg.bytes;
+                }
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(io_err(e).into()),
+            }
+        };
+        if got == 0 {
+            return Err(WireError::Closed);
+        }
+        self.stream.read_exact(&mut len[got..])?;
+        let n = u32::from_be_bytes(len) as usize;
+        if n > MAX_FRAME {
+            return Err(WireError::TooLarge(n));
+        }
+        let mut body = vec![0u8; n];
+        self.stream.read_exact(&mut body)?;
+        let msg: Msg =
+            serde_json::from_slice(&body).map_err(|e| WireError::Malformed(e.to_string()))?;
+        let named = match &msg {
+            Msg::Listeners { listeners } => listeners.len(),
+            _ => 0,
+        };
+        if fds.len() != named {
+            return Err(WireError::Descriptors(fds.len(), named));
+        }
+        Ok((msg, fds))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Channel, Channel) {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let t = Duration::from_secs(2);
+        (
+            Channel::new(a, t).expect("a"),
+            Channel::new(b, t).expect("b"),
+        )
+    }
+
+    #[test]
+    fn frames_and_descriptors_arrive_together() {
+        let (mut a, mut b) = pair();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        a.send(&Msg::Hello {
+            protocol: PROTOCOL,
+            version: "x".into(),
+            pid: 1,
+        })
+        .expect("send");
+        a.send_with_fds(
+            &Msg::Listeners {
+                listeners: vec![WireListener {
+                    role: Role::Credentials,
+                    addr,
+                }],
+            },
+            &[l.as_raw_fd()],
+        )
+        .expect("send fds");
+        let (hello, fds) = b.recv().expect("hello");
+        assert!(
+            matches!(
+                hello,
+                Msg::Hello {
+                    protocol: PROTOCOL,
+                    ..
+                }
+            ) && fds.is_empty()
+        );
+        let (listeners, mut fds) = b.recv().expect("listeners");
+        assert!(matches!(listeners, Msg::Listeners { .. }));
+        assert_eq!(fds.len(), 1);
+        // The descriptor is the same listening socket: a connection to it is accepted there.
+        let received = std::net::TcpListener::from(fds.remove(0));
+        assert_eq!(received.local_addr().expect("addr"), addr);
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        drop(l);
+        received.accept().expect("accepted on the passed socket");
+        assert_eq!(a.peer_uid().ok(), b.peer_uid().ok());
+    }
+
+    #[test]
+    fn bad_frames_are_errors_not_hangs() {
+        let (mut a, mut b) = pair();
+        a.stream.write_all(&u32::MAX.to_be_bytes()).expect("write");
+        assert!(matches!(b.recv(), Err(WireError::TooLarge(_))));
+        let (mut a, mut b) = pair();
+        a.stream.write_all(&5u32.to_be_bytes()).expect("write");
+        a.stream.write_all(b"nope!").expect("write");
+        assert!(matches!(b.recv(), Err(WireError::Malformed(_))));
+        let (a, mut b) = pair();
+        drop(a);
+        assert!(matches!(b.recv(), Err(WireError::Closed)));
+        // A silent peer: the read times out.
+        let (a, b) = UnixStream::pair().expect("pair");
+        let mut b = Channel::new(b, Duration::from_millis(100)).expect("b");
+        assert!(matches!(b.recv(), Err(WireError::Io(_))));
+        drop(a);
+        // Descriptors with a frame that does not name them.
+        let (mut a, mut b) = pair();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        a.send_with_fds(&Msg::Taken, &[l.as_raw_fd()])
+            .expect("send");
+        assert!(matches!(b.recv(), Err(WireError::Descriptors(1, 0))));
+    }
+}
