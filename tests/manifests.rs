@@ -202,11 +202,18 @@ fn renders_are_valid_and_match_the_agent() {
         let spec = ds.spec.as_ref().expect("spec");
         let strategy = spec.update_strategy.as_ref().expect("strategy");
         assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
-        let max = strategy
-            .rolling_update
-            .as_ref()
-            .and_then(|r| r.max_unavailable.clone());
-        assert_eq!(serde_json::to_value(max).expect("json"), "10%");
+        // Surge: the new agent starts beside the old one and takes over its sockets.
+        let rolling = strategy.rolling_update.as_ref().expect("rollingUpdate");
+        assert_eq!(
+            serde_json::to_value(&rolling.max_surge).expect("json"),
+            "10%",
+            "{variant}"
+        );
+        assert_eq!(
+            serde_json::to_value(&rolling.max_unavailable).expect("json"),
+            0,
+            "{variant}"
+        );
         let pod = spec.template.spec.as_ref().expect("pod spec");
         assert_eq!(pod.host_network, Some(true));
         assert_eq!(pod.automount_service_account_token, Some(false));
@@ -301,6 +308,28 @@ fn renders_are_valid_and_match_the_agent() {
             main.ports.as_ref().is_none_or(Vec::is_empty),
             "{variant}: no declared ports"
         );
+        // The handover directory is on the host, where the agent looks for it.
+        let handover = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "handover")
+            .and_then(|v| v.host_path.as_ref())
+            .expect("handover hostPath");
+        assert_eq!(handover.path, "/run/pod-identity-agent");
+        assert_eq!(handover.type_.as_deref(), Some("DirectoryOrCreate"));
+        let mount = main
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "handover")
+            .expect("handover mount");
+        assert_eq!(
+            std::path::Path::new(&mount.mount_path),
+            args.handover.handover_dir.as_path(),
+            "{variant}"
+        );
+        assert_ne!(mount.read_only, Some(true));
         // Metrics on loopback, except where the metrics overlay moves them to the node's IP.
         let metrics_ip = if *variant == "daemonset/overlays/metrics" {
             NODE_IP

@@ -13,37 +13,11 @@
 mod support;
 
 use aws_credential_types::provider::ProvideCredentials;
-use std::time::Duration;
 use support::fake_eks_auth::FakeEksAuth;
-use support::netns::{exec, ip, Netns};
+use support::netns::{exec, fake_in, namespaces, wire_pod, Netns};
 use support::process::{agent_command_in, spawn, Spawned};
 use support::python::{python_with, script};
 use support::*;
-
-fn namespaces(names: &[&str]) -> Option<Vec<Netns>> {
-    let made: Vec<Netns> = names.iter().filter_map(|n| Netns::create(n)).collect();
-    if made.len() == names.len() {
-        return Some(made);
-    }
-    assert!(
-        std::env::var("PIA_REQUIRE_NETNS").as_deref() != Ok("1"),
-        "cannot create network namespaces (need root)"
-    );
-    eprintln!("SKIPPED: cannot create network namespaces here (needs root and iproute2)");
-    None
-}
-
-/// Start a fake EKS Auth on the loopback of `ns`; returns it (queryable from any thread).
-fn fake_in(ns: &Netns) -> FakeEksAuth {
-    let (tx, rx) = std::sync::mpsc::channel();
-    ns.run(move || async move {
-        let fake = FakeEksAuth::start(CLUSTER).await;
-        let _ = tx.send(fake);
-        std::future::pending::<()>().await;
-    });
-    rx.recv_timeout(Duration::from_secs(10))
-        .expect("fake EKS Auth started")
-}
 
 /// `server` in `ns` with default bind hosts and port 80; waits until `expect` listeners serve.
 async fn server_in(ns: &Netns, fake: &FakeEksAuth, expect: usize) -> Spawned {
@@ -97,52 +71,7 @@ fn link_local_serving_end_to_end() {
     let _in_runtime = rt.enter();
 
     // Wire node <-> pod.
-    let (nv, pv) = (format!("pian{id}"), format!("piap{id}"));
-    ip(&[
-        "link", "add", &nv, "netns", &node.name, "type", "veth", "peer", "name", &pv, "netns",
-        &pod.name,
-    ]);
-    exec(
-        &node.name,
-        &["ip", "addr", "add", "192.0.2.1/24", "dev", &nv],
-    );
-    exec(
-        &node.name,
-        &["ip", "addr", "add", "2001:db8::1/64", "dev", &nv, "nodad"],
-    );
-    exec(&node.name, &["ip", "link", "set", &nv, "up"]);
-    exec(
-        &pod.name,
-        &["ip", "addr", "add", "192.0.2.2/24", "dev", &pv],
-    );
-    exec(
-        &pod.name,
-        &["ip", "addr", "add", "2001:db8::2/64", "dev", &pv, "nodad"],
-    );
-    exec(&pod.name, &["ip", "link", "set", &pv, "up"]);
-    exec(
-        &pod.name,
-        &[
-            "ip",
-            "route",
-            "add",
-            "169.254.170.23/32",
-            "via",
-            "192.0.2.1",
-        ],
-    );
-    exec(
-        &pod.name,
-        &[
-            "ip",
-            "-6",
-            "route",
-            "add",
-            "fd00:ec2::23/128",
-            "via",
-            "2001:db8::1",
-        ],
-    );
+    wire_pod(node, pod, &id.to_string());
 
     // init, twice: idempotent.
     for _ in 0..2 {

@@ -78,3 +78,72 @@ impl Drop for Netns {
             .output();
     }
 }
+
+/// Namespaces with these names, or `None` (after a message) where they cannot be made; under
+/// PIA_REQUIRE_NETNS=1 (CI) that is a failure instead.
+pub fn namespaces(names: &[&str]) -> Option<Vec<Netns>> {
+    let made: Vec<Netns> = names.iter().filter_map(|n| Netns::create(n)).collect();
+    if made.len() == names.len() {
+        return Some(made);
+    }
+    assert!(
+        std::env::var("PIA_REQUIRE_NETNS").as_deref() != Ok("1"),
+        "cannot create network namespaces (need root)"
+    );
+    eprintln!("SKIPPED: cannot create network namespaces here (needs root and iproute2)");
+    None
+}
+
+/// Join `node` and `pod` with a veth pair (192.0.2.1/2, 2001:db8::1/2) and route the pod's
+/// traffic for the credential addresses to the node, as a CNI does (IPv6 neighbour discovery
+/// answers only for addresses on the link asked, so the route goes via the node's address).
+pub fn wire_pod(node: &Netns, pod: &Netns, id: &str) {
+    let (nv, pv) = (format!("pian{id}"), format!("piap{id}"));
+    ip(&[
+        "link", "add", &nv, "netns", &node.name, "type", "veth", "peer", "name", &pv, "netns",
+        &pod.name,
+    ]);
+    for (ns, dev, v4, v6) in [
+        (node, &nv, "192.0.2.1/24", "2001:db8::1/64"),
+        (pod, &pv, "192.0.2.2/24", "2001:db8::2/64"),
+    ] {
+        exec(&ns.name, &["ip", "addr", "add", v4, "dev", dev]);
+        exec(&ns.name, &["ip", "addr", "add", v6, "dev", dev, "nodad"]);
+        exec(&ns.name, &["ip", "link", "set", dev, "up"]);
+    }
+    exec(
+        &pod.name,
+        &[
+            "ip",
+            "route",
+            "add",
+            "169.254.170.23/32",
+            "via",
+            "192.0.2.1",
+        ],
+    );
+    exec(
+        &pod.name,
+        &[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "fd00:ec2::23/128",
+            "via",
+            "2001:db8::1",
+        ],
+    );
+}
+
+/// A fake EKS Auth on the loopback of `ns` (queryable from any thread).
+pub fn fake_in(ns: &Netns) -> super::fake_eks_auth::FakeEksAuth {
+    let (tx, rx) = std::sync::mpsc::channel();
+    ns.run(move || async move {
+        let fake = super::fake_eks_auth::FakeEksAuth::start(super::CLUSTER).await;
+        let _ = tx.send(fake);
+        std::future::pending::<()>().await;
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("fake EKS Auth started")
+}
