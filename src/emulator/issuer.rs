@@ -48,6 +48,16 @@ pub enum Rejection {
     Expired,
 }
 
+impl VerifiedSubject {
+    /// `system:serviceaccount:<namespace>:<service account>`, the token's `sub`.
+    pub fn sub(&self) -> String {
+        format!(
+            "system:serviceaccount:{}:{}",
+            self.namespace, self.service_account
+        )
+    }
+}
+
 /// Who a verified token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedSubject {
@@ -209,6 +219,21 @@ impl Issuer {
 
     /// Verify as EKS Auth does: signature by this issuer's key, issuer, audience, time.
     pub fn verify(&self, token: &str) -> Result<VerifiedSubject, Rejection> {
+        self.verify_for(token, AUDIENCE)
+    }
+
+    /// Verify signature, issuer, time and subject, whatever the audience (STS checks the
+    /// audience against the role's trust afterwards).
+    pub fn verify_any_audience(&self, token: &str) -> Result<VerifiedSubject, Rejection> {
+        self.check(token, None)
+    }
+
+    /// Verify a token meant for `audience` (IRSA tokens are for `sts.amazonaws.com`).
+    pub fn verify_for(&self, token: &str, audience: &str) -> Result<VerifiedSubject, Rejection> {
+        self.check(token, Some(audience))
+    }
+
+    fn check(&self, token: &str, audience: Option<&str>) -> Result<VerifiedSubject, Rejection> {
         let invalid = |why: &str| {
             Rejection::Invalid(format!("the service account token is not valid: {why}"))
         };
@@ -240,13 +265,15 @@ impl Issuer {
         if claims["iss"] != self.issuer.as_str() {
             return Err(invalid("unexpected issuer"));
         }
-        let aud_ok = match &claims["aud"] {
-            Value::String(a) => a == AUDIENCE,
-            Value::Array(list) => list.iter().any(|a| a == AUDIENCE),
-            _ => false,
-        };
-        if !aud_ok {
-            return Err(invalid("audience must be pods.eks.amazonaws.com"));
+        if let Some(audience) = audience {
+            let aud_ok = match &claims["aud"] {
+                Value::String(a) => a == audience,
+                Value::Array(list) => list.iter().any(|a| a == audience),
+                _ => false,
+            };
+            if !aud_ok {
+                return Err(invalid(&format!("audience must be {audience}")));
+            }
         }
         let now = now();
         let exp = claims["exp"].as_u64().ok_or_else(|| invalid("no exp"))?;

@@ -105,13 +105,17 @@ impl Minting {
 fn fake(ctx: &Context<'_>) -> Issued {
     let a = ctx.association;
     let role = a.target_role_arn.as_deref().unwrap_or(&a.role_arn);
-    let (account, name) = role_parts(role).unwrap_or(("000000000000", "role"));
     let lifetime = if a.target_role_arn.is_some() {
         TARGET_ROLE_LIFETIME
     } else {
         LIFETIME
     };
-    let session = session_name(ctx);
+    fake_session(role, &session_name(ctx), lifetime)
+}
+
+/// Well-formed credentials for `role` (a role ARN), session `session`, lasting `lifetime`.
+pub fn fake_session(role: &str, session: &str, lifetime: Duration) -> Issued {
+    let (account, name) = role_parts(role).unwrap_or(("000000000000", "role"));
     let mut token_bytes = vec![0u8; 768];
     token_bytes.iter_mut().for_each(|b| *b = fastrand::u8(..));
     let role_id = format!("AROA{}", upper_alnum(17));

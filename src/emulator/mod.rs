@@ -22,13 +22,16 @@ pub mod associations;
 pub mod import;
 pub mod issuer;
 pub mod minting;
+pub mod sessions;
+pub mod sigv4;
 pub mod state;
+pub mod sts;
 pub mod wire;
 
 use crate::server::limits::{ConnectionLimiter, ConnectionLimits};
 use crate::server::listener::{self, Connections};
 use crate::server::response::json_response;
-use associations::Associations;
+use associations::{Associations, Trust};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -70,6 +73,10 @@ pub struct EmulatorConfig {
 pub struct Emulator {
     pub issuer: Arc<Issuer>,
     pub associations: Associations,
+    /// Who STS lets assume which role (IRSA grants, role trust).
+    pub trust: Trust,
+    /// Credentials this emulator issued, which may sign STS requests.
+    pub sessions: sessions::Sessions,
     pub minting: Minting,
     /// Region and account used in the cluster ARN of session tags and association ARNs.
     pub region: String,
@@ -85,6 +92,8 @@ impl Emulator {
         Emulator {
             issuer,
             associations,
+            trust: Trust::default(),
+            sessions: sessions::Sessions::default(),
             minting,
             region: "us-east-1".into(),
             account: "000000000000".into(),
@@ -97,10 +106,12 @@ impl Emulator {
     pub async fn build(config: &EmulatorConfig) -> Result<Emulator, String> {
         let issuer =
             Arc::new(Issuer::load_or_create(&config.state_dir).map_err(|e| e.to_string())?);
-        let associations = match &config.associations {
-            AssociationsFrom::File(path) => Associations::from_yaml_file(path)?,
-            AssociationsFrom::Cluster(cluster) => import::from_cluster(cluster).await?,
-            AssociationsFrom::Default => Associations::Default,
+        let (associations, trust) = match &config.associations {
+            AssociationsFrom::File(path) => Associations::load(path)?,
+            AssociationsFrom::Cluster(cluster) => {
+                (import::from_cluster(cluster).await?, Trust::default())
+            }
+            AssociationsFrom::Default => (Associations::Default, Trust::default()),
         };
         let minting = match config.credentials {
             CredentialsFrom::Fake => Minting::Fake,
@@ -117,7 +128,18 @@ impl Emulator {
                 Minting::Sts(Box::new(sdk))
             }
         };
-        Ok(Emulator::new(issuer, associations, minting))
+        let mut emulator = Emulator::new(issuer, associations, minting);
+        emulator.trust = trust;
+        Ok(emulator)
+    }
+
+    /// STS as this emulator answers it.
+    pub fn sts(&self) -> sts::Sts<'_> {
+        sts::Sts {
+            issuer: &self.issuer,
+            trust: &self.trust,
+            sessions: &self.sessions,
+        }
     }
 
     /// Serve on `bound` until `stop`; the returned task ends once its connections have (or
@@ -158,6 +180,9 @@ impl Emulator {
                 Bytes::from(self.issuer.discovery(&format!("http://{host}")).to_string()),
             );
         }
+        if path == "/" {
+            return self.handle_sts(req).await;
+        }
         let cluster = path
             .strip_prefix("/clusters/")
             .and_then(|rest| rest.strip_suffix("/assume-role-for-pod-identity"))
@@ -183,18 +208,29 @@ impl Emulator {
                 wire::error(code, &message, &request_id)
             }
         };
-        let mut res = Response::new(Full::new(Bytes::from(wire.body)));
-        *res.status_mut() =
-            StatusCode::from_u16(wire.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        for (k, v) in wire.headers {
-            if let (Ok(k), Ok(v)) = (
-                hyper::header::HeaderName::from_bytes(k.as_bytes()),
-                v.parse(),
-            ) {
-                res.headers_mut().insert(k, v);
-            }
-        }
-        res
+        to_response(wire)
+    }
+
+    /// STS's query API on `/`.
+    async fn handle_sts(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let (parts, body) = req.into_parts();
+        let body = match Limited::new(body, MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => Bytes::new(),
+        };
+        let incoming = sts::Incoming {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            query: parts.uri.query().unwrap_or(""),
+            headers: &parts.headers,
+            body: &body,
+        };
+        let (result, request_id) = self.sts().handle(&incoming);
+        let wire = result.unwrap_or_else(|e| {
+            tracing::info!(code = e.code, message = %e.message, request_id, "emulated STS refused a request");
+            sts::error(&e, &request_id)
+        });
+        to_response(wire)
     }
 
     async fn exchange(
@@ -247,6 +283,10 @@ impl Emulator {
             association: &association,
         };
         let issued = self.minting.issue(&ctx).await?;
+        if matches!(self.minting, Minting::Fake) {
+            // So the pod's credentials can sign STS requests here: GetCallerIdentity, chaining.
+            self.sts().register(&issued);
+        }
         let association_id = association.id();
         let association_arn = format!(
             "arn:aws:eks:{}:{}:podidentityassociation/{cluster}/{association_id}",
@@ -270,6 +310,21 @@ impl Emulator {
             &issuer::uuid_like(),
         ))
     }
+}
+
+fn to_response(wire: wire::WireResponse) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(Bytes::from(wire.body)));
+    *res.status_mut() =
+        StatusCode::from_u16(wire.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    for (k, v) in wire.headers {
+        if let (Ok(k), Ok(v)) = (
+            hyper::header::HeaderName::from_bytes(k.as_bytes()),
+            v.parse(),
+        ) {
+            res.headers_mut().insert(k, v);
+        }
+    }
+    res
 }
 
 /// The form of a SigV4 `Authorization` header for `eks-auth`, and an `x-amz-date`. The

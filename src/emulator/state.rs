@@ -30,10 +30,49 @@ pub fn state_dir(given: Option<&Path>) -> Result<PathBuf, String> {
     }
 }
 
-/// Where `dev token` writes by default.
+/// Where `dev token` writes by default: `<ns>_<sa>.jwt` for Pod Identity's audience,
+/// `<ns>_<sa>.<audience>.jwt` for another (IRSA's `sts.amazonaws.com`).
 pub fn token_path(dir: &Path, namespace: &str, service_account: &str) -> PathBuf {
-    dir.join("tokens")
-        .join(format!("{namespace}_{service_account}.jwt"))
+    token_path_for(dir, namespace, service_account, super::issuer::AUDIENCE)
+}
+
+pub fn token_path_for(
+    dir: &Path,
+    namespace: &str,
+    service_account: &str,
+    audience: &str,
+) -> PathBuf {
+    let name = if audience == super::issuer::AUDIENCE {
+        format!("{namespace}_{service_account}.jwt")
+    } else {
+        let safe: String = audience
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("{namespace}_{service_account}.{safe}.jwt")
+    };
+    dir.join("tokens").join(name)
+}
+
+/// An AWS config file with an IRSA profile and one chained from it to `cross_role`.
+pub fn chained_profiles(irsa_role: &str, irsa_token: &Path, cross_role: &str) -> String {
+    format!(
+        "# Written by pod-identity-agent dev. STS is the local emulator: export AWS_ENDPOINT_URL_STS.\n\
+         [profile pod-identity-dev-irsa]\n\
+         role_arn = {irsa_role}\n\
+         web_identity_token_file = {}\n\
+         \n\
+         [profile pod-identity-dev-cross]\n\
+         role_arn = {cross_role}\n\
+         source_profile = pod-identity-dev-irsa\n",
+        irsa_token.display()
+    )
 }
 
 /// Mint a token and write it to `path`.
