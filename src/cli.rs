@@ -130,6 +130,13 @@ pub struct DevArgs {
     /// Cluster name the agent sends.
     #[arg(long, default_value = "dev")]
     pub cluster_name: String,
+    /// Also write an AWS config file with an IRSA profile (`pod-identity-dev-irsa`) and a
+    /// profile chained from it to another account's role (`pod-identity-dev-cross`).
+    #[arg(long)]
+    pub aws_config: Option<PathBuf>,
+    /// The role the chained profile assumes.
+    #[arg(long, default_value = "arn:aws:iam::444455556666:role/cross-account")]
+    pub cross_account_role: String,
     #[command(flatten)]
     pub emulator: EmulatorArgs,
     #[command(flatten)]
@@ -156,9 +163,13 @@ pub struct TokenArgs {
     pub ttl: Duration,
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// File to write (no trailing newline); `-` for stdout [default: <state-dir>/tokens/<ns>_<sa>.jwt].
+    /// File to write (no trailing newline); `-` for stdout [default: <state-dir>/tokens/<ns>_<sa>.jwt,
+    /// or <ns>_<sa>.<audience>.jwt for another audience].
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// The audience: pods.eks.amazonaws.com (Pod Identity) or sts.amazonaws.com (IRSA).
+    #[arg(long, default_value = "pods.eks.amazonaws.com")]
+    pub audience: String,
 }
 
 impl TokenArgs {

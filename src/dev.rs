@@ -10,8 +10,9 @@ use crate::admission::AdmissionSettings;
 use crate::cache::CacheSettings;
 use crate::cli::{DevArgs, EmulateArgs, LogFormat, TokenArgs};
 use crate::eks_auth::{EksAuthClient, ExchangeSettings};
-use crate::emulator::issuer::{Issuer, MintRequest};
-use crate::emulator::state::{mint_to, token_path};
+use crate::emulator::associations::STS_AUDIENCE;
+use crate::emulator::issuer::{Issuer, MintRequest, AUDIENCE};
+use crate::emulator::state::{chained_profiles, mint_to, token_path, token_path_for};
 use crate::emulator::Emulator;
 use crate::metrics::Metrics;
 use crate::server::limits::ConnectionLimits;
@@ -70,6 +71,7 @@ pub async fn run_token(args: TokenArgs) -> Result<(), String> {
     let mut req = MintRequest::new(&args.namespace, &args.service_account);
     req.pod = args.pod;
     req.ttl = args.ttl;
+    req.audience = args.audience.clone();
     match args.out.as_deref() {
         Some(p) if p == Path::new("-") => {
             let token = issuer.mint(&req).map_err(|e| e.to_string())?;
@@ -79,14 +81,16 @@ pub async fn run_token(args: TokenArgs) -> Result<(), String> {
                 .map_err(|e| e.to_string())
         }
         given => {
-            let path = given
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| token_path(&dir, &args.namespace, &args.service_account));
+            let path = given.map(Path::to_path_buf).unwrap_or_else(|| {
+                token_path_for(&dir, &args.namespace, &args.service_account, &args.audience)
+            });
             mint_to(&issuer, &req, &path)?;
-            println!(
-                "export AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={}",
-                path.display()
-            );
+            let variable = if args.audience == AUDIENCE {
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"
+            } else {
+                "AWS_WEB_IDENTITY_TOKEN_FILE"
+            };
+            println!("export {variable}={}", path.display());
             Ok(())
         }
     }
@@ -97,8 +101,9 @@ pub async fn run_emulate(args: EmulateArgs) -> Result<(), String> {
     let config = args.emulator.config()?;
     let emulator = Arc::new(Emulator::build(&config).await?);
     let running = RunningEmulator::start(emulator, args.listen).await?;
-    println!("# EKS Auth emulator listening; point clients at it with:");
+    println!("# EKS Auth, STS and OIDC issuer emulator listening; point clients at it with:");
     println!("export AWS_ENDPOINT_URL_EKS_AUTH=http://{}", running.addr);
+    println!("export AWS_ENDPOINT_URL_STS=http://{}", running.addr);
     let _ = std::io::stdout().flush();
     tracing::info!(addr = %running.addr, state_dir = %config.state_dir.display(), "EKS Auth emulator ready");
     crate::signal::shutdown().await;
@@ -165,6 +170,19 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
         &MintRequest::new("default", "default"),
         &token_file,
     )?;
+    // IRSA: the same service account's token for STS, and the role its default grant names.
+    let irsa_token = token_path_for(&dir, "default", "default", STS_AUDIENCE);
+    let mut irsa_req = MintRequest::new("default", "default");
+    irsa_req.audience = STS_AUDIENCE.to_owned();
+    mint_to(&issuer, &irsa_req, &irsa_token)?;
+    let irsa_role = "arn:aws:iam::000000000000:role/default-default";
+    if let Some(path) = &args.aws_config {
+        std::fs::write(
+            path,
+            chained_profiles(irsa_role, &irsa_token, &args.cross_account_role),
+        )
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
 
     let metrics_url = agent
         .metrics_addr
@@ -182,6 +200,34 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
         "export AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={}",
         token_file.display()
     );
+    if args.emulator.credential_source == crate::cli::EmulatedCredentials::Sts {
+        // The emulator's STS knows only sessions it issued; real credentials must reach real STS.
+        println!(
+            "# --credential-source sts: Pod Identity credentials are real, so STS stays AWS's."
+        );
+        println!("# For IRSA or chaining against the emulator's STS (fake credentials):");
+        println!("#   export AWS_ENDPOINT_URL_STS=http://{emu_addr}");
+    } else {
+        println!("# STS and the OIDC issuer are the emulator too (IRSA, role chaining, get-caller-identity):");
+        println!("export AWS_ENDPOINT_URL_STS=http://{emu_addr}");
+    }
+    // SDKs refuse to sign without a region even when every endpoint is overridden; EKS's webhook
+    // sets both in pods (boto3 and the AWS CLI read only the second). Keep the developer's own.
+    println!("export AWS_REGION=${{AWS_REGION:-us-east-1}}");
+    println!("export AWS_DEFAULT_REGION=${{AWS_DEFAULT_REGION:-$AWS_REGION}}");
+    println!("# IRSA instead of Pod Identity: unset the two AWS_CONTAINER_* above, then");
+    println!("#   export AWS_ROLE_ARN={irsa_role}");
+    println!(
+        "#   export AWS_WEB_IDENTITY_TOKEN_FILE={}",
+        irsa_token.display()
+    );
+    if let Some(path) = &args.aws_config {
+        println!("# A cross-account chain ({}):", args.cross_account_role);
+        println!(
+            "#   export AWS_CONFIG_FILE={} AWS_PROFILE=pod-identity-dev-cross",
+            path.display()
+        );
+    }
     let _ = std::io::stdout().flush();
     tracing::info!(agent = %agent_addr, emulator = %emu_addr, state_dir = %dir.display(), "dev mode ready");
 
