@@ -38,7 +38,8 @@ impl CredentialSource for Instant {
                     assumed_role_arn: "arn:aws:sts::111122223333:assumed-role/r/s",
                 },
                 SystemTime::now(),
-            )?)
+            )?
+            .into())
         })
     }
 }

@@ -283,6 +283,10 @@ impl Gate for Gatekeeper<'_> {
     fn admit(&self, token: &Token) -> impl Future<Output = Result<Ticket, Denial>> + Send {
         self.admit_now(token)
     }
+
+    fn client(&self) -> Option<IpAddr> {
+        Some(self.client)
+    }
 }
 
 #[cfg(test)]

@@ -215,6 +215,10 @@ pub struct LogArgs {
     /// Log line format [default: json for server, text for dev and emulate-eks-auth].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Do not write the audit trail (one `info` line per EKS Auth exchange and per refusal,
+    /// target pod_identity_agent::audit), which is on at every verbosity otherwise.
+    #[arg(long)]
+    pub no_audit_log: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -46,6 +46,10 @@ pub struct Metrics {
     pub eks_auth_calls: IntCounterVec,
     pub eks_auth_in_flight: IntGauge,
     pub cache_entries: IntGauge,
+    /// `--max-cache-size`, so "cache near full" is one ratio in an alert, not a copied flag.
+    pub cache_capacity: IntGauge,
+    /// 1 when `/readyz` would pass its in-process checks; an alert needs a number, not a probe.
+    pub ready: IntGauge,
     pub refreshes: IntCounterVec,
     pub served_remaining: Histogram,
     /// Panics of the refresh scheduler's loop (each followed by a restart, or by the agent
@@ -197,6 +201,20 @@ impl Metrics {
                 "Credential entries in the cache.",
             )?,
         )?;
+        let cache_capacity = registered(
+            &registry,
+            IntGauge::new(
+                "pod_identity_cache_capacity",
+                "Entries the cache holds before it evicts the least recently used (--max-cache-size).",
+            )?,
+        )?;
+        let ready = registered(
+            &registry,
+            IntGauge::new(
+                "pod_identity_ready",
+                "1 when every credential listener accepts and the refresh scheduler runs, else 0.",
+            )?,
+        )?;
         let scheduler_panics = registered(
             &registry,
             IntCounter::new(
@@ -240,6 +258,8 @@ impl Metrics {
             eks_auth_calls,
             eks_auth_in_flight,
             cache_entries,
+            cache_capacity,
+            ready,
             refreshes,
             served_remaining,
             scheduler_panics,

@@ -100,6 +100,7 @@ pub struct Subject {
     pub namespace: String,
     pub service_account: String,
     pub pod: String,
+    pub pod_uid: String,
 }
 
 /// The claims every request needs. Who the token speaks for ([`Token::subject`]) is decoded
@@ -222,6 +223,7 @@ impl Token {
             namespace: text(&k["namespace"]),
             service_account: text(&k["serviceaccount"]["name"]),
             pod: text(&k["pod"]["name"]),
+            pod_uid: text(&k["pod"]["uid"]),
         };
         if subject.namespace.is_empty() {
             if let Some((ns, sa)) = claims["sub"]
@@ -237,6 +239,7 @@ impl Token {
             namespace: loggable(subject.namespace),
             service_account: loggable(subject.service_account),
             pod: loggable(subject.pod),
+            pod_uid: loggable(subject.pod_uid),
         }
     }
 
@@ -343,7 +346,8 @@ mod tests {
             Subject {
                 namespace: "ns".into(),
                 service_account: "sa".into(),
-                pod: "p".into()
+                pod: "p".into(),
+                pod_uid: "u".into(),
             }
         );
         assert!(parsed

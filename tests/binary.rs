@@ -10,21 +10,7 @@ use support::process::{agent_command, spawn, Spawned};
 use support::*;
 use tokio::process::Command;
 
-const LOCAL: &[&str] = &[
-    "server",
-    "-c",
-    CLUSTER,
-    "-b",
-    "127.0.0.1",
-    "-p",
-    "0",
-    "--probe-port",
-    "0",
-    "--metrics-address",
-    "127.0.0.1",
-    "--metrics-port",
-    "0",
-];
+const LOCAL: &[&str] = LOCAL_SERVER;
 
 /// Start the agent and wait for its credential listener's address in the JSON logs.
 async fn spawn_agent(cmd: Command) -> (Spawned, std::net::SocketAddr) {

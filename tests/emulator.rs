@@ -171,15 +171,32 @@ async fn from_cluster_imports_the_association_table() {
     let api = exchange("payments", "api")
         .await
         .expect("imported association");
-    let body: serde_json::Value = serde_json::from_slice(api.body()).expect("json");
+    let body: serde_json::Value = serde_json::from_slice(api.credentials.body()).expect("json");
     assert_eq!(body["AccountId"], "111122223333");
+    // Who the answer says the credentials are for: what the audit line reports.
+    assert!(
+        api.identity
+            .assumed_role_arn
+            .starts_with("arn:aws:sts::111122223333:assumed-role/"),
+        "{:?}",
+        api.identity
+    );
+    assert!(
+        api.identity
+            .association_arn
+            .contains(&api.identity.association_id)
+            && !api.identity.association_id.is_empty(),
+        "{:?}",
+        api.identity
+    );
     // The second page's association, with its target role and 59-minute lifetime.
     let reporter = exchange("batch", "reporter")
         .await
         .expect("second page imported");
-    let body: serde_json::Value = serde_json::from_slice(reporter.body()).expect("json");
+    let body: serde_json::Value =
+        serde_json::from_slice(reporter.credentials.body()).expect("json");
     assert_eq!(body["AccountId"], "444455556666");
-    let left = reporter.remaining(std::time::SystemTime::now());
+    let left = reporter.credentials.remaining(std::time::SystemTime::now());
     assert!(
         left <= Duration::from_secs(59 * 60) && left > Duration::from_secs(57 * 60),
         "{left:?}"

@@ -76,7 +76,8 @@ impl CredentialSource for Always {
                     assumed_role_arn: "arn:aws:sts::111122223333:assumed-role/r/s",
                 },
                 SystemTime::now(),
-            )?)
+            )?
+            .into())
         })
     }
 }
@@ -392,7 +393,7 @@ fn answer_property(cases: u32) {
             result
         );
         if let Ok(creds) = result {
-            let v: Value = serde_json::from_slice(creds.body())
+            let v: Value = serde_json::from_slice(creds.credentials.body())
                 .map_err(|e| TestCaseError::fail(e.to_string()))?;
             let exp = v["Expiration"].as_str().unwrap_or_default();
             prop_assert!(

@@ -36,7 +36,8 @@ pub mod scheduler;
 pub use entry::{Carried, Demand, Entry, Outcome};
 pub use negative::{NegativeSettings, Refusal, Remembered};
 
-use crate::eks_auth::{CredentialSource, ExchangeError, Fault};
+use crate::audit::{self, Trigger};
+use crate::eks_auth::{CredentialSource, ExchangeError, Fault, Fetched};
 use crate::metrics::Metrics;
 use crate::token::{Token, TokenHash};
 use flight::{Flights, Lookup};
@@ -46,6 +47,7 @@ use moka::Expiry;
 use negative::Rejections;
 use policy::RefreshPolicy;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
@@ -98,6 +100,11 @@ pub struct Imported {
 /// budget) but should not wait long.
 pub trait Gate: Sync {
     fn admit(&self, token: &Token) -> impl Future<Output = Result<Ticket, Denial>> + Send;
+
+    /// The address of the client asking, for the audit line of the exchange it starts.
+    fn client(&self) -> Option<IpAddr> {
+        None
+    }
 }
 
 /// What a gate wants held for as long as the exchange it admitted runs (budget slots): the
@@ -254,6 +261,9 @@ impl CredentialCache {
         metrics: Arc<Metrics>,
     ) -> Self {
         let (handle, inbox) = scheduler::channel();
+        metrics
+            .cache_capacity
+            .set(i64::try_from(settings.max_entries.max(1)).unwrap_or(i64::MAX));
         let evicted = metrics.cache_state.with_label_values(&["evicted"]);
         let on_removal = handle.clone();
         let entries = moka::sync::Cache::builder()
@@ -335,7 +345,8 @@ impl CredentialCache {
                     Err(busy) => return Err(CacheError::Denied(busy)),
                 };
                 let now = SystemTime::now();
-                match inner.start_or_join(token, || inner.servable(&hash, now), ticket) {
+                let trigger = Trigger::Request(gate.client());
+                match inner.start_or_join(token, || inner.servable(&hash, now), ticket, trigger) {
                     Join::Servable((entry, outcome)) => {
                         inner.touch(&entry, now);
                         inner.metrics.cache_hits.inc();
@@ -527,6 +538,7 @@ impl Inner {
         token: &Token,
         servable: impl FnOnce() -> Option<C>,
         ticket: Ticket,
+        trigger: Trigger,
     ) -> Join<C> {
         match self.flights.join_or_start(&token.hash(), servable) {
             Lookup::Cached(c) => Join::Servable(c),
@@ -538,7 +550,7 @@ impl Inner {
                     let _ticket = ticket;
                     let abort = inner.abort.clone();
                     tokio::select! {
-                        result = inner.exchange(&token) => tx.finish(result),
+                        result = inner.exchange(&token, trigger) => tx.finish(result),
                         // Dropping `tx` unfinished tells the waiters the flight was abandoned.
                         _ = abort.cancelled() => {}
                     }
@@ -549,8 +561,8 @@ impl Inner {
     }
 
     /// One exchange: fetch and build the entry, then install it or apply the failure policy.
-    async fn exchange(&self, token: &Token) -> FlightResult {
-        match self.fetch_entry(token).await {
+    async fn exchange(&self, token: &Token, trigger: Trigger) -> FlightResult {
+        match self.fetch_entry(token, trigger).await {
             Ok(entry) => Ok(self.install(entry)),
             Err(e) => {
                 self.apply_failure(token, &e);
@@ -560,7 +572,7 @@ impl Inner {
     }
 
     /// Ask EKS Auth, and turn its answer into an entry with its refresh plan.
-    async fn fetch_entry(&self, token: &Token) -> Result<Entry, ExchangeError> {
+    async fn fetch_entry(&self, token: &Token, trigger: Trigger) -> Result<Entry, ExchangeError> {
         let m = &self.metrics;
         let result = {
             let _in_flight = m.eks_auth_in_flight_guard();
@@ -574,7 +586,17 @@ impl Inner {
             Err(e) => e.code(),
         };
         m.eks_auth_calls.with_label_values(&[code]).inc();
-        let credentials = result?;
+        let Fetched {
+            credentials,
+            identity,
+        } = match result {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                audit::exchange(token, trigger, Err(&e));
+                return Err(e);
+            }
+        };
+        audit::exchange(token, trigger, Ok((&identity, &credentials)));
         let plan = self
             .policy
             .plan(SystemTime::now(), credentials.expiration());
@@ -679,7 +701,12 @@ impl scheduler::Refresher for Refresh {
         // A request may have replaced the entry while the scheduler waited for budget.
         let entry = inner.current(&hash, generation)?;
         Some(Box::pin(async move {
-            let result = match inner.start_or_join(&entry.token, || None::<()>, Ticket::free()) {
+            let result = match inner.start_or_join(
+                &entry.token,
+                || None::<()>,
+                Ticket::free(),
+                Trigger::Refresh,
+            ) {
                 Join::Servable(()) => return,
                 Join::Waiting { rx, .. } => flight::wait(rx).await,
             };

@@ -62,6 +62,11 @@ impl Admin {
             ),
             "/readyz" => self.readyz().await,
             "/metrics" => {
+                // The flags and the scheduler, not a TCP connect: a scrape must stay cheap.
+                let ready = self.cache.scheduler_running()
+                    && !self.listeners.is_empty()
+                    && self.listeners.iter().all(|(_, a)| a.load(Ordering::Relaxed));
+                self.metrics.ready.set(i64::from(ready));
                 self.metrics.cache_entries.set(self.cache.len() as i64);
                 self.metrics
                     .negative_entries

@@ -1,5 +1,5 @@
 //! `/v1/credentials`: validation → cache (with the client's admission gate) → response, with its
-//! metrics and its one log line.
+//! metrics, its one log line and, for a refusal, its audit line ([`crate::audit`]).
 //!
 //! Contract: every request gets exactly one answer, success or a JSON error, and is counted
 //! once in `pod_identity_http_response` and the latency histogram. A refusal made without asking
@@ -13,6 +13,7 @@
 
 use super::response::{error_response, json_response};
 use crate::admission::{Admission, Reason};
+use crate::audit;
 use crate::cache::{CacheError, CredentialCache, Denial, Outcome, Scope};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -69,6 +70,8 @@ impl CredentialHandler {
                 Ok((entry, outcome)) => Ok((token, entry, outcome)),
                 Err(e) => {
                     let reason = local_reason(&e);
+                    // Asked EKS Auth (now, or earlier for a remembered refusal) or not at all.
+                    let local = !matches!(e, CacheError::Exchange(_));
                     let e = Error::from(e);
                     if let Some(reason) = reason {
                         self.metrics
@@ -81,10 +84,10 @@ impl CredentialHandler {
                             tokio::time::sleep(REFUSAL_PACE).await;
                         }
                     }
-                    Err(e)
+                    Err((Some(token), e, local))
                 }
             },
-            Err(e) => Err(e),
+            Err(e) => Err((None, e, true)),
         };
         let m = &self.metrics;
         let elapsed = started.elapsed();
@@ -111,8 +114,15 @@ impl CredentialHandler {
                 }
                 json_response(StatusCode::OK, creds.body().clone())
             }
-            Err(e) => {
+            Err((token, e, local)) => {
                 let status = e.status();
+                audit::refusal(
+                    peer.ip().to_canonical(),
+                    token.as_ref(),
+                    status,
+                    e.code(),
+                    local,
+                );
                 m.http_response
                     .with_label_values(&[status_label(status)])
                     .inc();

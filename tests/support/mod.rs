@@ -29,6 +29,23 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const CLUSTER: &str = "my-cluster";
+
+/// `server` on loopback with every port chosen by the kernel (read back from the logs).
+pub const LOCAL_SERVER: &[&str] = &[
+    "server",
+    "-c",
+    CLUSTER,
+    "-b",
+    "127.0.0.1",
+    "-p",
+    "0",
+    "--probe-port",
+    "0",
+    "--metrics-address",
+    "127.0.0.1",
+    "--metrics-port",
+    "0",
+];
 pub use process::NODE_ACCESS_KEY_ID;
 
 pub fn now_secs() -> u64 {

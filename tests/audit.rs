@@ -1,0 +1,236 @@
+//! The audit trail of the binary (`src/audit.rs`): one line per EKS Auth exchange (first ones
+//! and refreshes) and per refusal, every field of the documented schema present, written even
+//! at `-v warn`, off with `--no-audit-log`, and never a token segment or a secret.
+
+mod support;
+
+use serde_json::Value;
+use std::net::IpAddr;
+use std::time::Duration;
+use support::fake_eks_auth::FakeEksAuth;
+use support::process::{agent_command, spawn, Spawned};
+use support::*;
+
+/// The schema in `src/audit.rs`, by event. A field renamed or dropped there fails here.
+const COMMON: &[&str] = &[
+    "event",
+    "trigger",
+    "client",
+    "namespace",
+    "service_account",
+    "pod",
+    "pod_uid",
+    "token",
+    "outcome",
+];
+const EXCHANGE: &[&str] = &[
+    "fault",
+    "role_arn",
+    "association_id",
+    "association_arn",
+    "access_key_id",
+    "expiration",
+    "request_id",
+];
+const REFUSAL: &[&str] = &["status", "decided"];
+
+fn args(endpoint: &str, extra: &[&'static str]) -> Vec<String> {
+    let mut a: Vec<String> = LOCAL_SERVER
+        .iter()
+        .chain(&["--endpoint", endpoint])
+        .map(|s| s.to_string())
+        .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+async fn start(endpoint: &str, extra: &[&'static str]) -> (Spawned, std::net::SocketAddr) {
+    let mut a = args(endpoint, extra);
+    let quiet = extra.windows(2).any(|w| w == ["-v", "warn"]);
+    if quiet {
+        // The "serving credentials" line is `info`: at `-v warn` the port must be known ahead.
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        a[6] = free.port().to_string();
+    }
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let agent = spawn(agent_command(&refs));
+    let addr = if quiet {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", a[6]).parse().expect("addr");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        addr
+    } else {
+        agent.listening("serving credentials").await
+    };
+    (agent, addr)
+}
+
+async fn stop(agent: &mut Spawned) -> Vec<Value> {
+    agent.sigterm();
+    let _ = tokio::time::timeout(Duration::from_secs(10), agent.child.wait()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    agent
+        .stderr
+        .all()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "pod_identity_agent::audit")
+        .collect()
+}
+
+fn one<'a>(lines: &'a [Value], what: &str, pick: impl Fn(&Value) -> bool) -> &'a Value {
+    let found: Vec<&Value> = lines.iter().filter(|v| pick(v)).collect();
+    assert_eq!(found.len(), 1, "{what}: {lines:#?}");
+    found[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_exchange_and_refusal_has_one_audit_line_with_the_whole_schema() {
+    let fake = FakeEksAuth::start(CLUSTER).await;
+    fake.answer_namespace("forged", "error-invalid-token");
+    // `-v warn`: the trail does not depend on how talkative the rest of the agent is.
+    let (mut agent, addr) = start(
+        &fake.endpoint(),
+        &[
+            "-v",
+            "warn",
+            "--max-credential-retention-before-renewal",
+            "1s",
+        ],
+    )
+    .await;
+    let client: IpAddr = "127.0.0.9".parse().expect("ip");
+    let good = mint("payments", "api", 3600);
+    let forged = mint("forged", "intruder", 3600);
+    let ask = |t: Option<&str>| {
+        let headers: Vec<(&'static str, String)> = t
+            .map(|t| ("authorization", t.to_owned()))
+            .into_iter()
+            .collect();
+        async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            get_from(client, addr, "/v1/credentials", &h).await.status
+        }
+    };
+    assert_eq!(ask(Some(&good)).await, 200);
+    assert_eq!(ask(Some(&good)).await, 200, "a hit: no audit line");
+    // Renewed after 1 s by the scheduler: an exchange with trigger `refresh`.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert_eq!(ask(Some(&forged)).await, 400);
+    assert_eq!(ask(Some(&forged)).await, 400, "remembered: refused locally");
+    assert_eq!(ask(None).await, 400, "no token at all");
+    let lines = stop(&mut agent).await;
+
+    for line in &lines {
+        let extra = match line["event"].as_str() {
+            Some("exchange") => EXCHANGE,
+            Some("refusal") => REFUSAL,
+            other => panic!("unknown event {other:?}: {line}"),
+        };
+        for key in COMMON.iter().chain(extra) {
+            assert!(line.get(*key).is_some(), "{key} missing from {line}");
+        }
+        assert_eq!(line["level"], "INFO", "{line}");
+    }
+
+    let first = one(&lines, "first exchange", |v| {
+        v["event"] == "exchange" && v["trigger"] == "request" && v["namespace"] == "payments"
+    });
+    assert_eq!(first["client"], "127.0.0.9");
+    assert_eq!(first["service_account"], "api");
+    assert!(first["pod"].as_str().is_some_and(|p| p.starts_with("pod-")));
+    assert!(first["pod_uid"]
+        .as_str()
+        .is_some_and(|p| p.starts_with("uid-")));
+    assert_eq!(first["outcome"], "success");
+    assert_eq!(first["fault"], "");
+    assert!(first["role_arn"]
+        .as_str()
+        .is_some_and(|a| a.starts_with("arn:aws:sts::111122223333:assumed-role/s3-reader/")));
+    assert_eq!(first["association_id"], "a-abcdefghijklmnop1");
+    assert!(first["association_arn"]
+        .as_str()
+        .is_some_and(|a| a.ends_with("podidentityassociation/my-cluster/a-abcdefghijklmnop1")));
+    assert!(first["access_key_id"]
+        .as_str()
+        .is_some_and(|a| a.starts_with("ASIAEXAMPLE")));
+    assert!(first["expiration"]
+        .as_str()
+        .is_some_and(|e| e.ends_with('Z')));
+    assert_eq!(first["request_id"], "5d0b4ec4-2f1a-4c54-9b2e-718232051269");
+    assert_eq!(first["token"].as_str().map(str::len), Some(16), "{first}");
+
+    let refresh = lines
+        .iter()
+        .find(|v| v["event"] == "exchange" && v["trigger"] == "refresh")
+        .unwrap_or_else(|| panic!("a refresh line: {lines:#?}"));
+    assert_eq!(refresh["client"], "");
+    assert_eq!(refresh["namespace"], "payments");
+    assert_eq!(refresh["token"], first["token"], "same entry");
+
+    let rejected = one(&lines, "rejected exchange", |v| {
+        v["event"] == "exchange" && v["namespace"] == "forged"
+    });
+    assert_eq!(rejected["outcome"], "InvalidTokenException");
+    assert_eq!(rejected["fault"], "token");
+    assert_eq!(rejected["role_arn"], "");
+    assert_eq!(rejected["client"], "127.0.0.9");
+
+    let refusals: Vec<&Value> = lines
+        .iter()
+        .filter(|v| v["event"] == "refusal" && v["namespace"] == "forged")
+        .collect();
+    assert_eq!(refusals.len(), 2, "{lines:#?}");
+    assert_eq!(refusals[0]["decided"], "eks_auth");
+    assert_eq!(refusals[1]["decided"], "locally");
+    for r in &refusals {
+        assert_eq!(r["status"], 400);
+        assert_eq!(r["client"], "127.0.0.9");
+        assert_eq!(r["service_account"], "intruder");
+        assert_eq!(r["token"], rejected["token"]);
+    }
+    let anonymous = one(&lines, "refusal without a token", |v| {
+        v["event"] == "refusal" && v["token"] == ""
+    });
+    assert_eq!(anonymous["decided"], "locally");
+    assert_eq!(anonymous["namespace"], "");
+    assert_eq!(anonymous["status"], 400);
+
+    // Nothing secret: no token segment, no secret key, no session token.
+    let text = lines
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    for t in [&good, &forged] {
+        for part in t.split('.') {
+            assert!(!text.contains(part), "a token segment in the audit trail");
+        }
+    }
+    for secret in ["wJalrXUtnFEMI", "IQoJb3JpZ2luX2Vj", "SecretAccessKey"] {
+        assert!(!text.contains(secret), "{secret} in the audit trail");
+    }
+}
+
+#[tokio::test]
+async fn no_audit_log_turns_the_trail_off() {
+    let fake = FakeEksAuth::start(CLUSTER).await;
+    let (mut agent, addr) = start(&fake.endpoint(), &["--no-audit-log"]).await;
+    let t = token();
+    assert_eq!(
+        get(addr, "/v1/credentials", &[("authorization", &t)])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(get(addr, "/v1/credentials", &[]).await.status, 400);
+    let lines = stop(&mut agent).await;
+    assert!(lines.is_empty(), "{lines:#?}");
+    assert_eq!(fake.calls(), 1, "the exchange happened");
+}
