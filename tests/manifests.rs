@@ -64,6 +64,8 @@ struct Rendered {
     config: BTreeMap<String, String>,
     services: Vec<Service>,
     service_monitors: Vec<Value>,
+    prometheus_rules: Vec<Value>,
+    dashboards: Vec<ConfigMap>,
     service_accounts: Vec<ServiceAccount>,
 }
 
@@ -75,9 +77,19 @@ fn check(docs: Vec<Value>, source: &str) -> Rendered {
         match kind.as_str() {
             "DaemonSet" => r.daemonsets.push(typed(&doc, &what)),
             "ServiceAccount" => r.service_accounts.push(typed(&doc, &what)),
-            "ConfigMap" => r
-                .config
-                .extend(typed::<ConfigMap>(&doc, &what).data.unwrap_or_default()),
+            "ConfigMap" => {
+                let map = typed::<ConfigMap>(&doc, &what);
+                let labels = map.metadata.labels.clone().unwrap_or_default();
+                if labels.contains_key("grafana_dashboard") {
+                    r.dashboards.push(map);
+                } else {
+                    r.config.extend(map.data.unwrap_or_default());
+                }
+            }
+            "PrometheusRule" => {
+                assert_eq!(doc["apiVersion"], "monitoring.coreos.com/v1", "{what}");
+                r.prometheus_rules.push(doc);
+            }
             "Service" => r.services.push(typed(&doc, &what)),
             "ServiceMonitor" => {
                 assert_eq!(doc["apiVersion"], "monitoring.coreos.com/v1", "{what}");
@@ -430,6 +442,27 @@ fn renders_are_valid_and_match_the_agent() {
                 port.name.clone().unwrap_or_default().as_str()
             );
             assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+            // The rules select what the ServiceMonitor scrapes: its `job` is the Service's name.
+            let job = format!("job=\"{}\"", svc.metadata.name.clone().unwrap_or_default());
+            assert_eq!(r.prometheus_rules.len(), 1, "{variant}");
+            let rules = r.prometheus_rules[0]["spec"]["groups"]
+                .as_array()
+                .expect("groups")
+                .iter()
+                .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default());
+            for rule in rules {
+                let expr = rule["expr"].as_str().unwrap_or_default();
+                assert!(
+                    expr.contains(&job) || expr.contains("pod_identity:"),
+                    "every rule reads this Service's series or a recording rule: {expr}"
+                );
+            }
+            assert_eq!(r.dashboards.len(), 1, "{variant}");
+            let data = r.dashboards[0].data.clone().unwrap_or_default();
+            let dashboard: Value =
+                serde_json::from_str(data.get("pod-identity-agent.json").expect("dashboard file"))
+                    .expect("dashboard JSON");
+            assert_eq!(dashboard["uid"], "pod-identity-agent");
         }
     }
 }
