@@ -51,8 +51,22 @@ pub enum Command {
     Dev(DevArgs),
     /// Run the EKS Auth emulator alone, for any agent or EKS Auth client to use.
     EmulateEksAuth(EmulateArgs),
+    /// Check, from inside a pod (or a shell with its environment), why it does or does not get
+    /// Pod Identity credentials: environment, token file, the agent's answer, the role. Exits 1
+    /// on a problem.
+    Diagnose(DiagnoseArgs),
     /// Print the version.
     Version,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DiagnoseArgs {
+    /// Do not ask STS which role the credentials belong to (for pods with no route to STS).
+    #[arg(long)]
+    pub no_sts: bool,
+    /// How long to wait for the agent, and for STS.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -335,6 +335,11 @@ const KNOWN_CODES: &[KnownCode] = &[
     },
 ];
 
+/// Every EKS Auth error code the agent knows by name (for `diagnose`'s explanations).
+pub fn known_codes() -> impl Iterator<Item = &'static str> {
+    KNOWN_CODES.iter().map(|k| k.code)
+}
+
 fn known(code: &str) -> Option<&'static KnownCode> {
     KNOWN_CODES.iter().find(|k| k.code == code)
 }

@@ -12,6 +12,7 @@ pub mod cache;
 pub mod cli;
 pub mod credentials;
 pub mod dev;
+pub mod diagnose;
 pub mod eks_auth;
 pub mod emulator;
 pub mod error;

@@ -23,6 +23,17 @@ fn main() -> ExitCode {
         Command::Init(args) => run(|| init(args)),
         Command::Dev(args) => run(|| pod_identity_agent::dev::run_dev(args)),
         Command::EmulateEksAuth(args) => run(|| pod_identity_agent::dev::run_emulate(args)),
+        // Its exit code is its verdict (1: a problem found), not a start-up failure.
+        Command::Diagnose(args) => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(pod_identity_agent::diagnose::run(args)),
+            Err(e) => {
+                eprintln!("pod-identity-agent: cannot start the runtime: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 

@@ -13,7 +13,7 @@ use pod_identity_agent::emulator::issuer::{Issuer, MintRequest, AUDIENCE};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::time::Duration;
-use support::process::{agent_command, spawn};
+use support::process::{agent_command, start_dev};
 use support::python::{python_with, run_json, script};
 use support::*;
 
@@ -31,15 +31,7 @@ async fn status_and_code(addr: SocketAddr, token: &str) -> (u16, String) {
 async fn dev_mode_serves_sdks_through_the_printed_exports() {
     let state = tempfile::tempdir().expect("tempdir");
     let state_arg = state.path().display().to_string();
-    let mut dev = spawn(agent_command(&[
-        "dev",
-        "--port",
-        "0",
-        "--state-dir",
-        &state_arg,
-    ]));
-    let uri = dev.export("AWS_CONTAINER_CREDENTIALS_FULL_URI").await;
-    let token_file = dev.export("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE").await;
+    let (mut dev, uri, token_file) = start_dev(state.path()).await;
     let token = std::fs::read_to_string(&token_file).expect("token file");
     assert!(
         !token.ends_with('\n'),

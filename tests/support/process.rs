@@ -156,3 +156,19 @@ impl Spawned {
             .await
     }
 }
+
+/// `dev` on a kernel-chosen port with its state in `state`, and the two exports it printed
+/// (`AWS_CONTAINER_CREDENTIALS_FULL_URI`, `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`).
+pub async fn start_dev(state: &std::path::Path) -> (Spawned, String, String) {
+    let state_arg = state.display().to_string();
+    let dev = spawn(agent_command(&[
+        "dev",
+        "--port",
+        "0",
+        "--state-dir",
+        &state_arg,
+    ]));
+    let uri = dev.export("AWS_CONTAINER_CREDENTIALS_FULL_URI").await;
+    let token_file = dev.export("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE").await;
+    (dev, uri, token_file)
+}
