@@ -3,12 +3,12 @@
 //! identity provider), a profile chained through `source_profile`, and the container provider,
 //! each followed by `GetCallerIdentity` naming the role.
 //!
-//! One test per process (this file): it sets the process environment `aws-config` reads.
+//! The first test sets the process environment `aws-config` reads; the second reads none of it.
 
 mod support;
 
 use std::time::Duration;
-use support::process::{agent_command, spawn};
+use support::process::{agent_command, spawn, start_dev};
 
 /// Who STS (the emulator) says these credentials are.
 async fn caller_arn() -> Result<String, String> {
@@ -130,4 +130,74 @@ async fn rust_sdk_irsa_chaining_and_pod_identity_name_their_roles() {
 
     dev.sigterm();
     let _ = tokio::time::timeout(Duration::from_secs(10), dev.child.wait()).await;
+}
+
+/// `GetCallerIdentity` with explicit credentials and endpoint, reading nothing from the
+/// environment (the other test in this file changes it).
+async fn identity_of(endpoint: &str, creds: &serde_json::Value) -> Result<String, String> {
+    let field = |k: &str| creds[k].as_str().unwrap_or_default().to_owned();
+    let config = aws_sdk_sts::Config::builder()
+        .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
+        .region(aws_sdk_sts::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_sts::config::Credentials::new(
+            field("AccessKeyId"),
+            field("SecretAccessKey"),
+            Some(field("Token")),
+            None,
+            "test",
+        ))
+        .build();
+    aws_sdk_sts::Client::from_conf(config)
+        .get_caller_identity()
+        .send()
+        .await
+        .map(|out| out.arn().unwrap_or_default().to_owned())
+        .map_err(|e| {
+            use aws_sdk_sts::error::ProvideErrorMetadata;
+            e.code().unwrap_or("no code").to_owned()
+        })
+}
+
+/// The AWS CLI caches assumed-role credentials on disk, so a developer restarting `dev` keeps
+/// using them: like AWS, the emulator must still know them, with no memory of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issued_credentials_survive_a_restart_with_the_same_state_dir_only() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let (mut dev, uri, token_file) = start_dev(state.path()).await;
+    let sts = dev.export("AWS_ENDPOINT_URL_STS").await;
+    let token = std::fs::read_to_string(&token_file).expect("token");
+    let addr = uri
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1/credentials")
+        .parse()
+        .expect("addr");
+    let creds = support::get(addr, "/v1/credentials", &[("authorization", &token)])
+        .await
+        .json();
+    let before = identity_of(&sts, &creds).await.expect("known");
+    assert!(
+        before.contains(":assumed-role/default-default/"),
+        "{before}"
+    );
+    dev.sigterm();
+    let _ = dev.child.wait().await;
+
+    let (mut again, _, _) = start_dev(state.path()).await;
+    let sts_again = again.export("AWS_ENDPOINT_URL_STS").await;
+    assert_ne!(sts, sts_again, "a new process on a new port");
+    assert_eq!(identity_of(&sts_again, &creds).await, Ok(before));
+    again.sigterm();
+    let _ = again.child.wait().await;
+
+    // Another state dir is another issuer key: the credentials mean nothing there.
+    let other = tempfile::tempdir().expect("tempdir");
+    let (mut stranger, _, _) = start_dev(other.path()).await;
+    let sts_other = stranger.export("AWS_ENDPOINT_URL_STS").await;
+    assert_eq!(
+        identity_of(&sts_other, &creds).await,
+        Err("InvalidClientTokenId".to_owned())
+    );
+    stranger.sigterm();
+    let _ = stranger.child.wait().await;
 }

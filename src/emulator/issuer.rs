@@ -144,6 +144,24 @@ impl Issuer {
         }
     }
 
+    /// A 32-byte key for `purpose`, derived from the private key: stable for as long as the
+    /// state dir keeps the key, and different for every purpose. If the key cannot be encoded
+    /// (it always can), a random one: what it protects then lasts one run.
+    pub fn derive_key(&self, purpose: &str) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        match self.key.as_der() {
+            Ok(der) => {
+                let key = aws_lc_rs::hmac::Key::new(
+                    aws_lc_rs::hmac::HMAC_SHA256,
+                    &Sha256::digest(der.as_ref()),
+                );
+                out.copy_from_slice(aws_lc_rs::hmac::sign(&key, purpose.as_bytes()).as_ref());
+            }
+            Err(_) => out.iter_mut().for_each(|b| *b = fastrand::u8(..)),
+        }
+        out
+    }
+
     pub fn kid(&self) -> &str {
         &self.kid
     }

@@ -75,7 +75,7 @@ pub struct Emulator {
     pub associations: Associations,
     /// Who STS lets assume which role (IRSA grants, role trust).
     pub trust: Trust,
-    /// Credentials this emulator issued, which may sign STS requests.
+    /// Seals the credentials this emulator issues, so they can sign STS requests.
     pub sessions: sessions::Sessions,
     pub minting: Minting,
     /// Region and account used in the cluster ARN of session tags and association ARNs.
@@ -89,11 +89,12 @@ pub struct Emulator {
 
 impl Emulator {
     pub fn new(issuer: Arc<Issuer>, associations: Associations, minting: Minting) -> Emulator {
+        let sessions = sessions::Sessions::new(&issuer.derive_key("sts-sessions"));
         Emulator {
             issuer,
             associations,
             trust: Trust::default(),
-            sessions: sessions::Sessions::default(),
+            sessions,
             minting,
             region: "us-east-1".into(),
             account: "000000000000".into(),
@@ -282,10 +283,10 @@ impl Emulator {
             subject: &subject,
             association: &association,
         };
-        let issued = self.minting.issue(&ctx).await?;
+        let mut issued = self.minting.issue(&ctx).await?;
         if matches!(self.minting, Minting::Fake) {
             // So the pod's credentials can sign STS requests here: GetCallerIdentity, chaining.
-            self.sts().register(&issued);
+            self.sts().seal(&mut issued);
         }
         let association_id = association.id();
         let association_arn = format!(

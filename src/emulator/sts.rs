@@ -17,7 +17,8 @@
 //! - `GetCallerIdentity`: signed the same way; the caller's assumed-role ARN, user id, account.
 //! - malformed or missing parameters: `ValidationError`; any other action `InvalidAction`.
 //!
-//! Every credential issued here is registered, so it can sign the next request in a chain.
+//! Every credential issued here is sealed (`sessions.rs`), so it can sign the next request in a
+//! chain, also after the emulator restarted with the same state dir.
 
 use super::associations::{
     role_parts, valid_external_id, Trust, DEFAULT_MAX_SESSION, STS_AUDIENCE,
@@ -278,7 +279,7 @@ fn expiration_text(t: u64) -> String {
 }
 
 /// `arn:aws:iam::<account>:role/<name>` for an assumed-role ARN.
-fn role_of(assumed: &str) -> Option<String> {
+pub(super) fn role_of(assumed: &str) -> Option<String> {
     let mut f = assumed.splitn(6, ':');
     let (Some("arn"), Some(partition), Some("sts"), Some(""), Some(account), Some(resource)) =
         (f.next(), f.next(), f.next(), f.next(), f.next(), f.next())
@@ -290,26 +291,9 @@ fn role_of(assumed: &str) -> Option<String> {
 }
 
 impl Sts<'_> {
-    /// Remember credentials this emulator issued, so they can sign later requests.
-    pub fn register(&self, issued: &Issued) {
-        let Some(role_arn) = role_of(&issued.assumed_role_arn) else {
-            return;
-        };
-        let account = role_parts(&role_arn)
-            .map(|(a, _)| a.to_owned())
-            .unwrap_or_default();
-        self.sessions.insert(
-            &issued.access_key_id,
-            Session {
-                secret_access_key: issued.secret_access_key.clone(),
-                session_token: issued.session_token.clone(),
-                arn: issued.assumed_role_arn.clone(),
-                role_arn,
-                user_id: issued.assume_role_id.clone(),
-                account,
-                expiration: SystemTime::UNIX_EPOCH + Duration::from_secs(issued.expiration),
-            },
-        );
+    /// Seal credentials this emulator issued, so they can sign later requests.
+    pub fn seal(&self, issued: &mut Issued) {
+        self.sessions.seal(issued);
     }
 
     pub fn handle(&self, req: &Incoming<'_>) -> (Result<WireResponse, StsError>, String) {
@@ -384,8 +368,8 @@ impl Sts<'_> {
             DEFAULT_MAX_SESSION,
             "The requested DurationSeconds exceeds the MaxSessionDuration set for this role.",
         )?;
-        let issued = fake_session(&grant.role_arn, &session, lifetime);
-        self.register(&issued);
+        let mut issued = fake_session(&grant.role_arn, &session, lifetime);
+        self.seal(&mut issued);
         let account = role_parts(&grant.role_arn)
             .map(|(a, _)| a)
             .unwrap_or("000000000000");
@@ -412,7 +396,7 @@ impl Sts<'_> {
     }
 
     /// The session that signed `req`, its signature checked.
-    fn caller(&self, req: &Incoming<'_>) -> Result<std::sync::Arc<Session>, StsError> {
+    fn caller(&self, req: &Incoming<'_>) -> Result<Session, StsError> {
         let header = req
             .headers
             .get(hyper::header::AUTHORIZATION)
@@ -431,17 +415,15 @@ impl Sts<'_> {
         };
         let auth = Authorization::parse(header)
             .map_err(|e| fail("SignatureDoesNotMatch", e.to_string()))?;
-        let session = self
-            .sessions
-            .get(&auth.access_key_id)
-            .ok_or_else(invalid_token)?;
         let token = req
             .headers
             .get("x-amz-security-token")
-            .and_then(|v| v.to_str().ok());
-        if token != Some(session.session_token.as_str()) {
-            return Err(invalid_token());
-        }
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(invalid_token)?;
+        let session = self
+            .sessions
+            .open(&auth.access_key_id, token)
+            .ok_or_else(invalid_token)?;
         if SystemTime::now() >= session.expiration {
             return Err(fail(
                 "ExpiredToken",
@@ -508,8 +490,8 @@ impl Sts<'_> {
                 return Err(fail("ValidationError", "The requested DurationSeconds exceeds the MaxSessionDuration set for this role."));
             }
         }
-        let issued = fake_session(&role, &session, lifetime);
-        self.register(&issued);
+        let mut issued = fake_session(&role, &session, lifetime);
+        self.seal(&mut issued);
         tracing::info!(caller = %caller.arn, role = %role, access_key_id = %issued.access_key_id,
             "emulated STS: AssumeRole");
         Ok(render(
