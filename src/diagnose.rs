@@ -400,7 +400,7 @@ async fn ask_agent(
             CHECK,
             format!(
                 "the agent answered {status} {code}: {}\n      the agent said: {}",
-                explain(code),
+                explain(code, status),
                 clip(message, 400)
             ),
         );
@@ -531,8 +531,12 @@ async fn check_role(env: &dyn Env, creds: &Returned, timeout: Duration, r: &mut 
     }
 }
 
-/// What an agent error code means for the person reading the report.
-pub fn explain(code: &str) -> &'static str {
+/// What an agent error, by code and status, means for the person reading the report.
+pub fn explain(code: &str, status: u16) -> &'static str {
+    if status == 403 && !matches!(code, "HostNotAllowed") {
+        // EKS Auth's 403s are about the request's signature: the node's keys, not the pod.
+        return "EKS Auth refused the node's own credentials, not the pod's: the node's instance profile or hybrid credentials are wrong or expired, or its clock is off. Every new pod on this node is affected; tell the cluster's operators.";
+    }
     match code {
         "MissingToken" => "the request carried no token: the SDK did not read the token file (is it too old to support AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE?).",
         "InvalidToken" => "the token is not a well-formed service-account token, or it failed the agent's own signature check (--token-issuer).",
@@ -556,6 +560,7 @@ pub fn explain(code: &str) -> &'static str {
         "UnrecognizedClientException" | "InvalidSignatureException" => "EKS Auth refused the node's own credentials (not the pod's): the node's instance profile or hybrid credentials are wrong or expired.",
         "ThrottlingException" => "EKS Auth is throttling this account: too many exchanges cluster-wide; the SDK will retry.",
         "InternalServerException" | "ServiceUnavailableException" => "EKS Auth failed; retry. Cached credentials keep being served meanwhile.",
+        "UnknownError" => "something between the node and EKS Auth (a proxy or gateway) answered instead of EKS Auth: check the node's HTTPS_PROXY and NO_PROXY.",
         _ => "an error this version of diagnose does not know; the agent's message below says more.",
     }
 }
@@ -609,14 +614,20 @@ mod tests {
             "EksAuthInvalidResponse",
             "InternalError",
         ];
-        let unknown = explain("SomethingNew");
+        let unknown = explain("SomethingNew", 400);
         for code in agent_codes
             .iter()
             .copied()
             .chain(crate::eks_auth::known_codes())
+            .chain(["UnknownError"])
         {
-            assert_ne!(explain(code), unknown, "{code} is not explained");
+            assert_ne!(explain(code, 400), unknown, "{code} is not explained");
         }
+        // The same code is the pod's problem at 400 and the node's at 403.
+        assert_ne!(
+            explain("ExpiredTokenException", 400),
+            explain("ExpiredTokenException", 403)
+        );
     }
 
     #[test]

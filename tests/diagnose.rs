@@ -272,3 +272,83 @@ async fn diagnose_explains_the_healthy_case_and_every_broken_setup() {
     dev.sigterm();
     let _ = dev.child.wait().await;
 }
+
+/// Every answer the agent relays from EKS Auth (each recorded error in `proto-fixtures/eks-auth/`)
+/// and its own budget refusal, seen through `diagnose`: exit 1, the agent's status and code,
+/// and an explanation of its own (never the catch-all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diagnose_explains_every_error_the_agent_gives() {
+    use support::fake_eks_auth::{fixture_names, load_fixture, FakeEksAuth};
+    let fake = FakeEksAuth::start(CLUSTER).await;
+    let errors: Vec<(String, u64, String)> = fixture_names()
+        .into_iter()
+        .filter_map(|name| {
+            let agent = load_fixture(&name)["agent"].clone();
+            let status = agent["status"].as_u64()?;
+            (status != 200).then(|| (name, status, agent["code"].as_str().unwrap_or("").into()))
+        })
+        .collect();
+    assert!(errors.len() >= 15, "{errors:?}");
+    for (i, (name, _, _)) in errors.iter().enumerate() {
+        fake.answer_namespace(&format!("ns-{i}"), name);
+    }
+    let endpoint = fake.endpoint();
+    let mut args = LOCAL_SERVER.to_vec();
+    // Room for one new exchange per error, a few more, then a long wait: the budget refusal.
+    let burst = (errors.len() + 5).to_string();
+    args.extend([
+        "--endpoint",
+        &endpoint,
+        "--client-exchange-burst",
+        &burst,
+        "--client-exchange-qps",
+        "0.01",
+    ]);
+    let agent = spawn(agent_command(&args));
+    let addr = agent.listening("serving credentials").await;
+    let home_dir = tempfile::tempdir().expect("tempdir");
+    let home = home_dir.path();
+    let uri = format!("http://{addr}/v1/credentials");
+    let catch_all = pod_identity_agent::diagnose::explain("SomethingNew", 400);
+
+    let ask = |ns: String| {
+        let uri = uri.clone();
+        let file = home.join(format!("{ns}.jwt"));
+        async move {
+            std::fs::write(&file, mint(&ns, "sa", 3600)).expect("token");
+            let file = file.display().to_string();
+            diagnose(
+                &[
+                    ("AWS_CONTAINER_CREDENTIALS_FULL_URI", &uri),
+                    ("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &file),
+                ],
+                home,
+                &["--no-sts", "--timeout", "15s"],
+            )
+            .await
+        }
+    };
+    for (i, (name, status, code)) in errors.iter().enumerate() {
+        let o = ask(format!("ns-{i}")).await;
+        failed(
+            &o,
+            "agent",
+            &format!("the agent answered {status} {code}: "),
+        );
+        let explanation = pod_identity_agent::diagnose::explain(code, *status as u16);
+        assert_ne!(explanation, catch_all, "{name}: {code} unexplained");
+        assert!(o.out.contains(explanation), "{name}:\n{}", o.out);
+    }
+    // The agent's own refusal: this address has spent its burst of new exchanges.
+    let mut refused = None;
+    for n in 0..50 {
+        let o = ask(format!("budget-{n}")).await;
+        if o.out.contains("429 ExchangeRateExceeded") {
+            refused = Some(o);
+            break;
+        }
+    }
+    let o = refused.expect("the client budget refused at last");
+    failed(&o, "agent", "this pod asked for new credentials too often");
+    agent.sigterm();
+}
