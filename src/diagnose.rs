@@ -24,8 +24,6 @@
 use crate::cli::DiagnoseArgs;
 use crate::issuer::AUDIENCE;
 use crate::token::Token;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use std::fmt::Write as _;
@@ -266,20 +264,7 @@ fn check_token(env: &dyn Env, r: &mut Report) -> Option<String> {
             return None;
         }
     };
-    let payload: serde_json::Value = text
-        .split('.')
-        .nth(1)
-        .and_then(|p| URL_SAFE_NO_PAD.decode(p.trim_end_matches('=')).ok())
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    let audiences: Vec<String> = match &payload["aud"] {
-        serde_json::Value::String(a) => vec![a.clone()],
-        serde_json::Value::Array(a) => a
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_owned))
-            .collect(),
-        _ => Vec::new(),
-    };
+    let audiences = token.audiences();
     let s = token.subject();
     let who = format!(
         "namespace {}, service account {}{}",

@@ -210,13 +210,7 @@ impl Token {
     /// system:serviceaccount:<ns>:<sa>` for tokens without them. Decoded from the raw payload
     /// each time (for logs, not for the hit path); a claim of the wrong type reads as empty.
     pub fn subject(&self) -> Subject {
-        let claims: serde_json::Value = self
-            .raw
-            .split('.')
-            .nth(1)
-            .and_then(|p| B64.decode(p).ok())
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let claims = self.payload();
         let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
         let k = &claims["kubernetes.io"];
         let mut subject = Subject {
@@ -241,6 +235,29 @@ impl Token {
             pod: loggable(subject.pod),
             pod_uid: loggable(subject.pod_uid),
         }
+    }
+
+    /// The `aud` claim (a string or a list), decoded from the raw payload like [`Token::subject`]:
+    /// for reports, not for the hit path. EKS Auth, or `--token-issuer`, checks it.
+    pub fn audiences(&self) -> Vec<String> {
+        match self.payload()["aud"].take() {
+            serde_json::Value::String(a) => vec![a],
+            serde_json::Value::Array(list) => list
+                .into_iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The payload as JSON; `Null` if it does not decode (it did when the token was parsed).
+    fn payload(&self) -> serde_json::Value {
+        self.raw
+            .split('.')
+            .nth(1)
+            .and_then(|p| B64.decode(p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
     }
 
     /// Refuse a token outside `[nbf - leeway, exp + leeway]`. Leeway absorbs a node clock that

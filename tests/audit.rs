@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::net::IpAddr;
 use std::time::Duration;
 use support::fake_eks_auth::FakeEksAuth;
-use support::process::{agent_command, spawn, Spawned};
+use support::process::{agent_command, loopback_server, spawn, Spawned};
 use support::*;
 
 /// The schema in `src/audit.rs`, by event. A field renamed or dropped there fails here.
@@ -34,40 +34,21 @@ const EXCHANGE: &[&str] = &[
 ];
 const REFUSAL: &[&str] = &["status", "decided"];
 
-fn args(endpoint: &str, extra: &[&'static str]) -> Vec<String> {
-    let mut a: Vec<String> = LOCAL_SERVER
-        .iter()
-        .chain(&["--endpoint", endpoint])
-        .map(|s| s.to_string())
-        .collect();
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
-}
-
-async fn start(endpoint: &str, extra: &[&'static str]) -> (Spawned, std::net::SocketAddr) {
-    let mut a = args(endpoint, extra);
-    let quiet = extra.windows(2).any(|w| w == ["-v", "warn"]);
-    if quiet {
-        // The "serving credentials" line is `info`: at `-v warn` the port must be known ahead.
-        let free = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port");
-        a[6] = free.port().to_string();
-    }
-    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-    let agent = spawn(agent_command(&refs));
-    let addr = if quiet {
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", a[6]).parse().expect("addr");
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+/// The agent on a port chosen here: at `-v warn` it does not log the `info` line that would
+/// name a kernel-chosen one.
+async fn start(endpoint: &str, extra: &[&str]) -> (Spawned, std::net::SocketAddr) {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let port = addr.port().to_string();
+    let mut args = loopback_server(CLUSTER, [&port, "0", "0"]);
+    args.extend(["--endpoint", endpoint]);
+    args.extend(extra);
+    let agent = spawn(agent_command(&args));
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
         }
-        addr
-    } else {
-        agent.listening("serving credentials").await
-    };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     (agent, addr)
 }
 

@@ -6,11 +6,9 @@ mod support;
 
 use std::time::Duration;
 use support::fake_eks_auth::{FakeEksAuth, Step};
-use support::process::{agent_command, spawn, Spawned};
+use support::process::{agent_command, loopback_server, spawn, Spawned};
 use support::*;
 use tokio::process::Command;
-
-const LOCAL: &[&str] = LOCAL_SERVER;
 
 /// Start the agent and wait for its credential listener's address in the JSON logs.
 async fn spawn_agent(cmd: Command) -> (Spawned, std::net::SocketAddr) {
@@ -39,7 +37,7 @@ async fn version_prints_the_version() {
 
 #[tokio::test]
 async fn startup_errors_are_one_line_and_exit_2() {
-    let mut no_region = agent_command(LOCAL);
+    let mut no_region = agent_command(&loopback_server(CLUSTER, ["0"; 3]));
     no_region.env_remove("AWS_REGION");
     let (code, err) = exit_code(no_region).await;
     assert_eq!(code, 2, "{err}");
@@ -58,7 +56,7 @@ async fn startup_errors_are_one_line_and_exit_2() {
 
     let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = busy.local_addr().expect("addr").port().to_string();
-    let mut args = LOCAL.to_vec();
+    let mut args = loopback_server(CLUSTER, ["0"; 3]);
     args[6] = &port;
     let (code, err) = exit_code(agent_command(&args)).await;
     assert_eq!(code, 2, "{err}");
@@ -72,7 +70,7 @@ async fn startup_errors_are_one_line_and_exit_2() {
 #[tokio::test]
 async fn endpoint_from_environment_and_graceful_shutdown() {
     let fake = FakeEksAuth::start(CLUSTER).await;
-    let mut cmd = agent_command(LOCAL);
+    let mut cmd = agent_command(&loopback_server(CLUSTER, ["0"; 3]));
     cmd.env("AWS_ENDPOINT_URL_EKS_AUTH", fake.endpoint());
     let (mut agent, addr) = spawn_agent(cmd).await;
     // An exchange in flight when SIGTERM arrives still completes.
@@ -108,7 +106,7 @@ async fn shutdown_ends_what_outlives_the_grace_period() {
         hang: true,
     });
     let endpoint = fake.endpoint();
-    let mut args = LOCAL.to_vec();
+    let mut args = loopback_server(CLUSTER, ["0"; 3]);
     args.extend([
         "--endpoint",
         &endpoint,
@@ -174,7 +172,7 @@ async fn shutdown_ends_what_outlives_the_grace_period() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_the_logs_at_any_level() {
     let fake = FakeEksAuth::start(CLUSTER).await;
-    let mut args = LOCAL.to_vec();
+    let mut args = loopback_server(CLUSTER, ["0"; 3]);
     let endpoint = fake.endpoint();
     args.extend([
         "--endpoint",
@@ -275,7 +273,7 @@ async fn rotate_credentials_rereads_the_shared_credentials_file() {
     };
     write("AKIAHYBRIDNODE000001");
     let endpoint = fake.endpoint();
-    let mut args = LOCAL.to_vec();
+    let mut args = loopback_server(CLUSTER, ["0"; 3]);
     args.extend(["--endpoint", &endpoint, "--rotate-credentials", "true"]);
     let mut cmd = agent_command(&args);
     cmd.env_remove("AWS_ACCESS_KEY_ID")
@@ -326,7 +324,7 @@ async fn refusals_are_logged_naming_the_client_never_the_token() {
     let fake = FakeEksAuth::start(CLUSTER).await;
     fake.answer_namespace("attacker", "error-invalid-token");
     let endpoint = fake.endpoint();
-    let mut args = LOCAL.to_vec();
+    let mut args = loopback_server(CLUSTER, ["0"; 3]);
     args.extend(["--endpoint", &endpoint]);
     let (mut agent, addr) = spawn_agent(agent_command(&args)).await;
 

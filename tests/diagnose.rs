@@ -4,8 +4,9 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::path::Path;
-use support::process::{agent_command, spawn, start_dev};
+use support::process::{agent_command, loopback_server, spawn, start_dev};
 use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pod-identity-agent");
@@ -216,9 +217,7 @@ async fn diagnose_explains_the_healthy_case_and_every_broken_setup() {
     .await;
     failed(&old, "token", "expired 10 min ago");
     // 8. No agent listening.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port");
+    let closed = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let down = run(pod(&[(
         "AWS_CONTAINER_CREDENTIALS_FULL_URI",
         format!("http://{closed}/v1/credentials"),
@@ -293,7 +292,7 @@ async fn diagnose_explains_every_error_the_agent_gives() {
         fake.answer_namespace(&format!("ns-{i}"), name);
     }
     let endpoint = fake.endpoint();
-    let mut args = LOCAL_SERVER.to_vec();
+    let mut args = loopback_server(CLUSTER, ["0"; 3]);
     // Room for one new exchange per error, a few more, then a long wait: the budget refusal.
     let burst = (errors.len() + 5).to_string();
     args.extend([

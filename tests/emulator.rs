@@ -235,13 +235,6 @@ async fn from_cluster_failure_is_a_clear_error() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sts_source_assumes_roles_in_moto_with_session_tags() {
     let Some(python) = python_with(&["moto.server", "flask"]) else {

@@ -15,15 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::fake_eks_auth::FakeEksAuth;
-use support::process::{agent_command, spawn, Spawned};
+use support::process::{agent_command, loopback_server, spawn, Spawned};
 use support::*;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 /// The flags every agent of one test gets: fixed ports, so a successor wants the same sockets.
 struct Node {
@@ -63,25 +56,8 @@ impl Node {
     fn agent(&self, handover_dir: &str, extra: &[&str]) -> Spawned {
         let endpoint = self.fake.endpoint();
         let [p, probe, metrics] = self.ports.map(|p| p.to_string());
-        let mut args = vec![
-            "server",
-            "-c",
-            CLUSTER,
-            "-b",
-            "127.0.0.1",
-            "-p",
-            &p,
-            "--probe-port",
-            &probe,
-            "--metrics-address",
-            "127.0.0.1",
-            "--metrics-port",
-            &metrics,
-            "--endpoint",
-            &endpoint,
-            "--handover-timeout",
-            "1s",
-        ];
+        let mut args = loopback_server(CLUSTER, [&p, &probe, &metrics]);
+        args.extend(["--endpoint", &endpoint, "--handover-timeout", "1s"]);
         args.extend_from_slice(extra);
         let mut cmd = agent_command(&args);
         cmd.env("POD_IDENTITY_AGENT_HANDOVER_DIR", handover_dir);

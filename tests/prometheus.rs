@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 use support::fake_eks_auth::FakeEksAuth;
-use support::process::{agent_command, spawn};
+use support::process::{agent_command, loopback_server, spawn};
 use support::*;
 
 const RULE_FILE: &str = "daemonset/overlays/metrics/prometheusrule.yaml";
@@ -137,9 +137,7 @@ impl Prometheus {
              static_configs:\n      - targets: ['{target}']\n"
         );
         std::fs::write(dir.join("prometheus.yml"), config).expect("config");
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
         let child = tokio::process::Command::new(bin)
             .current_dir(dir)
             .arg("--config.file=prometheus.yml")
@@ -200,7 +198,7 @@ async fn a_real_prometheus_scrapes_the_agent_evaluates_the_rules_and_answers_the
     };
     let fake = FakeEksAuth::start(CLUSTER).await;
     let endpoint = fake.endpoint();
-    let mut args = LOCAL_SERVER.to_vec();
+    let mut args = loopback_server(CLUSTER, ["0"; 3]);
     args.extend(["--endpoint", &endpoint, "--max-cache-size", "2"]);
     let agent = spawn(agent_command(&args));
     let addr = agent.listening("serving credentials").await;

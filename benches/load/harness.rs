@@ -124,23 +124,8 @@ pub async fn agent_with_defaults(fake: &FakeEksAuth, extra: &[&str]) -> Agent {
 
 async fn start_agent(bin: Option<&str>, fake: &FakeEksAuth, extra: &[&str]) -> Agent {
     let endpoint = fake.endpoint();
-    let mut args = vec![
-        "server",
-        "-c",
-        CLUSTER,
-        "-b",
-        "127.0.0.1",
-        "-p",
-        "0",
-        "--probe-port",
-        "0",
-        "--metrics-address",
-        "127.0.0.1",
-        "--metrics-port",
-        "0",
-        "--endpoint",
-        &endpoint,
-    ];
+    let mut args = process::loopback_server(CLUSTER, ["0"; 3]);
+    args.extend(["--endpoint", &endpoint]);
     args.extend_from_slice(extra);
     let command = match bin {
         Some(bin) => process::binary_command(bin, &args),

@@ -286,7 +286,7 @@ impl Emulator {
         let mut issued = self.minting.issue(&ctx).await?;
         if matches!(self.minting, Minting::Fake) {
             // So the pod's credentials can sign STS requests here: GetCallerIdentity, chaining.
-            self.sts().seal(&mut issued);
+            self.sessions.seal(&mut issued);
         }
         let association_id = association.id();
         let association_arn = format!(

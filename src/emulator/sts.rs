@@ -291,11 +291,6 @@ pub(super) fn role_of(assumed: &str) -> Option<String> {
 }
 
 impl Sts<'_> {
-    /// Seal credentials this emulator issued, so they can sign later requests.
-    pub fn seal(&self, issued: &mut Issued) {
-        self.sessions.seal(issued);
-    }
-
     pub fn handle(&self, req: &Incoming<'_>) -> (Result<WireResponse, StsError>, String) {
         let request_id = uuid_like();
         let p = params(req);
@@ -369,7 +364,7 @@ impl Sts<'_> {
             "The requested DurationSeconds exceeds the MaxSessionDuration set for this role.",
         )?;
         let mut issued = fake_session(&grant.role_arn, &session, lifetime);
-        self.seal(&mut issued);
+        self.sessions.seal(&mut issued);
         let account = role_parts(&grant.role_arn)
             .map(|(a, _)| a)
             .unwrap_or("000000000000");
@@ -491,7 +486,7 @@ impl Sts<'_> {
             }
         }
         let mut issued = fake_session(&role, &session, lifetime);
-        self.seal(&mut issued);
+        self.sessions.seal(&mut issued);
         tracing::info!(caller = %caller.arn, role = %role, access_key_id = %issued.access_key_id,
             "emulated STS: AssumeRole");
         Ok(render(

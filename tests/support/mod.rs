@@ -30,22 +30,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const CLUSTER: &str = "my-cluster";
 
-/// `server` on loopback with every port chosen by the kernel (read back from the logs).
-pub const LOCAL_SERVER: &[&str] = &[
-    "server",
-    "-c",
-    CLUSTER,
-    "-b",
-    "127.0.0.1",
-    "-p",
-    "0",
-    "--probe-port",
-    "0",
-    "--metrics-address",
-    "127.0.0.1",
-    "--metrics-port",
-    "0",
-];
+/// A loopback port nothing listens on now (bound, read and released): for agents that must be
+/// started on a known port, and for "nothing answers here".
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
 pub use process::NODE_ACCESS_KEY_ID;
 
 pub fn now_secs() -> u64 {

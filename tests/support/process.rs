@@ -172,3 +172,23 @@ pub async fn start_dev(state: &std::path::Path) -> (Spawned, String, String) {
     let token_file = dev.export("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE").await;
     (dev, uri, token_file)
 }
+
+/// `server` for `cluster` on 127.0.0.1 with these credential, probe and metrics ports ("0": the
+/// kernel's choice, read back from the logs), before any flags of the caller's own.
+pub fn loopback_server<'a>(cluster: &'a str, [port, probe, metrics]: [&'a str; 3]) -> Vec<&'a str> {
+    vec![
+        "server",
+        "-c",
+        cluster,
+        "-b",
+        "127.0.0.1",
+        "-p",
+        port,
+        "--probe-port",
+        probe,
+        "--metrics-address",
+        "127.0.0.1",
+        "--metrics-port",
+        metrics,
+    ]
+}
