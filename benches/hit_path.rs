@@ -12,6 +12,7 @@ mod jwt;
 use criterion::{criterion_group, Criterion};
 use pod_identity_agent::admission::{Admission, AdmissionSettings};
 use pod_identity_agent::cache::{CacheSettings, CredentialCache};
+use pod_identity_agent::client::Clients;
 use pod_identity_agent::credentials::{Credentials, Unvalidated};
 use pod_identity_agent::eks_auth::{CredentialSource, FetchFuture};
 use pod_identity_agent::metrics::Metrics;
@@ -70,12 +71,24 @@ fn handler(rt: &tokio::runtime::Runtime) -> CredentialHandler {
     let settings = CacheSettings::default();
     rt.block_on(async {
         let leeway = Duration::from_secs(60);
-        let cache = CredentialCache::new(Arc::new(Instant), &settings, leeway, metrics.clone());
+        let admission = Arc::new(Admission::new(
+            AdmissionSettings::default(),
+            Arc::new(Clients::new(&[], 128)),
+            None,
+            None,
+        ));
+        let cache = CredentialCache::new(
+            Arc::new(Instant),
+            admission.clone(),
+            &settings,
+            leeway,
+            metrics.clone(),
+        );
         CredentialHandler {
             cache,
             hosts: AllowedHosts::new(&["169.254.170.23".parse().expect("ip")]),
             leeway,
-            admission: Arc::new(Admission::new(AdmissionSettings::default(), None)),
+            admission,
             metrics,
         }
     })

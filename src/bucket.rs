@@ -4,7 +4,8 @@
 //! as the refill needs (no polling); [`TokenBucket::try_take`] takes one now or says how long
 //! until one would be there; [`TokenBucket::reserve`] takes one now or books the next one if it
 //! comes within `max_wait`, returning how long to wait for it (booked tokens are not given to
-//! anyone else). Each call takes one token: the reference agent's refresh limiter took two per
+//! anyone else); [`TokenBucket::give_back`] returns a token taken for work that did not happen.
+//! Each call takes one token: the reference agent's refresh limiter took two per
 //! refresh, halving its real rate. With a burst of 1 no one-second window sees more than
 //! `rate + 1` takes: the refresh scheduler uses that, so `--max-service-qps` means per second.
 
@@ -73,6 +74,11 @@ impl TokenBucket {
                 Err(wait)
             }
         })
+    }
+
+    /// Return a token taken for work that did not happen (up to the burst).
+    pub fn give_back(&self) {
+        self.with_state(|tokens| *tokens = (*tokens + 1.0).min(self.burst));
     }
 
     /// Wait for a token and take it.

@@ -13,9 +13,10 @@ use crate::cache::{CacheSettings, NegativeSettings};
 use crate::eks_auth::ExchangeSettings;
 use crate::emulator::state::state_dir;
 use crate::emulator::{AssociationsFrom, CredentialsFrom, EmulatorConfig};
-use crate::issuer::IssuerSettings;
+use crate::kube::KubeSettings;
 use crate::server::limits::ConnectionLimits;
 use crate::server::ServerSettings;
+use crate::verify::{KeysFrom, VerificationSettings, VerifySettings, KEYS_FILE};
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -42,7 +43,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve credentials to pods (what the DaemonSet runs).
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Host setup (the init container): the credential addresses on a link of their own.
     #[command(alias = "initialize")]
     Init(InitArgs),
@@ -284,12 +285,129 @@ pub struct ServerArgs {
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Where the agent keeps what it learns across restarts (the cluster's verification keys),
+    /// made mode 0700; empty keeps nothing.
+    #[arg(long, env = "POD_IDENTITY_AGENT_STATE_DIR", default_value = "/run/pod-identity-agent",
+          value_parser = parse_dir_or_off)]
+    pub state_dir: PathBuf,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
     #[command(flatten)]
     pub abuse: AbuseArgs,
     #[command(flatten)]
     pub handover: HandoverArgs,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// Where tokens are verified against: the API server's keys or an issuer's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Verification {
+    /// The issuer with --token-issuer; else the API server when running in a cluster (its
+    /// service-account token and CA are mounted); else off.
+    Auto,
+    /// The API server's /openid/v1/jwks, with the agent's service-account token.
+    ApiServer,
+    /// The discovery document of --token-issuer.
+    Issuer,
+    /// No local verification: every token goes to EKS Auth as the reference agent sends it.
+    Off,
+}
+
+/// Who a client is: token verification against the cluster's keys, node binding.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Identity")]
+pub struct IdentityArgs {
+    /// Verify tokens locally against the cluster's keys before any exchange.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub token_verification: Verification,
+    /// The OIDC issuer tokens carry (an EKS cluster's, e.g.
+    /// https://oidc.eks.us-west-2.amazonaws.com/id/EXAMPLE), whose discovery document gives its
+    /// keys; https only (plain http to loopback, for tests).
+    #[arg(long, value_parser = parse_url)]
+    pub token_issuer: Option<String>,
+    /// Where the issuer's discovery document is
+    /// [default: <token-issuer>/.well-known/openid-configuration].
+    #[arg(long, requires = "token_issuer", value_parser = parse_url)]
+    pub token_issuer_discovery_url: Option<String>,
+    /// The Kubernetes API server [default: in-cluster, https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT].
+    #[arg(long, value_parser = parse_url)]
+    pub kube_api_server: Option<String>,
+    /// The agent's service-account token for the API server.
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub kube_token_file: PathBuf,
+    /// The CA bundle of the API server's certificate; empty: the system's roots.
+    #[arg(long, default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+          value_parser = parse_dir_or_off)]
+    pub kube_ca_file: PathBuf,
+    /// This node's name (the downward API's spec.nodeName): verified tokens of pods on other
+    /// nodes are refused, so a token stolen on one node cannot be redeemed on another.
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// IPv6 sources within one prefix of this length are one client (budgets, connections);
+    /// 128 counts each address apart.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u8).range(0..=128))]
+    pub client_ipv6_prefix: u8,
+}
+
+impl IdentityArgs {
+    /// The verification the flags ask for, with keys kept in `state_dir` (if any).
+    pub fn verification(
+        &self,
+        state_dir: &std::path::Path,
+    ) -> Result<Option<VerificationSettings>, String> {
+        let issuer = || {
+            let issuer = self
+                .token_issuer
+                .as_deref()
+                .ok_or("--token-verification issuer needs --token-issuer")?;
+            let issuer = issuer.trim_end_matches('/').to_owned();
+            Ok::<_, String>(KeysFrom::Issuer {
+                discovery_url: self
+                    .token_issuer_discovery_url
+                    .clone()
+                    .unwrap_or_else(|| format!("{issuer}/.well-known/openid-configuration")),
+                issuer,
+            })
+        };
+        let keys = match self.token_verification {
+            Verification::Off => return Ok(None),
+            Verification::Issuer => issuer()?,
+            Verification::ApiServer => KeysFrom::ApiServer(self.kube().ok_or(
+                "--token-verification api-server: not running in a cluster (no KUBERNETES_SERVICE_HOST); pass --kube-api-server",
+            )?),
+            Verification::Auto if self.token_issuer.is_some() => issuer()?,
+            Verification::Auto => match self.kube() {
+                // Only when the pod's credentials are actually there: auto never fails a start.
+                Some(k) if k.token_file.is_file() && k.ca_file.as_ref().is_none_or(|c| c.is_file()) => {
+                    KeysFrom::ApiServer(k)
+                }
+                _ => return Ok(None),
+            },
+        };
+        let state_file = (!state_dir.as_os_str().is_empty()).then(|| state_dir.join(KEYS_FILE));
+        Ok(Some(VerificationSettings {
+            keys,
+            verify: VerifySettings {
+                state_file,
+                ..VerifySettings::default()
+            },
+        }))
+    }
+
+    /// The API server's settings: the overrides, else in-cluster.
+    fn kube(&self) -> Option<KubeSettings> {
+        let mut k = match &self.kube_api_server {
+            Some(server) => KubeSettings::new(server.clone()),
+            None => KubeSettings::in_cluster()?,
+        };
+        k.token_file = self.kube_token_file.clone();
+        k.ca_file = (!self.kube_ca_file.as_os_str().is_empty()).then(|| self.kube_ca_file.clone());
+        Some(k)
+    }
 }
 
 /// Upgrades without a gap: taking over a running agent's sockets and cache.
@@ -321,8 +439,8 @@ pub struct AbuseArgs {
     /// Most refusals remembered at once (separate from --max-cache-size).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub negative_cache_size: u64,
-    /// New exchanges per second one client (source IP) may start, sustained. Cache hits are
-    /// never limited.
+    /// New exchanges per second one client (a verified pod; else a source address, the host's
+    /// counted as one) may start, sustained. Cache hits are never limited.
     #[arg(long, default_value = "1", value_parser = parse_rate)]
     pub client_exchange_qps: f64,
     /// New exchanges one client may start at once before --client-exchange-qps applies.
@@ -344,18 +462,11 @@ pub struct AbuseArgs {
     /// How long a request may wait for the node's exchange budget before a 503.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub max_exchange_wait: Duration,
-    /// Verify tokens locally against this OIDC issuer (the cluster's, e.g.
-    /// https://oidc.eks.us-west-2.amazonaws.com/id/EXAMPLE) before any exchange. Off by default.
-    #[arg(long, value_parser = parse_url)]
-    pub token_issuer: Option<String>,
-    /// Where the issuer's discovery document is
-    /// [default: <token-issuer>/.well-known/openid-configuration].
-    #[arg(long, requires = "token_issuer", value_parser = parse_url)]
-    pub token_issuer_discovery_url: Option<String>,
     /// Open connections at once on the credential listeners; beyond it clients wait.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
-    /// Open connections one client (source IP) may hold; beyond it they are refused (429).
+    /// Open connections one client (a source address; the host's counted as one) may hold once
+    /// the pool is three-quarters full; beyond it they are refused (429).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_client: u32,
     /// A request's headers must arrive within this.
@@ -375,15 +486,6 @@ impl AbuseArgs {
             node_wait: self.max_exchange_wait,
             ..AdmissionSettings::default()
         }
-    }
-
-    pub fn token_issuer(&self) -> Option<IssuerSettings> {
-        let issuer = self.token_issuer.as_deref()?;
-        let mut settings = IssuerSettings::new(issuer);
-        if let Some(url) = &self.token_issuer_discovery_url {
-            settings.discovery_url = url.clone();
-        }
-        Some(settings)
     }
 
     pub fn connections(&self) -> ConnectionLimits {
@@ -415,16 +517,9 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
-/// An http or https URL.
+/// An https URL (plain http only to a loopback address).
 pub fn parse_url(s: &str) -> Result<String, String> {
-    let uri: hyper::Uri = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a URL"))?;
-    match (uri.scheme_str(), uri.host()) {
-        (Some("https" | "http"), Some(h)) if !h.is_empty() => Ok(s.trim().to_owned()),
-        _ => Err(format!("{s:?} is not an http(s) URL with a host")),
-    }
+    crate::https::check_url(s).map(|_| s.trim().to_owned())
 }
 
 /// A bind host: an IP literal, bracketed IPv6 included, or `localhost`.
@@ -451,8 +546,8 @@ impl ServerArgs {
         }
     }
 
-    pub fn server_settings(&self) -> ServerSettings {
-        ServerSettings {
+    pub fn server_settings(&self) -> Result<ServerSettings, String> {
+        Ok(ServerSettings {
             bind_hosts: self.bind_hosts(),
             port: self.port,
             probe_addr: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), self.probe_port)),
@@ -469,9 +564,11 @@ impl ServerArgs {
             leeway: self.token_leeway,
             shutdown_grace: self.shutdown_grace,
             admission: self.abuse.admission(),
-            token_issuer: self.abuse.token_issuer(),
+            verification: self.identity.verification(&self.state_dir)?,
+            node_name: self.identity.node_name.clone().filter(|n| !n.is_empty()),
+            client_ipv6_prefix: self.identity.client_ipv6_prefix,
             connections: self.abuse.connections(),
-        }
+        })
     }
 
     /// `None` when handover is off (`--handover-dir ""`).
@@ -503,7 +600,7 @@ mod tests {
         let mut full = vec!["pod-identity-agent", "server"];
         full.extend_from_slice(args);
         match Cli::try_parse_from(full)?.command {
-            Command::Server(s) => Ok(s),
+            Command::Server(s) => Ok(*s),
             other => panic!("parsed {other:?}"),
         }
     }
@@ -523,7 +620,7 @@ mod tests {
         assert!(!s.rotate_credentials);
         assert_eq!(s.log.verbosity, Verbosity::Info);
         // Ours: documented in the README's flag table.
-        let settings = s.server_settings();
+        let settings = s.server_settings().expect("settings");
         assert_eq!(settings.cache.negative.ttl, Duration::from_secs(60));
         assert_eq!(settings.cache.negative.max_entries, 10_000);
         let a = settings.admission;
@@ -537,8 +634,8 @@ mod tests {
         );
         assert_eq!(a.node_wait, Duration::from_secs(2));
         assert!(
-            settings.token_issuer.is_none(),
-            "verification is off by default"
+            settings.verification.is_none(),
+            "verification is off outside a cluster"
         );
         let c = settings.connections;
         assert_eq!((c.max_connections, c.max_per_client), (2048, 128));
@@ -604,6 +701,8 @@ mod tests {
             vec!["-c", "c", "--client-exchange-qps", "0"],
             vec!["-c", "c", "--client-exchange-qps", "NaN"],
             vec!["-c", "c", "--token-issuer", "oidc.example"],
+            vec!["-c", "c", "--token-issuer", "http://oidc.example/id/x"],
+            vec!["-c", "c", "--client-ipv6-prefix", "129"],
             vec!["-c", "c", "--token-issuer-discovery-url", "http://x/y"],
             vec!["-c", "c", "--max-connections", "0"],
         ] {

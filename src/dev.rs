@@ -147,7 +147,9 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
         leeway: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(2),
         admission: AdmissionSettings::default(),
-        token_issuer: None,
+        verification: None,
+        node_name: None,
+        client_ipv6_prefix: 128,
         connections: ConnectionLimits::default(),
     };
     let metrics = Arc::new(Metrics::new().map_err(|e| e.to_string())?);

@@ -22,8 +22,8 @@
 //! 5. The role the credentials belong to, from STS.
 
 use crate::cli::DiagnoseArgs;
-use crate::issuer::AUDIENCE;
 use crate::token::Token;
+use crate::token::AUDIENCE;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use std::fmt::Write as _;

@@ -91,7 +91,24 @@ impl ExchangeError {
         self.fault() != Fault::Token
     }
 
-    /// The error code as metrics and error bodies name it.
+    /// The error code as a metric label: a code of [`KNOWN_CODES`] or the agent's own, else
+    /// `Other`. Codes come from whatever answered at `--endpoint`; labels must stay a bounded set.
+    pub fn metric_code(&self) -> &'static str {
+        match self {
+            ExchangeError::Service { code, .. } => known(code).map_or(
+                if code == "UnknownError" {
+                    "UnknownError"
+                } else {
+                    "Other"
+                },
+                |k| k.code,
+            ),
+            ExchangeError::Unavailable(_) => "EksAuthUnavailable",
+            ExchangeError::BadResponse(_) => "EksAuthInvalidResponse",
+        }
+    }
+
+    /// The error code as error bodies name it.
     pub fn code(&self) -> &str {
         match self {
             ExchangeError::Service { code, .. } => code,

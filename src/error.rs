@@ -6,7 +6,7 @@
 //! 403, 404, 429, 500, 503) and code and name the upstream request id, also when the refusal was
 //! remembered (the message says so); an unreachable EKS Auth is 503, an unusable EKS Auth answer
 //! 502. Refusals made without asking EKS Auth: a token that fails local verification is 400
-//! `InvalidToken`; a client over its exchange budget is 429 `ExchangeRateExceeded`, the node at
+//! `InvalidToken`, a verified token of a pod on another node 400 `TokenForAnotherNode`; a client over its exchange budget is 429 `ExchangeRateExceeded`, the node at
 //! its ceiling 503 `ExchangeCapacityExceeded`, both with [`Error::retry_after`] for the
 //! `Retry-After` header. No SDK needs the body, but Go and Java surface it.
 
@@ -36,9 +36,11 @@ pub enum Error {
         age_s: u64,
         ttl_s: u64,
     },
-    #[error("{0}; this token is refused without asking EKS Auth (--token-issuer)")]
+    #[error("{0}; this token is refused without asking EKS Auth")]
     Unverified(String),
-    #[error("too many new credential exchanges from this address; cached credentials are never limited, retry after {} s", .0.as_secs().max(1))]
+    #[error("the token belongs to a pod on node {0:?}, not this agent's node; a token is redeemed only on its pod's node")]
+    OtherNode(String),
+    #[error("too many new credential exchanges from this client; cached credentials are never limited, retry after {} s", .0.as_secs().max(1))]
     ClientOverBudget(Duration),
     #[error("the node is at its limit of new credential exchanges; retry after {} s", .0.as_secs().max(1))]
     NodeOverBudget(Duration),
@@ -59,9 +61,11 @@ impl From<CacheError> for Error {
                         ttl_s: r.ttl().as_secs(),
                     },
                     Refusal::Unverified(why) => Error::Unverified(why.clone()),
+                    Refusal::OtherNode(node) => Error::OtherNode(node.clone()),
                 }
             }
-            CacheError::Denied(Denial::Invalid(why)) => Error::Unverified(why),
+            CacheError::Denied(Denial::Invalid { why, .. }) => Error::Unverified(why),
+            CacheError::Denied(Denial::OtherNode { node }) => Error::OtherNode(node),
             CacheError::Denied(Denial::Busy { scope, retry_after }) => match scope {
                 Scope::Client => Error::ClientOverBudget(retry_after),
                 Scope::Node => Error::NodeOverBudget(retry_after),
@@ -89,6 +93,7 @@ impl Error {
             Error::Exchange(ExchangeError::BadResponse(_)) => 502,
             Error::Remembered { error, .. } => Error::Exchange(error.clone()).status(),
             Error::Unverified(_) => 400,
+            Error::OtherNode(_) => 400,
             Error::ClientOverBudget(_) => 429,
             Error::NodeOverBudget(_) => 503,
             Error::ShuttingDown => 503,
@@ -106,6 +111,7 @@ impl Error {
             Error::MethodNotAllowed(_) => "MethodNotAllowed",
             Error::Exchange(e) | Error::Remembered { error: e, .. } => e.code(),
             Error::Unverified(_) => "InvalidToken",
+            Error::OtherNode(_) => "TokenForAnotherNode",
             Error::ClientOverBudget(_) => "ExchangeRateExceeded",
             Error::NodeOverBudget(_) => "ExchangeCapacityExceeded",
             Error::ShuttingDown => "ShuttingDown",
@@ -206,6 +212,11 @@ mod tests {
                 "ExchangeCapacityExceeded",
             ),
             (Error::Unverified("bad".into()), 400, "InvalidToken"),
+            (
+                Error::OtherNode("ip-10-0-0-1".into()),
+                400,
+                "TokenForAnotherNode",
+            ),
             (
                 Error::Remembered {
                     error: ExchangeError::Service {

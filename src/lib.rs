@@ -2,7 +2,8 @@
 //!
 //! A request travels top to bottom through these modules:
 //! [`server`] (listeners) → [`request`] (Host and token checks, [`token`]) → [`cache`]
-//! (single-flight, refresh-ahead) → [`eks_auth`] (the exchange) → [`credentials`] (the body),
+//! (single-flight, refresh-ahead; inside a miss's flight, [`admission`] with [`verify`]: who the
+//! token is and what it may spend) → [`eks_auth`] (the exchange) → [`credentials`] (the body),
 //! with [`error`] mapping every failure to one status and JSON body, and [`metrics`] counting.
 
 pub mod admission;
@@ -10,6 +11,7 @@ pub mod audit;
 pub mod bucket;
 pub mod cache;
 pub mod cli;
+pub mod client;
 pub mod credentials;
 pub mod dev;
 pub mod diagnose;
@@ -17,8 +19,12 @@ pub mod eks_auth;
 pub mod emulator;
 pub mod error;
 #[cfg(target_os = "linux")]
+pub mod files;
+#[cfg(target_os = "linux")]
 pub mod handover;
-pub mod issuer;
+pub mod https;
+pub mod jwt;
+pub mod kube;
 pub mod logging;
 pub mod metrics;
 pub mod netlink;
@@ -27,3 +33,5 @@ pub mod request;
 pub mod server;
 pub mod signal;
 pub mod token;
+pub mod util;
+pub mod verify;

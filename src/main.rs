@@ -7,8 +7,7 @@ use pod_identity_agent::eks_auth::EksAuthClient;
 use pod_identity_agent::handover::{self, Takeover};
 use pod_identity_agent::logging;
 use pod_identity_agent::metrics::Metrics;
-use pod_identity_agent::server::listener::Sockets;
-use pod_identity_agent::server::Server;
+use pod_identity_agent::server::{Preload, Server};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -19,7 +18,7 @@ fn main() -> ExitCode {
             println!("pod-identity-agent {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Server(args) => run(|| server(args)),
+        Command::Server(args) => run(|| server(*args)),
         Command::Init(args) => run(|| init(args)),
         Command::Dev(args) => run(|| pod_identity_agent::dev::run_dev(args)),
         Command::EmulateEksAuth(args) => run(|| pod_identity_agent::dev::run_emulate(args)),
@@ -96,12 +95,16 @@ async fn server(args: ServerArgs) -> Result<(), String> {
     }
     let source = Arc::new(EksAuthClient::new(&sdk, &args.exchange_settings()));
     let metrics = Arc::new(Metrics::new().map_err(|e| format!("cannot register metrics: {e}"))?);
-    let settings = args.server_settings();
+    let settings = args.server_settings()?;
     let handover = args.handover_settings();
+    if !args.state_dir.as_os_str().is_empty() {
+        if let Err(e) = pod_identity_agent::files::private_dir(&args.state_dir) {
+            tracing::warn!(dir = %args.state_dir.display(), error = %e, "cannot use the state directory; nothing is kept across restarts");
+        }
+    }
 
     // A running agent here hands over its sockets and cache; else bind as on a first start.
-    let mut sockets = Sockets::default();
-    let mut entries = Vec::new();
+    let mut preload = Preload::default();
     let mut successor = None;
     if let Some(h) = &handover {
         match handover::take_over(h, &metrics).await {
@@ -110,19 +113,21 @@ async fn server(args: ServerArgs) -> Result<(), String> {
                 tracing::info!(
                     entries = s.entries.len(),
                     listeners = s.listeners.len(),
+                    keys = s.keys.is_some(),
                     "a running agent handed over its sockets and cache"
                 );
-                sockets.inherited = std::mem::take(&mut s.listeners);
-                entries = std::mem::take(&mut s.entries);
+                preload.sockets.inherited = std::mem::take(&mut s.listeners);
+                preload.entries = std::mem::take(&mut s.entries);
+                preload.keys = s.keys.take();
                 successor = Some(s);
             }
             Takeover::Failed(e) => {
                 tracing::warn!(error = %e, "the running agent did not hand over; binding fresh once it lets go of its addresses");
-                sockets.wait_for_ports = true;
+                preload.sockets.wait_for_ports = true;
             }
         }
     }
-    let start = Server::start_with(&settings, source, metrics.clone(), sockets, entries);
+    let start = Server::start_with(&settings, source, metrics.clone(), preload);
     let running = tokio::select! {
         r = start => r.map_err(|e| e.to_string())?,
         _ = pod_identity_agent::signal::shutdown() => return Ok(()),
@@ -138,6 +143,7 @@ async fn server(args: ServerArgs) -> Result<(), String> {
             let offer = handover::Offer {
                 cache: running.cache.clone(),
                 listeners: running.sockets.clone(),
+                verifier: running.verifier.clone(),
                 retire: Arc::new(running.retirer()),
             };
             match handover::Predecessor::listen(h, offer, metrics.clone()) {

@@ -62,9 +62,17 @@ pub struct Metrics {
     pub rejected_locally: IntCounterVec,
     /// Refusals remembered in the negative cache.
     pub negative_entries: IntGauge,
-    /// Local token verifications (`--token-issuer`) by result: valid, invalid, unverifiable
-    /// (issuer keys unavailable: the token went to EKS Auth unverified).
+    /// Local token verifications by result: verified, refused, unverifiable (no keys could
+    /// say: the token went to EKS Auth unverified).
     pub verifications: IntCounterVec,
+    /// Fetches of the cluster's signing keys by result (ok, failed).
+    pub key_fetches: IntCounterVec,
+    /// Seconds since the verification keys held were fetched (set at each scrape).
+    pub keys_age: prometheus::Gauge,
+    /// Verified tokens a pod's kubelet rotated, served from the pod's cached credentials.
+    pub rotated_tokens: IntCounter,
+    /// Calls to the Kubernetes API server by result.
+    pub kube_requests: IntCounterVec,
     /// Connections open on all listeners.
     pub open_connections: IntGauge,
     /// Handovers by role (successor, predecessor) and result (started, completed,
@@ -82,7 +90,7 @@ pub struct Metrics {
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub http_ok: IntCounter,
-    durations: [(&'static str, Histogram); 5],
+    durations: [(&'static str, Histogram); 6],
 }
 
 impl Metrics {
@@ -129,13 +137,37 @@ impl Metrics {
         )?;
         let rejected_locally = counter(
             "pod_identity_rejected_locally_total",
-            "Requests refused without an EKS Auth call, by reason: negative_cache, client_budget, node_budget, signature, connection_limit.",
+            "Requests refused without an EKS Auth call, by reason: negative_cache, client_budget, node_budget, signature, other_node, connection_limit.",
             &["reason"],
         )?;
         let verifications = counter(
             "pod_identity_token_verifications_total",
-            "Local token verifications (--token-issuer) by result: valid, invalid, unverifiable (sent on to EKS Auth unverified).",
+            "Local token verifications by result: verified, refused, unverifiable (sent on to EKS Auth unverified).",
             &["result"],
+        )?;
+        let key_fetches = counter(
+            "pod_identity_verification_key_fetches_total",
+            "Fetches of the cluster's token signing keys by result (ok, failed).",
+            &["result"],
+        )?;
+        let kube_requests = counter(
+            "pod_identity_kube_api_requests_total",
+            "Calls to the Kubernetes API server by result (ok, forbidden, not_found, conflict, client_error, server_error, unreachable, no_token).",
+            &["result"],
+        )?;
+        let keys_age = registered(
+            &registry,
+            prometheus::Gauge::new(
+                "pod_identity_verification_keys_age_seconds",
+                "Seconds since the verification keys held were fetched.",
+            )?,
+        )?;
+        let rotated_tokens = registered(
+            &registry,
+            IntCounter::new(
+                "pod_identity_rotated_tokens_total",
+                "Verified tokens a pod's kubelet rotated, answered from the pod's cached credentials with no EKS Auth call.",
+            )?,
         )?;
         let handover = counter(
             "pod_identity_handover_total",
@@ -165,7 +197,7 @@ impl Metrics {
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
                 "pod_identity_request_duration_seconds",
-                "Credential request latency by outcome (hit, stale, miss, coalesced, error).",
+                "Credential request latency by outcome (hit, stale, miss, coalesced, rotated, error).",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["outcome"],
@@ -243,7 +275,7 @@ impl Metrics {
                 "Refreshes queued or waiting for budget (--max-service-qps).",
             )?,
         )?;
-        let durations = ["hit", "stale", "miss", "coalesced", "error"]
+        let durations = ["hit", "stale", "miss", "coalesced", "rotated", "error"]
             .map(|outcome| (outcome, request_duration.with_label_values(&[outcome])));
         Ok(Metrics {
             cache_hits: cache_state.with_label_values(&["hit"]),
@@ -269,6 +301,10 @@ impl Metrics {
             negative_entries,
             open_connections,
             verifications,
+            key_fetches,
+            keys_age,
+            rotated_tokens,
+            kube_requests,
             handover,
             handover_entries,
             handover_seconds,
@@ -281,10 +317,10 @@ impl Metrics {
         GaugeGuard::new(&self.eks_auth_in_flight)
     }
 
-    /// The latency histogram of one request outcome (hit, stale, miss, coalesced, error).
+    /// The latency histogram of one request outcome (hit, stale, miss, coalesced, rotated, error).
     pub fn request_duration(&self, outcome: &str) -> &Histogram {
         let found = self.durations.iter().find(|(o, _)| *o == outcome);
-        &found.unwrap_or(&self.durations[4]).1
+        &found.unwrap_or(&self.durations[5]).1
     }
 
     /// Prometheus text exposition of every family.

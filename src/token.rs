@@ -3,15 +3,16 @@
 //! Contract: [`Token::parse`] accepts the raw bytes of an `Authorization` header and returns a
 //! structurally valid JWT (three base64url segments, a JSON header naming an `alg`, JSON claims
 //! with a numeric `exp`) or a [`TokenError`] that says what is wrong without echoing the token.
-//! The signature is *not* verified: EKS Auth does that, with the cluster's issuer keys, which the
-//! agent does not have. Time checks (`exp`/`nbf` with leeway) are a separate step,
-//! [`Token::check_time`], so a cached token's claims can be re-checked on every request.
+//! The signature is *not* checked here: parsing is the hit path's work, and verification against
+//! the cluster's keys ([`verify`](crate::verify)) runs only before an exchange. Time checks
+//! (`exp`/`nbf` with leeway) are a separate step, [`Token::check_time`], so a cached token's
+//! claims can be re-checked on every request. What a verified token vouches for is a
+//! [`PodIdentity`]: the pod, its service account and node, named by a [`PodKey`].
 //!
 //! A token is a bearer secret. It never appears in `Debug` output, errors or logs; entries are
 //! identified by [`TokenHash`], a SHA-256 of the raw bytes, shown as its first 8 bytes in hex.
 
-use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-use base64::Engine;
+use crate::jwt::decode;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::fmt;
@@ -22,11 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// and a bound keeps a hostile header from costing memory and CPU.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
-/// Kubernetes writes unpadded base64url, but some tools pad; accept both.
-const B64: GeneralPurpose = GeneralPurpose::new(
-    &base64::alphabet::URL_SAFE,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-);
+/// The audience of Pod Identity tokens.
+pub const AUDIENCE: &str = "pods.eks.amazonaws.com";
 
 /// Why a token was refused. Messages never contain the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,7 +91,7 @@ impl fmt::Debug for TokenHash {
 }
 
 /// Who the token says it speaks for. Not secret: these are logged to tell pods apart. They are
-/// attacker-chosen (the agent does not verify tokens), so each is cut to [`MAX_NAME`] characters
+/// attacker-chosen (unverified tokens reach this too), so each is cut to [`MAX_NAME`] characters
 /// with control characters replaced, before anything logs them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Subject {
@@ -101,6 +99,70 @@ pub struct Subject {
     pub service_account: String,
     pub pod: String,
     pub pod_uid: String,
+}
+
+/// Who a token whose signature the cluster's keys vouch for speaks for: unlike [`Subject`],
+/// this may decide things (a pod's budget, its cached credentials after its token rotates, the
+/// node it may be redeemed on). Made only by [`verify`](crate::verify).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodIdentity {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod_name: String,
+    pub pod_uid: String,
+    /// `kubernetes.io.node.name`, in tokens of clusters that bind tokens to nodes (1.30+).
+    pub node_name: Option<String>,
+    /// `iat`: when the token was issued, if it says.
+    pub issued_at: Option<u64>,
+    /// The issuer and audience the token was verified for.
+    pub issuer: String,
+    pub audience: String,
+}
+
+impl PodIdentity {
+    /// The pod this is, whatever token it currently holds: the same key for every token kubelet
+    /// writes for one pod (same issuer, audience, namespace, service account and pod UID).
+    pub fn key(&self) -> PodKey {
+        let mut h = Sha256::new();
+        for field in [
+            &self.issuer,
+            &self.audience,
+            &self.namespace,
+            &self.service_account,
+            &self.pod_uid,
+        ] {
+            // Length-prefixed, so no two field lists hash alike.
+            h.update((field.len() as u64).to_be_bytes());
+            h.update(field.as_bytes());
+        }
+        PodKey(h.finalize().into())
+    }
+
+    /// The identity as log lines may show it: cut and cleaned like [`Subject`].
+    pub fn subject(&self) -> Subject {
+        Subject {
+            namespace: loggable(self.namespace.clone()),
+            service_account: loggable(self.service_account.clone()),
+            pod: loggable(self.pod_name.clone()),
+            pod_uid: loggable(self.pod_uid.clone()),
+        }
+    }
+}
+
+/// A pod, named by a hash of who it is (see [`PodIdentity::key`]); shown like [`TokenHash`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PodKey(pub [u8; 32]);
+
+impl fmt::Display for PodKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        TokenHash(self.0).fmt(f)
+    }
+}
+
+impl fmt::Debug for PodKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PodKey({self})")
+    }
 }
 
 /// The claims every request needs. Who the token speaks for ([`Token::subject`]) is decoded
@@ -143,7 +205,7 @@ struct RawClaims {
 }
 
 fn decode_segment(segment: &str, what: &'static str) -> Result<Vec<u8>, TokenError> {
-    B64.decode(segment).map_err(|_| TokenError::Malformed(what))
+    decode(segment).ok_or(TokenError::Malformed(what))
 }
 
 /// 9999-12-31T23:59:59Z: later NumericDates are clamped to it, so that adding them (and the
@@ -255,7 +317,7 @@ impl Token {
         self.raw
             .split('.')
             .nth(1)
-            .and_then(|p| B64.decode(p).ok())
+            .and_then(decode)
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default()
     }
@@ -308,6 +370,7 @@ impl Claims {
 mod tests {
     use super::*;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
     use serde_json::json;
 
     fn now() -> u64 {
@@ -317,7 +380,7 @@ mod tests {
             .unwrap_or(0)
     }
 
-    /// A well-formed JWT with a meaningless signature: the agent does not verify signatures.
+    /// A well-formed JWT with a meaningless signature: parsing does not verify signatures.
     fn encode_unsigned(header: &serde_json::Value, claims: &serde_json::Value) -> String {
         format!(
             "{}.{}.{}",

@@ -1,28 +1,23 @@
-//! One hostile pod against the others (issue 8): with the default budgets, a flood of forged
-//! tokens and a repeated refused token from one address cost a bounded number of EKS Auth calls
-//! and nothing to a pod at another address; `--token-issuer` refuses forged tokens with no call
-//! at all and never blocks on an unreachable issuer; connection caps; what is logged.
+//! One hostile process against the others (issues 8 and 16): with the default budgets, a flood
+//! of forged tokens from 500 loopback addresses and a repeated refused token cost one client's
+//! budget of EKS Auth calls (every host-local address is one client) and nothing to pods with
+//! cached credentials; with verification, forged tokens cost no call at all and new pods are
+//! served meanwhile, and an unreachable issuer never blocks a pod; soft connection shares.
 //!
-//! Clients bind distinct loopback addresses (127.0.0.2, 127.0.0.3, …): every 127.x.y.z is local.
+//! Clients bind loopback addresses (127.0.x.y), which is what any process on a node can do.
+//! Pods on addresses of their own, which are not the host, are in `tests/netns_clients.rs`.
 
 mod support;
 
 use pod_identity_agent::admission::AdmissionSettings;
-use pod_identity_agent::emulator::associations::Associations;
 use pod_identity_agent::emulator::issuer::{Issuer, MintRequest};
-use pod_identity_agent::emulator::minting::Minting;
-use pod_identity_agent::emulator::Emulator;
-use pod_identity_agent::issuer::IssuerSettings;
 use pod_identity_agent::server::limits::ConnectionLimits;
-use pod_identity_agent::server::listener::{self, Connections};
 use serde_json::json;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("ip")
@@ -33,112 +28,91 @@ fn forged() -> String {
     mint("attacker", "x", 3600)
 }
 
-/// The `kubernetes.io.namespace` claim of a JWT.
-fn namespace_of(token: &str) -> String {
-    use base64::Engine;
-    let payload = token.split('.').nth(1).unwrap_or_default();
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    v["kubernetes.io"]["namespace"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
-}
-
 async fn real_budgets() -> Harness {
     let h = Harness::start_with(|s, _| s.admission = AdmissionSettings::default()).await;
     h.fake.answer_namespace("attacker", "error-invalid-token");
     h
 }
 
+/// The floods run one at a time: each is 3,000 requests on this process's two workers, and the
+/// cached pod's latency beside it is what they measure.
+static FLOODS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The attacker's address for its `i`th request: any of 500 loopback addresses, which any
+/// process on the node can bind.
+fn loopback_alias(i: usize) -> IpAddr {
+    let n = i % 500;
+    ip(&format!("127.0.{}.{}", n / 250 + 2, n % 250 + 2))
+}
+
+/// `n` forged tokens, `parallel` at a time, each from the next of 500 loopback addresses;
+/// the statuses they got.
+async fn flood(
+    addr: std::net::SocketAddr,
+    n: usize,
+    parallel: usize,
+    forge: impl Fn() -> String,
+) -> std::collections::BTreeMap<u16, usize> {
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut i = 0;
+    while i < n {
+        let wave: Vec<_> = (i..(i + parallel).min(n))
+            .map(|j| {
+                let t = forge();
+                tokio::spawn(async move {
+                    get_from(
+                        loopback_alias(j),
+                        addr,
+                        "/v1/credentials",
+                        &[("authorization", &t)],
+                    )
+                    .await
+                })
+            })
+            .collect();
+        i += wave.len();
+        for w in wave {
+            let r = w.await.expect("join");
+            if r.status == 429 {
+                assert!(r.headers.contains_key("retry-after"), "429 names a wait");
+                assert_eq!(r.json()["code"], "ExchangeRateExceeded");
+            }
+            *statuses.entry(r.status).or_insert(0) += 1;
+        }
+    }
+    statuses
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_from_one_address_is_bounded_and_costs_others_nothing() {
+async fn a_flood_from_500_host_addresses_is_one_client_and_costs_cached_pods_nothing() {
+    let _one_at_a_time = FLOODS.lock().await;
     let h = real_budgets().await;
     let addr = h.addr();
-    let (attacker, pod) = (ip("127.0.0.2"), ip("127.0.0.3"));
     let mine = token();
-    assert_eq!(
-        get_from(pod, addr, "/v1/credentials", &[("authorization", &mine)])
-            .await
-            .status,
-        200
-    );
+    assert_eq!(h.get(&mine).await.status, 200);
     let started = Instant::now();
-    let flood = tokio::spawn(async move {
-        let mut statuses = std::collections::BTreeMap::new();
-        let mut tasks = Vec::new();
-        // 300 distinct forged tokens, 20 at a time, and one refused token 200 times.
-        for _ in 0..15 {
-            let mut wave = Vec::new();
-            for _ in 0..20 {
-                let t = forged();
-                wave.push(tokio::spawn(async move {
-                    get_from(attacker, addr, "/v1/credentials", &[("authorization", &t)]).await
-                }));
-            }
-            for w in wave {
-                let r = w.await.expect("join");
-                if r.status == 429 {
-                    assert!(r.headers.contains_key("retry-after"), "429 names a wait");
-                    assert_eq!(r.json()["code"], "ExchangeRateExceeded");
-                }
-                *statuses.entry(r.status).or_insert(0) += 1;
-            }
-        }
-        let repeated = forged();
-        for _ in 0..200 {
-            let t = repeated.clone();
-            tasks.push(tokio::spawn(async move {
-                get_from(attacker, addr, "/v1/credentials", &[("authorization", &t)])
-                    .await
-                    .status
-            }));
-        }
-        for t in tasks {
-            *statuses.entry(t.await.expect("join")).or_insert(0) += 1;
-        }
-        statuses
-    });
-    // Meanwhile the other pod: its cached credentials, and a new pod's first exchange.
+    let flooding = tokio::spawn(flood(addr, 3000, 50, forged));
+    // Meanwhile a pod on the node reads its cached credentials (hits are never limited).
     let mut slowest = Duration::ZERO;
     for i in 0..40 {
         let sent = Instant::now();
-        let r = get_from(pod, addr, "/v1/credentials", &[("authorization", &mine)]).await;
+        let r = h.get(&mine).await;
         assert_eq!(r.status, 200, "request {i}: {}", r.text());
         slowest = slowest.max(sent.elapsed());
-        if i % 10 == 0 {
-            let newcomer = ip(&format!("127.0.1.{}", i + 1));
-            let r = get_from(
-                newcomer,
-                addr,
-                "/v1/credentials",
-                &[("authorization", &token())],
-            )
-            .await;
-            assert_eq!(
-                r.status,
-                200,
-                "a new pod starting during the flood: {}",
-                r.text()
-            );
-        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let statuses = flood.await.expect("flood");
+    let statuses = flooding.await.expect("flood");
     let elapsed = started.elapsed();
     assert!(
         slowest < Duration::from_millis(250),
-        "the other pod's slowest hit: {slowest:?}"
+        "the cached pod's slowest hit: {slowest:?}"
     );
     assert_eq!(
         statuses.get(&200),
         None,
         "no forged token got credentials: {statuses:?}"
     );
-    // EKS Auth calls caused by the attacker: the client burst (10) plus 1/s, the repeated token
-    // included (its one call came out of the same budget).
+    // However many addresses it came from: one client's budget, the burst (10) plus 1/s.
     let attacker_calls = h
         .fake
         .tokens()
@@ -151,16 +125,84 @@ async fn a_flood_from_one_address_is_bounded_and_costs_others_nothing() {
         "{attacker_calls} EKS Auth calls from the flood in {elapsed:?}; budget {budget}: {statuses:?}"
     );
     assert!(
-        statuses.get(&429).copied().unwrap_or(0) > 200,
+        statuses.get(&429).copied().unwrap_or(0) > 2900,
         "most were refused for the budget: {statuses:?}"
     );
-    let m = h.metrics().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_verification_a_flood_costs_no_call_and_new_pods_are_served_within_a_second() {
+    let _one_at_a_time = FLOODS.lock().await;
+    let e = emulator().await;
+    let emu_addr = e.addr;
+    let h = Harness::start_with(|s, x| {
+        s.admission = AdmissionSettings::default();
+        s.verification = Some(verify_with_issuer(emu_addr));
+        x.endpoint = Some(format!("http://{emu_addr}"));
+    })
+    .await;
+    let calls = || e.emu.calls.load(Ordering::SeqCst);
+    let stranger_dir = tempfile::tempdir().expect("tempdir");
+    let stranger = Issuer::load_or_create(stranger_dir.path()).expect("issuer");
+    let addr = h.addr();
+    // Forgeries of every kind: another key (an unknown kid), unsigned (support's tokens), and
+    // the cluster's key's kid with a payload that was changed.
+    let real = e
+        .emu
+        .issuer
+        .mint(&MintRequest::new("default", "app"))
+        .expect("mint");
+    let forge = move || match fastrand::u8(0..3) {
+        0 => stranger
+            .mint(&MintRequest::new("default", "app"))
+            .expect("mint"),
+        1 => mint("attacker", "x", 3600),
+        _ => {
+            let parts: Vec<&str> = real.split('.').collect();
+            let junk = base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                format!(
+                    "{{\"exp\":{},\"n\":{}}}",
+                    now_secs() + 600,
+                    fastrand::u64(..)
+                ),
+            );
+            format!("{}.{junk}.{}", parts[0], parts[2])
+        }
+    };
+    // 1,000 here (forgeries naming unknown keys wait for the next fetch, a second apart);
+    // `cargo bench --bench load -- identity` runs 3,000.
+    let flooding = tokio::spawn(flood(addr, 1000, 100, forge));
+    // Meanwhile new pods start, from the same host: verified, each is its own client.
+    let mut slowest = Duration::ZERO;
+    for i in 0..10 {
+        let t = e
+            .emu
+            .issuer
+            .mint(&MintRequest::new("default", &format!("pod-{i}")))
+            .expect("mint");
+        let sent = Instant::now();
+        let r = get_from(
+            loopback_alias(i),
+            addr,
+            "/v1/credentials",
+            &[("authorization", &t)],
+        )
+        .await;
+        assert_eq!(r.status, 200, "a new pod during the flood: {}", r.text());
+        slowest = slowest.max(sent.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let statuses = flooding.await.expect("flood");
     assert!(
-        metric(
-            &m,
-            "pod_identity_rejected_locally_total{reason=\"client_budget\"}"
-        ) > 200.0,
-        "{m}"
+        slowest < Duration::from_secs(1),
+        "a new pod waited {slowest:?}"
+    );
+    assert_eq!(statuses.get(&200), None, "{statuses:?}");
+    assert_eq!(
+        calls(),
+        10,
+        "the forgeries cost no EKS Auth call: {statuses:?}"
     );
 }
 
@@ -210,39 +252,13 @@ async fn a_refused_token_costs_one_call_per_negative_cache_period() {
     );
 }
 
-/// An emulator (EKS Auth and OIDC issuer) on loopback, in this process.
-async fn emulator() -> (
-    Arc<Emulator>,
-    SocketAddr,
-    CancellationToken,
-    tempfile::TempDir,
-) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let issuer = Arc::new(Issuer::load_or_create(dir.path()).expect("issuer"));
-    let emu = Arc::new(Emulator::new(issuer, Associations::Default, Minting::Fake));
-    let bound = listener::bind("127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("bind");
-    let addr = bound.addr;
-    let stop = CancellationToken::new();
-    emu.clone()
-        .serve(bound, stop.clone(), Connections::default());
-    (emu, addr, stop, dir)
-}
-
-fn verifying(emu_addr: SocketAddr) -> IssuerSettings {
-    let mut s = IssuerSettings::new(Issuer::ISSUER);
-    s.discovery_url = format!("http://{emu_addr}/.well-known/openid-configuration");
-    s.min_refresh_interval = Duration::from_secs(60);
-    s
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_token_issuer_forged_tokens_cost_no_exchange() {
-    let (emu, emu_addr, _stop, _dir) = emulator().await;
+    let e = emulator().await;
+    let (emu, emu_addr) = (e.emu.clone(), e.addr);
     let h = Harness::start_with(|s, x| {
         s.admission = AdmissionSettings::default();
-        s.token_issuer = Some(verifying(emu_addr));
+        s.verification = Some(verify_with_issuer(emu_addr));
         x.endpoint = Some(format!("http://{emu_addr}"));
     })
     .await;
@@ -258,26 +274,13 @@ async fn with_token_issuer_forged_tokens_cost_no_exchange() {
 
     let stranger_dir = tempfile::tempdir().expect("tempdir");
     let stranger = Issuer::load_or_create(stranger_dir.path()).expect("issuer");
-    let parts: Vec<&str> = real.split('.').collect();
-    let tampered = {
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let payload = String::from_utf8(b64.decode(parts[1]).expect("b64")).expect("utf8");
-        format!(
-            "{}.{}.{}",
-            parts[0],
-            b64.encode(payload.replace("\"app\"", "\"admin\"")),
-            parts[2]
-        )
-    };
+    let tampered = jwt::tampered(&real, "\"app\"", "\"admin\"");
     let mut wrong_aud = MintRequest::new("default", "app");
     wrong_aud.audience = "sts.amazonaws.com".into();
     let now = now_secs();
-    let forgeries = [
-        (
-            "signed by another key",
-            stranger.mint(&MintRequest::new("default", "app")).expect("mint"),
-        ),
+    // Signed with the cluster's key (a kid the agent holds): provably not the cluster's token,
+    // so remembered.
+    let provable = [
         ("tampered payload", tampered),
         ("wrong audience", emu.issuer.mint(&wrong_aud).expect("mint")),
         (
@@ -287,62 +290,83 @@ async fn with_token_issuer_forged_tokens_cost_no_exchange() {
                     "exp": now + 3600, "kubernetes.io": {"namespace": "default", "serviceaccount": {"name": "app"}}}))
                 .expect("sign"),
         ),
+    ];
+    // Naming keys the cluster does not publish, checked against keys fetched after they
+    // arrived: refused, but not remembered (a cluster that publishes a new key late heals).
+    let unknown_key = [
+        (
+            "signed by another key",
+            stranger
+                .mint(&MintRequest::new("default", "app"))
+                .expect("mint"),
+        ),
         ("unsigned", mint("default", "app", 3600)),
     ];
-    for (what, t) in &forgeries {
+    for (what, t) in &provable {
         let r = h.get(t).await;
         assert_eq!(r.status, 400, "{what}: {}", r.text());
         assert_eq!(r.json()["code"], "InvalidToken", "{what}");
-        // Asked again: remembered, still no call.
-        assert_eq!(h.get(t).await.status, 400, "{what}");
+        let again = h.get(t).await;
+        assert!(
+            again.text().contains("refused without asking"),
+            "{what}: {}",
+            again.text()
+        );
+    }
+    for (what, t) in &unknown_key {
+        for _ in 0..2 {
+            let r = h.get(t).await;
+            assert_eq!(r.status, 400, "{what}: {}", r.text());
+            assert_eq!(r.json()["code"], "InvalidToken", "{what}");
+        }
     }
     assert_eq!(calls(), 1, "forged tokens never reached EKS Auth");
     let m = h.metrics().await;
-    assert_eq!(
+    let reason = |r: &str| {
         metric(
             &m,
-            "pod_identity_rejected_locally_total{reason=\"signature\"}"
-        ),
-        5.0,
-        "{m}"
+            &format!("pod_identity_rejected_locally_total{{reason=\"{r}\"}}"),
+        )
+    };
+    assert_eq!(
+        reason("signature"),
+        7.0,
+        "3 provable + 2×2 unknown keys: {m}"
+    );
+    assert_eq!(
+        reason("negative_cache"),
+        3.0,
+        "the provable ones, asked again: {m}"
     );
     assert_eq!(
         metric(
             &m,
-            "pod_identity_rejected_locally_total{reason=\"negative_cache\"}"
+            "pod_identity_token_verifications_total{result=\"refused\"}"
         ),
-        5.0,
+        7.0,
         "{m}"
     );
-    assert_eq!(
-        metric(
-            &m,
-            "pod_identity_token_verifications_total{result=\"invalid\"}"
-        ),
-        5.0,
-        "{m}"
-    );
-    // The unknown key caused one re-fetch of the issuer's keys, not one per request.
+    // The unknown keys cost a few fetches of the issuer's keys, not one per request.
     let fetches = emu.key_fetches.load(Ordering::SeqCst);
     assert!(
-        fetches <= 4,
-        "discovery + JWKS at start and once for the unknown kid: {fetches}"
+        fetches <= 8,
+        "discovery + JWKS at start and at most once a second for unknown kids: {fetches}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_issuer_never_blocks_a_pod() {
     // An issuer that accepts connections and never answers: tokens go on to EKS Auth as
-    // without verification, after waiting at most a second for the keys (the fetch's own
-    // timeout is 5 s).
+    // without verification, after waiting at most 1.5 s for the keys (the fetch's own timeout
+    // is 5 s).
     let hanging = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let nowhere = hanging.local_addr().expect("addr");
-    let h = Harness::start_with(|s, _| s.token_issuer = Some(verifying(nowhere))).await;
+    let h = Harness::start_with(|s, _| s.verification = Some(verify_with_issuer(nowhere))).await;
     let started = Instant::now();
     let r = h.get(&token()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(
-        started.elapsed() < Duration::from_millis(1500),
+        started.elapsed() < Duration::from_millis(2000),
         "{:?}",
         started.elapsed()
     );
@@ -356,8 +380,9 @@ async fn an_unreachable_issuer_never_blocks_a_pod() {
     );
 
     // Reachable once, then gone: tokens signed by a key already fetched still verify, at once.
-    let (emu, emu_addr, stop, _dir) = emulator().await;
-    let h = Harness::start_with(|s, _| s.token_issuer = Some(verifying(emu_addr))).await;
+    let e = emulator().await;
+    let (emu, emu_addr, stop) = (e.emu.clone(), e.addr, e.stop.clone());
+    let h = Harness::start_with(|s, _| s.verification = Some(verify_with_issuer(emu_addr))).await;
     let first = emu
         .issuer
         .mint(&MintRequest::new("default", "a"))
@@ -380,7 +405,7 @@ async fn an_unreachable_issuer_never_blocks_a_pod() {
     assert_eq!(
         metric(
             &m,
-            "pod_identity_token_verifications_total{result=\"valid\"}"
+            "pod_identity_token_verifications_total{result=\"verified\"}"
         ),
         2.0,
         "{m}"
@@ -388,27 +413,34 @@ async fn an_unreachable_issuer_never_blocks_a_pod() {
 }
 
 #[tokio::test]
-async fn connection_caps_refuse_the_excess_and_close_the_silent() {
+async fn connection_shares_are_soft_until_pressure_and_the_silent_are_closed() {
     let h = Harness::start_with(|s, _| {
         s.connections = ConnectionLimits {
-            max_connections: 1000,
-            max_per_client: 20,
+            max_connections: 40,
+            max_per_client: 10,
             header_timeout: Duration::from_secs(1),
         }
     })
     .await;
     let addr = h.addr();
-    let hog = ip("127.0.0.4");
+    // Past its share while the pool has room: 30 connections (three-quarters of 40) from the
+    // host, from 30 loopback addresses, are all accepted and held with unfinished headers.
     let mut held = Vec::new();
-    for _ in 0..20 {
-        let mut s = connect_from(Some(hog), addr).await.expect("connect");
+    for i in 0..30 {
+        let mut s = connect_from(Some(loopback_alias(i)), addr)
+            .await
+            .expect("connect");
         s.write_all(b"GET /v1/credentials HTTP/1.1\r\n")
             .await
             .expect("write");
         held.push(s);
     }
-    // The 21st from the same address: refused at once with a 429 and closed.
-    let mut extra = connect_from(Some(hog), addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Under pressure, the host holds more than its share: refused at once with a 429 and
+    // closed, from whatever loopback address.
+    let mut extra = connect_from(Some(ip("127.9.9.9")), addr)
+        .await
+        .expect("connect");
     let mut answer = String::new();
     tokio::time::timeout(Duration::from_secs(2), extra.read_to_string(&mut answer))
         .await
@@ -416,22 +448,10 @@ async fn connection_caps_refuse_the_excess_and_close_the_silent() {
         .expect("read");
     assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
     assert!(answer.contains("TooManyConnections"), "{answer}");
-    // Another address is served meanwhile.
-    let r = get_from(
-        ip("127.0.0.5"),
-        addr,
-        "/v1/credentials",
-        &[("authorization", &token())],
-    )
-    .await;
-    assert_eq!(r.status, 200);
     // Connections that never finish their headers are closed after the header timeout.
-    let mut silent = connect_from(Some(ip("127.0.0.6")), addr)
-        .await
-        .expect("connect");
     let started = Instant::now();
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut buf))
+    let _ = tokio::time::timeout(Duration::from_secs(5), held[0].read_to_end(&mut buf))
         .await
         .expect("closed by the agent");
     assert!(
@@ -439,6 +459,9 @@ async fn connection_caps_refuse_the_excess_and_close_the_silent() {
         "{:?}",
         started.elapsed()
     );
+    // With them gone, the host is served again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.get(&token()).await.status, 200);
     let m = h.metrics().await;
     assert_eq!(
         metric(

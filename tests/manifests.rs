@@ -8,6 +8,7 @@
 use clap::Parser;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use pod_identity_agent::cli::{Cli, Command};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -67,6 +68,8 @@ struct Rendered {
     prometheus_rules: Vec<Value>,
     dashboards: Vec<ConfigMap>,
     service_accounts: Vec<ServiceAccount>,
+    cluster_roles: Vec<ClusterRole>,
+    bindings: Vec<ClusterRoleBinding>,
 }
 
 fn check(docs: Vec<Value>, source: &str) -> Rendered {
@@ -77,6 +80,8 @@ fn check(docs: Vec<Value>, source: &str) -> Rendered {
         match kind.as_str() {
             "DaemonSet" => r.daemonsets.push(typed(&doc, &what)),
             "ServiceAccount" => r.service_accounts.push(typed(&doc, &what)),
+            "ClusterRole" => r.cluster_roles.push(typed(&doc, &what)),
+            "ClusterRoleBinding" => r.bindings.push(typed(&doc, &what)),
             "ConfigMap" => {
                 let map = typed::<ConfigMap>(&doc, &what);
                 let labels = map.metadata.labels.clone().unwrap_or_default();
@@ -156,8 +161,9 @@ fn render(variant: &str) -> Option<Rendered> {
     }
 }
 
-/// The node's IP as the downward API would give it, for `$(HOST_IP)`.
+/// The node's IP and name as the downward API would give them, for `$(HOST_IP)`, `$(NODE_NAME)`.
 const NODE_IP: &str = "10.0.12.34";
+const NODE_NAME: &str = "ip-10-0-12-34.us-west-2.compute.internal";
 
 /// `$(VAR)` in args expanded from the container's env, as kubelet does.
 fn expand(arg: &str, c: &Container, config: &BTreeMap<String, String>) -> String {
@@ -166,7 +172,11 @@ fn expand(arg: &str, c: &Container, config: &BTreeMap<String, String>) -> String
         let value = e.value.clone().or_else(|| {
             let from = e.value_from.as_ref()?;
             if let Some(field) = &from.field_ref {
-                return (field.field_path == "status.hostIP").then(|| NODE_IP.to_owned());
+                return match field.field_path.as_str() {
+                    "status.hostIP" => Some(NODE_IP.to_owned()),
+                    "spec.nodeName" => Some(NODE_NAME.to_owned()),
+                    _ => None,
+                };
             }
             let key = from.config_map_key_ref.as_ref()?.key.clone();
             config.get(&key).cloned()
@@ -193,6 +203,71 @@ fn caps(c: &Container) -> (Vec<String>, Vec<String>) {
         .and_then(|s| s.capabilities.clone())
         .unwrap_or_default();
     (caps.add.unwrap_or_default(), caps.drop.unwrap_or_default())
+}
+
+/// The agent's API access: exactly the two key paths, read with a projected token mounted where
+/// the agent reads it, in the agent's container only.
+fn api_access(
+    r: &Rendered,
+    pod: &k8s_openapi::api::core::v1::PodSpec,
+    main: &Container,
+    args: &pod_identity_agent::cli::ServerArgs,
+    variant: &str,
+) {
+    assert_eq!(r.cluster_roles.len(), 1, "{variant}");
+    let rules = r.cluster_roles[0].rules.clone().unwrap_or_default();
+    assert_eq!(rules.len(), 1, "{variant}");
+    assert_eq!(
+        rules[0].non_resource_urls.clone().unwrap_or_default(),
+        vec!["/.well-known/openid-configuration", "/openid/v1/jwks"]
+    );
+    assert_eq!(rules[0].verbs, vec!["get"]);
+    assert!(rules[0].resources.is_none() && rules[0].api_groups.is_none());
+    let binding = &r.bindings[0];
+    let role_name = r.cluster_roles[0].metadata.name.clone().unwrap_or_default();
+    assert_eq!(binding.role_ref.name, role_name, "{variant}");
+    let subject = &binding.subjects.as_ref().expect("subjects")[0];
+    assert_eq!(
+        (subject.kind.as_str(), subject.namespace.as_deref()),
+        ("ServiceAccount", Some("kube-system"))
+    );
+    assert_eq!(
+        Some(&subject.name),
+        pod.service_account_name.as_ref(),
+        "{variant}"
+    );
+    let projected = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "kube-api-access")
+        .and_then(|v| v.projected.clone())
+        .expect("projected token volume");
+    let sources = projected.sources.unwrap_or_default();
+    let token = sources
+        .iter()
+        .find_map(|s| s.service_account_token.clone())
+        .expect("a service-account token");
+    assert!(token.expiration_seconds.is_some_and(|s| s <= 3600));
+    let mount = main
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "kube-api-access")
+        .expect("mounted");
+    assert_eq!(mount.read_only, Some(true));
+    let dir = std::path::Path::new(&mount.mount_path);
+    assert_eq!(dir.join(&token.path), args.identity.kube_token_file);
+    assert_eq!(dir.join("ca.crt"), args.identity.kube_ca_file);
+    for init in pod.init_containers.iter().flatten() {
+        assert!(
+            init.volume_mounts
+                .iter()
+                .flatten()
+                .all(|m| m.name != "kube-api-access"),
+            "{variant}: init has no API access"
+        );
+    }
 }
 
 #[test]
@@ -281,6 +356,18 @@ fn renders_are_valid_and_match_the_agent() {
             panic!("{variant}: not a server")
         };
         assert_eq!(args.cluster_name, r.config["CLUSTER_NAME"]);
+        // Identity: tokens verified against the API server's keys, redeemed on their own node.
+        assert_eq!(
+            args.identity.token_verification,
+            pod_identity_agent::cli::Verification::ApiServer,
+            "{variant}"
+        );
+        assert_eq!(
+            args.identity.node_name.as_deref(),
+            Some(NODE_NAME),
+            "{variant}"
+        );
+        api_access(&r, pod, main, &args, variant);
         assert_eq!(
             caps(main),
             (vec!["NET_BIND_SERVICE".into()], vec!["ALL".into()])

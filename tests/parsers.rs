@@ -18,6 +18,7 @@ use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::body::SdkBody;
 use pod_identity_agent::admission::{Admission, AdmissionSettings};
 use pod_identity_agent::cache::{CacheSettings, CredentialCache};
+use pod_identity_agent::client::Clients;
 use pod_identity_agent::credentials::{Credentials, Unvalidated};
 use pod_identity_agent::eks_auth::{
     CredentialSource, EksAuthClient, ExchangeSettings, FetchFuture,
@@ -96,9 +97,16 @@ impl InProcess {
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let leeway = Duration::from_secs(60);
         let handler = rt.block_on(async {
+            let admission = Arc::new(Admission::new(
+                AdmissionSettings::unlimited(),
+                Arc::new(Clients::new(&[], 128)),
+                None,
+                None,
+            ));
             CredentialHandler {
                 cache: CredentialCache::new(
                     Arc::new(Always),
+                    admission.clone(),
                     &CacheSettings::default(),
                     leeway,
                     metrics.clone(),
@@ -108,7 +116,7 @@ impl InProcess {
                     "fd00:ec2::23".parse().expect("ip"),
                 ]),
                 leeway,
-                admission: Arc::new(Admission::new(AdmissionSettings::unlimited(), None)),
+                admission,
                 metrics,
             }
         });

@@ -5,13 +5,16 @@
 //! never at or past `valid_until`; always before the hard point; past it while EKS Auth is
 //! backing off (static stability, until `valid_until`), or while a queued refresh is on its way
 //! (until the plan's `serve_queued_until`). Demand is one of three states ([`Demand`]): the
-//! scheduler renews only entries a request used since they were fetched.
+//! scheduler renews only entries a request used since they were fetched. An entry made from a
+//! verified token knows its pod ([`PodKey`]); when the pod's token rotates, the entry moves to
+//! the new token ([`Entry::rotated`]) and the old one is marked superseded.
 
 use super::policy::Plan;
 use crate::credentials::Credentials;
-use crate::token::Token;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use crate::token::{PodKey, Token};
+use crate::util::{from_millis, millis};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::time::SystemTime;
 
 /// How a request was answered; a label of the latency histogram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +28,8 @@ pub enum Outcome {
     Miss,
     /// This request joined an exchange already under way.
     Coalesced,
+    /// A verified token the pod's kubelet rotated, answered from the pod's cached credentials.
+    Rotated,
 }
 
 impl Outcome {
@@ -34,6 +39,7 @@ impl Outcome {
             Outcome::Stale => "stale",
             Outcome::Miss => "miss",
             Outcome::Coalesced => "coalesced",
+            Outcome::Rotated => "rotated",
         }
     }
 }
@@ -86,6 +92,10 @@ pub struct Entry {
     /// Which of its token's entries this is: refresh work queued for an entry that has since
     /// been replaced is recognised by it and dropped.
     pub(super) generation: u64,
+    /// The pod, when the token was verified: its next token finds these credentials.
+    pub(super) pod: Option<PodKey>,
+    /// Moved to the pod's newer token: its removal is not an eviction, and it is not renewed.
+    superseded: AtomicBool,
     demand: AtomicU8,
     /// Consecutive recoverable failures of exchanges for this token, for backoff.
     failures: AtomicU32,
@@ -100,6 +110,7 @@ impl Entry {
         plan: Plan,
         valid_until: SystemTime,
         generation: u64,
+        pod: Option<PodKey>,
     ) -> Entry {
         Entry {
             token,
@@ -107,6 +118,8 @@ impl Entry {
             plan,
             valid_until,
             generation,
+            pod,
+            superseded: AtomicBool::new(false),
             demand: AtomicU8::new(Demand::Unused as u8),
             failures: AtomicU32::new(0),
             retry_after_ms: AtomicU64::new(0),
@@ -120,9 +133,10 @@ impl Entry {
         plan: Plan,
         valid_until: SystemTime,
         generation: u64,
+        pod: Option<PodKey>,
         state: Carried,
     ) -> Entry {
-        let e = Entry::new(token, credentials, plan, valid_until, generation);
+        let e = Entry::new(token, credentials, plan, valid_until, generation, pod);
         e.demand.store(state.demand as u8, Ordering::Relaxed);
         e.failures.store(state.failures, Ordering::Relaxed);
         e.retry_after_ms
@@ -130,13 +144,33 @@ impl Entry {
         e
     }
 
+    /// This entry's credentials, plan and state, on the pod's newer `token`; this one is marked
+    /// superseded. Used for the request that brought the token, so its demand counts.
+    pub(super) fn rotated(&self, token: Token, valid_until: SystemTime, generation: u64) -> Entry {
+        self.superseded.store(true, Ordering::Relaxed);
+        let e = Entry::restored(
+            token,
+            self.credentials.clone(),
+            self.plan,
+            valid_until,
+            generation,
+            self.pod,
+            self.carried(),
+        );
+        e.mark_used();
+        e
+    }
+
+    pub(super) fn is_superseded(&self) -> bool {
+        self.superseded.load(Ordering::Relaxed)
+    }
+
     /// The state that travels with the entry in a handover.
     pub(super) fn carried(&self) -> Carried {
         Carried {
             demand: self.demand(),
             failures: self.failures.load(Ordering::Relaxed),
-            retry_after: UNIX_EPOCH
-                + Duration::from_millis(self.retry_after_ms.load(Ordering::Relaxed)),
+            retry_after: from_millis(self.retry_after_ms.load(Ordering::Relaxed)),
         }
     }
 
@@ -182,7 +216,7 @@ impl Entry {
         if self.demand() == Demand::Dormant {
             return None;
         }
-        let retry = UNIX_EPOCH + Duration::from_millis(self.retry_after_ms.load(Ordering::Relaxed));
+        let retry = from_millis(self.retry_after_ms.load(Ordering::Relaxed));
         Some(self.plan.refresh_at.max(retry))
     }
 
@@ -207,8 +241,4 @@ impl Entry {
         let refresh_queued = self.demand() != Demand::Dormant && now < self.plan.serve_queued_until;
         (backing_off || refresh_queued).then_some(Outcome::Stale)
     }
-}
-
-fn millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }

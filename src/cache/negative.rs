@@ -28,15 +28,17 @@ pub const NODE_FAULT_TTL: Duration = Duration::from_secs(5);
 pub enum Refusal {
     /// EKS Auth's answer.
     Upstream(ExchangeError),
-    /// The token's signature, issuer or audience failed local verification (`--token-issuer`).
+    /// The token's signature, issuer or audience failed local verification.
     Unverified(String),
+    /// A verified token of a pod on another node (named).
+    OtherNode(String),
 }
 
 impl Refusal {
     fn fault(&self) -> Fault {
         match self {
             Refusal::Upstream(e) => e.fault(),
-            Refusal::Unverified(_) => Fault::Token,
+            Refusal::Unverified(_) | Refusal::OtherNode(_) => Fault::Token,
         }
     }
 }

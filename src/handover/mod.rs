@@ -8,8 +8,9 @@
 //! *predecessor*), in this order ([`wire`] has the frames):
 //! 1. successor → `Hello` (protocol [`wire::PROTOCOL`]); a predecessor speaking another protocol,
 //!    or one that already handed over, answers `Refused`;
-//! 2. predecessor → its cache entries (`Entries`, in chunks: tokens, credentials, refresh plans
-//!    and backoff state, in memory only, never on disk), then its listening sockets
+//! 2. predecessor → its verification keys (`Keys`, if it verifies tokens), its cache entries
+//!    (`Entries`, in chunks: tokens, credentials, refresh plans, backoff state and the pod of a
+//!    verified token, in memory only, never on disk), then its listening sockets
 //!    (`Listeners`, passed with `SCM_RIGHTS`, so no connection is refused or dropped: both
 //!    processes hold the same sockets, with one accept queue);
 //! 3. the successor installs the entries, starts serving on those sockets, and says `Taken`;
@@ -31,12 +32,16 @@ pub mod wire;
 use crate::cache::policy::Plan;
 use crate::cache::{Carried, CredentialCache, Demand, Exported, Imported};
 use crate::metrics::Metrics;
+use crate::token::PodKey;
+use crate::util::{from_millis as time, millis};
+use crate::verify::keys::Stored;
+use crate::verify::Verifier;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use wire::{Channel, Msg, Role, WireEntry, WireError, WireListener, PROTOCOL};
 
@@ -82,12 +87,20 @@ pub enum HandoverError {
     Timeout,
 }
 
-fn millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+fn pod_to_wire(pod: Option<PodKey>) -> Option<String> {
+    pod.map(|k| k.0.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn time(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
+fn pod_from_wire(hex: Option<&str>) -> Option<PodKey> {
+    let hex = hex?;
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(PodKey(key))
 }
 
 fn to_wire(x: Exported) -> WireEntry {
@@ -101,11 +114,13 @@ fn to_wire(x: Exported) -> WireEntry {
         demand: x.state.demand as u8,
         failures: x.state.failures,
         retry_after_ms: millis(x.state.retry_after),
+        pod: pod_to_wire(x.pod),
     }
 }
 
 fn from_wire(w: WireEntry) -> Exported {
     Exported {
+        pod: pod_from_wire(w.pod.as_deref()),
         token: w.token,
         body: w.body,
         plan: Plan {
@@ -125,29 +140,7 @@ fn from_wire(w: WireEntry) -> Exported {
 /// Make the directory if needed; refuse one that others could write to or that another user
 /// owns (a socket there could be anyone's).
 pub fn prepare_dir(dir: &Path) -> Result<(), HandoverError> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    let bad = |why: String| HandoverError::Directory(dir.to_owned(), why);
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| bad(e.to_string()))?;
-    }
-    let meta = std::fs::metadata(dir).map_err(|e| bad(e.to_string()))?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    if !meta.is_dir() || meta.uid() != me {
-        return Err(bad(format!(
-            "not a directory owned by user {me} (owner {})",
-            meta.uid()
-        )));
-    }
-    if meta.mode() & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| bad(format!("cannot make it mode 0700: {e}")))?;
-    }
-    Ok(())
+    crate::files::private_dir(dir).map_err(|e| HandoverError::Directory(dir.to_owned(), e))
 }
 
 fn check_peer(channel: &Channel) -> Result<(), HandoverError> {
@@ -177,6 +170,8 @@ pub struct Successor {
     pub listeners: Vec<(Role, SocketAddr, std::net::TcpListener)>,
     /// The predecessor's cache, to install before serving.
     pub entries: Vec<Exported>,
+    /// The predecessor's verification keys, so this agent verifies at once.
+    pub keys: Option<Stored>,
     started: Instant,
 }
 
@@ -236,8 +231,10 @@ fn receive(path: &Path, timeout: Duration) -> Result<Option<Successor>, Handover
         pid: std::process::id(),
     })?;
     let mut entries = Vec::new();
+    let mut keys = None;
     loop {
         match channel.recv()? {
+            (Msg::Keys { keys: k }, _) => keys = Some(k),
             (Msg::Entries { entries: chunk }, _) => {
                 entries.extend(chunk.into_iter().map(from_wire))
             }
@@ -251,6 +248,7 @@ fn receive(path: &Path, timeout: Duration) -> Result<Option<Successor>, Handover
                     channel,
                     listeners,
                     entries,
+                    keys,
                     started,
                 }));
             }
@@ -292,10 +290,10 @@ impl Successor {
         })
         .await
         .map_err(|e| HandoverError::Io(std::io::Error::other(e.to_string())))?;
-        add(&mut total, first);
+        total.add(first);
         let (outcome, result) = match delta {
             Ok(delta) => {
-                add(&mut total, cache.import(delta));
+                total.add(cache.import(delta));
                 ("completed", Ok(total))
             }
             // The sockets are ours already: a lost delta costs exchanges, not availability.
@@ -327,18 +325,14 @@ impl Successor {
     }
 }
 
-fn add(total: &mut Imported, more: Imported) {
-    total.installed += more.installed;
-    total.kept_ours += more.kept_ours;
-    total.refused += more.refused;
-}
-
 /// What the predecessor side needs of the running server.
 #[derive(Clone)]
 pub struct Offer {
     pub cache: CredentialCache,
-    /// Every listening socket the server holds. Valid while the server has not retired.
-    pub listeners: Vec<(Role, SocketAddr, RawFd)>,
+    /// Every listening socket the server holds, owned for as long as this offer lives.
+    pub listeners: Arc<Vec<(Role, SocketAddr, OwnedFd)>>,
+    /// The verifier, whose keys go to the successor.
+    pub verifier: Option<Arc<Verifier>>,
     /// Stops accepting and refreshing, and waits for requests in flight (within the grace).
     pub retire: Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>,
 }
@@ -455,6 +449,9 @@ fn hand_over(
         .with_label_values(&["predecessor", "started"])
         .inc();
     tracing::info!(successor_pid = pid, successor_version = %version, "a new agent is taking over");
+    if let Some(keys) = offer.verifier.as_ref().and_then(|v| v.snapshot()) {
+        channel.send(&Msg::Keys { keys })?;
+    }
     let (snapshot, newest) = offer.cache.export(0);
     let mut sent = snapshot.len();
     let mut snapshot = snapshot.into_iter().map(to_wire).peekable();
@@ -471,7 +468,7 @@ fn hand_over(
                     role: *role,
                     addr: *addr,
                 },
-                *fd,
+                fd.as_raw_fd(),
             )
         })
         .unzip();

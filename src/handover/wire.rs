@@ -36,6 +36,8 @@ pub enum Msg {
     },
     /// Either way: no handover, and why.
     Refused { reason: String },
+    /// Predecessor → successor: the cluster's verification keys it holds.
+    Keys { keys: crate::verify::keys::Stored },
     /// Predecessor → successor: cache entries, in chunks.
     Entries { entries: Vec<WireEntry> },
     /// Predecessor → successor: its listening sockets, descriptors attached in this order.
@@ -54,6 +56,7 @@ impl Msg {
         match self {
             Msg::Hello { .. } => "hello",
             Msg::Refused { .. } => "refused",
+            Msg::Keys { .. } => "keys",
             Msg::Entries { .. } => "entries",
             Msg::Listeners { .. } => "listeners",
             Msg::Taken => "taken",
@@ -86,6 +89,9 @@ pub struct WireEntry {
     pub demand: u8,
     pub failures: u32,
     pub retry_after_ms: u64,
+    /// The pod (hex of its key) when the token was verified; absent from older agents.
+    #[serde(default)]
+    pub pod: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -35,6 +35,8 @@ pub struct Admin {
     pub cache: CredentialCache,
     /// For the open-connection count in `/metrics`.
     pub connections: Connections,
+    /// For the age of the verification keys in `/metrics`.
+    pub verifier: Option<Arc<crate::verify::Verifier>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -74,6 +76,9 @@ impl Admin {
                 self.metrics
                     .open_connections
                     .set(self.connections.open() as i64);
+                if let Some(age) = self.verifier.as_ref().and_then(|v| v.keys_age()) {
+                    self.metrics.keys_age.set(age.as_secs_f64());
+                }
                 let mut res = Response::new(Full::new(Bytes::from(self.metrics.render())));
                 res.headers_mut()
                     .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));

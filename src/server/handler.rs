@@ -1,4 +1,4 @@
-//! `/v1/credentials`: validation → cache (with the client's admission gate) → response, with its
+//! `/v1/credentials`: validation → cache (whose flights ask admission) → response, with its
 //! metrics, its one log line and, for a refusal, its audit line ([`crate::audit`]).
 //!
 //! Contract: every request gets exactly one answer, success or a JSON error, and is counted
@@ -33,7 +33,7 @@ pub struct CredentialHandler {
     pub hosts: AllowedHosts,
     /// Clock leeway on the token's `exp`/`nbf`; the cache was built with the same value.
     pub leeway: Duration,
-    /// Who may start an exchange: per-client and node budgets, local verification.
+    /// Who may start an exchange (asked by the cache's flights); here, for its refusal warnings.
     pub admission: Arc<Admission>,
     pub metrics: Arc<Metrics>,
 }
@@ -46,7 +46,8 @@ pub const REFUSAL_PACE: Duration = Duration::from_millis(100);
 fn local_reason(e: &CacheError) -> Option<Reason> {
     match e {
         CacheError::Remembered(_) => Some(Reason::NegativeCache),
-        CacheError::Denied(Denial::Invalid(_)) => Some(Reason::Signature),
+        CacheError::Denied(Denial::Invalid { .. }) => Some(Reason::Signature),
+        CacheError::Denied(Denial::OtherNode { .. }) => Some(Reason::OtherNode),
         CacheError::Denied(Denial::Busy {
             scope: Scope::Client,
             ..
@@ -62,11 +63,7 @@ impl CredentialHandler {
     pub async fn handle<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let started = Instant::now();
         let result = match request::validate(&req, &self.hosts, self.leeway) {
-            Ok(token) => match self
-                .cache
-                .get(&token, &self.admission.gate(peer.ip()))
-                .await
-            {
+            Ok(token) => match self.cache.get(&token, peer.ip()).await {
                 Ok((entry, outcome)) => Ok((token, entry, outcome)),
                 Err(e) => {
                     let reason = local_reason(&e);

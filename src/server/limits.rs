@@ -1,27 +1,40 @@
-//! Bounds on connections, so one client can exhaust neither the agent's memory nor its file
-//! descriptors.
+//! Bounds on connections, so no client can exhaust the agent's memory or descriptors, and none
+//! can crowd out the others.
 //!
-//! Contract: a [`ConnectionLimiter`] hands out a [`Slot`] per accepted connection, held until the
-//! connection ends. [`ConnectionLimiter::global_slot`] waits for one of `max_connections` before
-//! the listener accepts at all (as mini-redis does), so beyond it clients wait in the kernel's
-//! backlog instead of costing memory. [`ConnectionLimiter::client_slot`] admits at most
-//! `max_per_client` open connections from one source IP (IPv4-mapped IPv6 counted as IPv4); a
-//! connection over that is answered at once with a short `429` and closed. Each connection costs
-//! up to 32 KiB of header buffer, so the defaults (2048 in all, 128 per client) bound the worst
-//! case to about 64 MiB, a quarter of the DaemonSet's memory limit. [`raise_fd_limit`] lifts the
-//! soft `RLIMIT_NOFILE` to the hard limit at start.
+//! Contract: [`ConnectionLimiter::admit`] decides for each accepted connection, by its client as
+//! [`Clients`] counts them (every host-local source is one client):
+//! - while fewer than [`PRESSURE`] of `max_connections` are open, any client may open more, past
+//!   its share `max_per_client` included (a pod with 300 threads starting at once is served);
+//! - under pressure, a client already holding its share is refused (`429 TooManyConnections`);
+//! - when all `max_connections` are open, room is made by closing an idle connection (between
+//!   requests, or still sending its headers; never one whose request is being answered) of the
+//!   client holding the most, if it holds more than the newcomer would; otherwise the newcomer
+//!   is refused with `503 ConnectionsExhausted`, which every SDK retries.
+//!
+//! Refused connections are answered at once with a short canned response and closed. Each
+//! connection costs up to 32 KiB of header buffer, so the defaults (2048 in all) bound the
+//! worst case. Refusals are counted and warned about at most once per client per
+//! [`WARN_EVERY`]. [`raise_fd_limit`] lifts the soft `RLIMIT_NOFILE` to the hard limit at start.
 
+use crate::client::{ClientKey, Clients};
+use crate::util::LogEvery;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// Share of `max_connections` above which the per-client share applies.
+pub const PRESSURE: f64 = 0.75;
+/// At most one warning per client this often.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     /// `--max-connections`: open connections on a listener group at once.
     pub max_connections: usize,
-    /// `--max-connections-per-client`.
+    /// `--max-connections-per-client`: a client's share under pressure.
     pub max_per_client: usize,
     /// `--header-timeout`: a request's headers must arrive within this.
     pub header_timeout: Duration,
@@ -37,116 +50,235 @@ impl Default for ConnectionLimits {
     }
 }
 
-/// Open connections per client.
-type PerClient = Arc<Mutex<HashMap<IpAddr, usize>>>;
+/// One open connection, as the limiter sees it.
+pub struct Conn {
+    /// A request is being answered on it: it is not closed to make room.
+    busy: AtomicBool,
+    /// Cancelled to close it to make room.
+    evict: CancellationToken,
+}
+
+impl Conn {
+    /// Mark whether a request is being answered.
+    pub fn set_busy(&self, busy: bool) {
+        self.busy.store(busy, Ordering::Relaxed);
+    }
+
+    /// Resolves when the limiter closes this connection to make room.
+    pub fn evicted(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.evict.cancelled()
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    total: usize,
+    by_client: HashMap<ClientKey, HashMap<u64, Arc<Conn>>>,
+    next_id: u64,
+}
+
+impl Registry {
+    fn count(&self, key: &ClientKey) -> usize {
+        self.by_client.get(key).map_or(0, HashMap::len)
+    }
+
+    fn remove(&mut self, key: &ClientKey, id: u64) -> bool {
+        let Some(conns) = self.by_client.get_mut(key) else {
+            return false;
+        };
+        let removed = conns.remove(&id).is_some();
+        if conns.is_empty() {
+            self.by_client.remove(key);
+        }
+        if removed {
+            self.total -= 1;
+        }
+        removed
+    }
+
+    /// Close an idle connection of the client holding the most, if it holds more than `than`.
+    fn evict_from_heaviest(&mut self, than: usize) -> bool {
+        let Some((key, _)) = self
+            .by_client
+            .iter()
+            .map(|(k, c)| (*k, c.len()))
+            .filter(|(_, n)| *n > than)
+            .max_by_key(|(_, n)| *n)
+        else {
+            return false;
+        };
+        let victim = self.by_client.get(&key).and_then(|conns| {
+            conns
+                .iter()
+                .find(|(_, c)| !c.busy.load(Ordering::Relaxed))
+                .map(|(id, c)| (*id, c.clone()))
+        });
+        let Some((id, conn)) = victim else {
+            return false;
+        };
+        conn.evict.cancel();
+        self.remove(&key, id)
+    }
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Its client holds its share while the pool is under pressure (429).
+    OverShare,
+    /// The pool is full and no room could be made (503).
+    Exhausted,
+}
 
 /// Counts connections, in all and per client, for one group of listeners.
 pub struct ConnectionLimiter {
     limits: ConnectionLimits,
-    global: Arc<Semaphore>,
-    per_client: PerClient,
-    /// Connections refused for their client's share (`rejected_locally{reason=connection_limit}`).
+    clients: Arc<Clients>,
+    registry: Arc<Mutex<Registry>>,
+    /// Connections refused (`rejected_locally{reason=connection_limit}`).
     refused: Option<prometheus::IntCounter>,
-    /// When a refusal was last logged: at most one warning per [`WARN_EVERY`].
-    warned_at: Mutex<Option<std::time::Instant>>,
+    /// Warnings about refused connections, per client.
+    warned: moka::sync::Cache<ClientKey, Arc<LogEvery>>,
 }
-
-/// At most one warning about refused connections this often.
-const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// A connection's claim on the limits; released when dropped.
 pub struct Slot {
-    _global: OwnedSemaphorePermit,
-    client: Option<(IpAddr, PerClient)>,
+    key: ClientKey,
+    id: u64,
+    conn: Arc<Conn>,
+    registry: Arc<Mutex<Registry>>,
+}
+
+impl Slot {
+    pub fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some((ip, map)) = self.client.take() {
-            let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = map.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    map.remove(&ip);
-                }
-            }
-        }
+        let mut r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        r.remove(&self.key, self.id);
     }
 }
 
-/// A global slot taken before `accept`, waiting for its client's share.
-pub struct Pending(OwnedSemaphorePermit);
-
 impl ConnectionLimiter {
+    /// A limiter that tells clients apart as a listener with no addresses of its own would.
     pub fn new(
         limits: ConnectionLimits,
         refused: Option<prometheus::IntCounter>,
     ) -> Arc<ConnectionLimiter> {
-        Arc::new(ConnectionLimiter {
-            limits,
-            global: Arc::new(Semaphore::new(
-                limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
-            )),
-            per_client: Arc::default(),
-            refused,
-            warned_at: Mutex::new(None),
-        })
+        ConnectionLimiter::with_clients(limits, Arc::new(Clients::new(&[], 128)), refused)
     }
 
-    /// Count, and now and then log, a connection refused for its client's share.
-    pub fn refused(&self, client: IpAddr) {
-        if let Some(c) = &self.refused {
-            c.inc();
-        }
-        let mut at = self.warned_at.lock().unwrap_or_else(|p| p.into_inner());
-        if at.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
-            *at = Some(std::time::Instant::now());
-            tracing::warn!(client = %client.to_canonical(), open = self.open_from(client),
-                max_per_client = self.limits.max_per_client,
-                "refused a connection: this client holds its share of connections");
-        }
+    pub fn with_clients(
+        limits: ConnectionLimits,
+        clients: Arc<Clients>,
+        refused: Option<prometheus::IntCounter>,
+    ) -> Arc<ConnectionLimiter> {
+        Arc::new(ConnectionLimiter {
+            limits,
+            clients,
+            registry: Arc::default(),
+            refused,
+            warned: moka::sync::Cache::builder()
+                .max_capacity(4096)
+                .time_to_idle(WARN_EVERY * 6)
+                .build(),
+        })
     }
 
     pub fn limits(&self) -> ConnectionLimits {
         self.limits
     }
 
-    /// Wait until a connection may be accepted.
-    pub async fn global_slot(&self) -> Option<Pending> {
-        self.global.clone().acquire_owned().await.ok().map(Pending)
-    }
-
-    /// The accepted connection's slot, or `None` if its client already holds its share.
-    pub fn client_slot(&self, pending: Pending, client: IpAddr) -> Option<Slot> {
-        let ip = client.to_canonical();
-        let mut map = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= self.limits.max_per_client {
-            return None;
+    /// Admit a connection from `ip`, or say why not (see the module contract).
+    pub fn admit(&self, ip: IpAddr) -> Result<Slot, Refused> {
+        let key = self.clients.source(ip);
+        let max = self.limits.max_connections.max(1);
+        let mut r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = r.count(&key);
+        let pressure = r.total as f64 >= max as f64 * PRESSURE;
+        let decision = if r.total < max {
+            if pressure && mine >= self.limits.max_per_client {
+                Err(Refused::OverShare)
+            } else {
+                Ok(())
+            }
+        } else if r.evict_from_heaviest(mine + 1) {
+            Ok(())
+        } else if mine >= self.limits.max_per_client {
+            Err(Refused::OverShare)
+        } else {
+            Err(Refused::Exhausted)
+        };
+        if let Err(why) = decision {
+            let open = mine;
+            drop(r);
+            self.note_refused(key, ip, open, why);
+            return Err(why);
         }
-        *n += 1;
-        Some(Slot {
-            _global: pending.0,
-            client: Some((ip, self.per_client.clone())),
+        r.next_id += 1;
+        let id = r.next_id;
+        let conn = Arc::new(Conn {
+            busy: AtomicBool::new(false),
+            evict: CancellationToken::new(),
+        });
+        r.by_client.entry(key).or_default().insert(id, conn.clone());
+        r.total += 1;
+        Ok(Slot {
+            key,
+            id,
+            conn,
+            registry: self.registry.clone(),
         })
     }
 
-    /// Open connections from `client` now.
-    pub fn open_from(&self, client: IpAddr) -> usize {
-        let map = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&client.to_canonical()).copied().unwrap_or(0)
+    fn note_refused(&self, key: ClientKey, ip: IpAddr, open: usize, why: Refused) {
+        if let Some(c) = &self.refused {
+            c.inc();
+        }
+        let warn = self
+            .warned
+            .get_with(key, || Arc::new(LogEvery::new(WARN_EVERY)));
+        if let Some(unlogged) = warn.due() {
+            tracing::warn!(client = %key, address = %ip.to_canonical(), open,
+                max_per_client = self.limits.max_per_client, reason = ?why, refusals_not_logged = unlogged,
+                "refused a connection: the connection pool is under pressure and this client holds its share, or it is full");
+        }
+    }
+
+    /// Open connections now, in all and from `ip`'s client.
+    pub fn open(&self, ip: IpAddr) -> (usize, usize) {
+        let key = self.clients.source(ip);
+        let r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        (r.total, r.count(&key))
     }
 }
 
-const TOO_MANY_BODY: &str = r#"{"code":"TooManyConnections","message":"this address holds too many open connections to the agent; close some and retry"}"#;
-
-/// The answer to a connection over its client's share: written without waiting, then closed.
-pub fn too_many_connections() -> String {
+fn canned(status: &str, code: &str, message: &str) -> String {
+    let body = format!(r#"{{"code":"{code}","message":"{message}"}}"#);
     format!(
-        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
-         connection: close\r\ncontent-length: {}\r\n\r\n{TOO_MANY_BODY}",
-        TOO_MANY_BODY.len()
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
     )
+}
+
+/// The answer to a refused connection: written without waiting, then closed.
+pub fn refusal(why: Refused) -> String {
+    match why {
+        Refused::OverShare => canned(
+            "429 Too Many Requests",
+            "TooManyConnections",
+            "this client holds too many open connections to the agent; close some and retry",
+        ),
+        Refused::Exhausted => canned(
+            "503 Service Unavailable",
+            "ConnectionsExhausted",
+            "the agent has no connection to spare right now; retry",
+        ),
+    }
 }
 
 /// Raise the soft open-files limit to the hard one; returns (before, after).
@@ -182,45 +314,78 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_canned_answer_is_well_formed() {
-        let text = too_many_connections();
-        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .and_then(|n| n.trim().parse().ok())
-            .expect("length");
-        assert_eq!(body.len(), len, "{body:?}");
-        let v: serde_json::Value = serde_json::from_str(body).expect("json");
-        assert_eq!(v["code"], "TooManyConnections");
+    fn the_canned_answers_are_well_formed() {
+        for (why, code) in [
+            (Refused::OverShare, "TooManyConnections"),
+            (Refused::Exhausted, "ConnectionsExhausted"),
+        ] {
+            let text = refusal(why);
+            let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|n| n.trim().parse().ok())
+                .expect("length");
+            assert_eq!(body.len(), len, "{body:?}");
+            let v: serde_json::Value = serde_json::from_str(body).expect("json");
+            assert_eq!(v["code"], code);
+        }
     }
 
-    #[tokio::test]
-    async fn per_client_share_and_release() {
-        let l = ConnectionLimiter::new(
+    fn limiter(max: usize, share: usize) -> Arc<ConnectionLimiter> {
+        ConnectionLimiter::new(
             ConnectionLimits {
-                max_connections: 10,
-                max_per_client: 2,
+                max_connections: max,
+                max_per_client: share,
                 header_timeout: Duration::from_secs(1),
             },
             None,
+        )
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn the_share_is_soft_until_pressure() {
+        let l = limiter(8, 2);
+        // Room in the pool: one client may pass its share of 2, up to 6 (75% of 8).
+        let mut held: Vec<Slot> = (0..6)
+            .map(|_| l.admit(ip("10.0.0.1")).expect("room"))
+            .collect();
+        // Under pressure: over its share, refused; another client below its share, admitted.
+        assert_eq!(
+            l.admit(ip("::ffff:10.0.0.1")).err(),
+            Some(Refused::OverShare)
         );
-        let a: IpAddr = "10.0.0.1".parse().expect("ip");
-        let mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
-        let s1 = l
-            .client_slot(l.global_slot().await.expect("g"), a)
-            .expect("1");
-        let _s2 = l
-            .client_slot(l.global_slot().await.expect("g"), mapped)
-            .expect("2");
-        assert!(l
-            .client_slot(l.global_slot().await.expect("g"), a)
-            .is_none());
-        assert_eq!(l.open_from(a), 2);
-        drop(s1);
-        assert_eq!(l.open_from(a), 1);
-        assert!(l
-            .client_slot(l.global_slot().await.expect("g"), a)
-            .is_some());
+        held.push(l.admit(ip("10.0.0.2")).expect("a light client"));
+        held.push(l.admit(ip("10.0.0.2")).expect("a light client"));
+        assert_eq!(l.open(ip("10.0.0.1")), (8, 6));
+        // Full: a newcomer gets in by closing an idle connection of the heaviest client.
+        held[0].conn().set_busy(true);
+        held.push(l.admit(ip("10.0.0.3")).expect("room made"));
+        assert_eq!(l.open(ip("10.0.0.1")), (8, 5));
+        let evicted = held[..6]
+            .iter()
+            .filter(|s| s.conn().evict.is_cancelled())
+            .count();
+        assert_eq!(evicted, 1);
+        assert!(
+            !held[0].conn().evict.is_cancelled(),
+            "a busy connection is never closed"
+        );
+        // Slots released on drop.
+        drop(held);
+        assert_eq!(l.open(ip("10.0.0.1")), (0, 0));
+    }
+
+    #[test]
+    fn loopback_addresses_are_one_client() {
+        let l = limiter(8, 2);
+        let _held: Vec<Slot> = (0..6)
+            .map(|i| l.admit(ip(&format!("127.0.0.{}", i + 2))).expect("room"))
+            .collect();
+        assert_eq!(l.admit(ip("127.0.9.9")).err(), Some(Refused::OverShare));
     }
 }

@@ -5,15 +5,16 @@
 //! bound, or no listener at all, is an error. [`Sockets`] supplies sockets a predecessor handed
 //! over, or waits for a port it still holds. [`serve`] accepts connections until `stop` is
 //! cancelled, then stops accepting at once and returns; the connections it accepted finish in
-//! their own tasks: keep-alive is turned off, so each ends after the request it is on (an idle
-//! one at once), and one accepted a moment ago that has not sent its request yet gets a second
+//! their own tasks: from then on keep-alive is off, so each ends after the request it is on (an
+//! idle one at once), and one accepted a moment ago that has not sent its request yet gets a second
 //! to send it, rather than being closed as idle and losing it. [`Connections::close`] ends every
 //! connection at once (shutdown does that when the grace period is over). Every connection runs
-//! as a task on the shared tracker, so shutdown can wait for them. Connections are HTTP/1.1 with keep-alive, a
-//! bounded header size and a header read timeout, and are admitted within the bounds of a
-//! [`ConnectionLimiter`], so a slow or hostile client cannot hold memory or a task forever.
+//! as a task on the shared tracker, so shutdown can wait for them. Connections are HTTP/1.1
+//! with keep-alive, a bounded header size and a header read timeout, and are admitted within
+//! the bounds of a [`ConnectionLimiter`], which may close an idle one (never one whose request
+//! is being answered, its response included) to make room for another client.
 
-use super::limits::ConnectionLimiter;
+use super::limits::{Conn, ConnectionLimiter};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -224,14 +225,6 @@ pub async fn serve<H, F>(
         .keep_alive(true);
     bound.accepting.store(true, Ordering::Relaxed);
     loop {
-        // A slot first: at the limit, new clients wait in the kernel's backlog.
-        let pending = tokio::select! {
-            slot = limiter.global_slot() => match slot {
-                Some(slot) => slot,
-                None => break,
-            },
-            _ = stop.cancelled() => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = bound.listener.accept() => match accepted {
                 Ok(a) => a,
@@ -244,17 +237,23 @@ pub async fn serve<H, F>(
             },
             _ = stop.cancelled() => break,
         };
-        let Some(slot) = limiter.client_slot(pending, peer.ip()) else {
-            limiter.refused(peer.ip());
-            // Best effort and never waiting: the answer fits in an empty socket buffer.
-            let _ = stream.try_write(super::limits::too_many_connections().as_bytes());
-            continue;
+        let slot = match limiter.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                // Best effort and never waiting: the answer fits in an empty socket buffer.
+                let _ = stream.try_write(super::limits::refusal(why).as_bytes());
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let state = slot.conn().clone();
         let svc = service_fn(move |req| {
+            // Busy from the request until its response body is written: never closed to make room.
+            state.set_busy(true);
+            let guard = Busy(state.clone());
             let fut = handler(req, peer);
-            async move { Ok::<_, Infallible>(fut.await) }
+            async move { Ok::<_, Infallible>(fut.await.map(|body| Tracked { body, _busy: guard })) }
         });
         let first = Arc::new(Notify::new());
         let io = TokioIo::new(Heard {
@@ -268,13 +267,52 @@ pub async fn serve<H, F>(
         let open = OpenGuard(conns.open.clone());
         conns.tracker.spawn(async move {
             let _open = open;
-            let _slot = slot;
-            drain(conn, first, stop, close).await;
+            tokio::select! {
+                _ = drain(conn, first, stop, close) => {}
+                // The limiter closed it to make room for another client.
+                _ = slot.conn().evicted() => {}
+            }
+            drop(slot);
         });
     }
     bound.accepting.store(false, Ordering::Relaxed);
     // The connections go on in their own tasks; shutdown waits for them on the tracker.
     drop(bound.listener);
+}
+
+/// Clears a connection's busy mark when dropped: when the response body has been written.
+struct Busy(Arc<Conn>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.set_busy(false);
+    }
+}
+
+/// A response body that keeps its connection marked busy until hyper is done with it.
+struct Tracked {
+    body: Full<Bytes>,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// How long, at shutdown, a connection that has not sent a byte yet gets to send its request.

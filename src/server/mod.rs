@@ -3,9 +3,10 @@
 //! Contract: [`Server::start`] binds everything it was asked to (see [`listener`] for what a
 //! bind failure means), starts serving, and returns the addresses actually bound, so callers
 //! (the binary, tests, benchmarks) can use port 0. Everything it starts (listeners, their
-//! connections, the cache's scheduler and exchanges, the memory task) is owned by the returned
-//! [`RunningServer`]. [`RunningServer::shutdown`] stops accepting on every listener at once,
-//! stops refreshing, and lets in-flight requests and exchanges finish within the grace period.
+//! connections, the cache's scheduler and exchanges, the verifier's fetches, the memory task,
+//! the re-reading of the node's addresses) is owned by the returned [`RunningServer`].
+//! [`RunningServer::shutdown`] stops accepting on every listener at once, stops refreshing and
+//! fetching keys, and lets in-flight requests and exchanges finish within the grace period.
 //! Past it, it ends the exchanges still running (the requests waiting on them answer
 //! `503 ShuttingDown`), then closes the connections still open. It returns when every task it
 //! started has ended.
@@ -19,16 +20,18 @@ pub mod response;
 
 use crate::admission::{Admission, AdmissionSettings};
 use crate::cache::{CacheSettings, CredentialCache, Exported, Imported};
+use crate::client::{Clients, NODE_ADDRESSES_EVERY};
 use crate::eks_auth::CredentialSource;
-use crate::issuer::{IssuerSettings, Verifier};
 use crate::metrics::Metrics;
 use crate::request::AllowedHosts;
+use crate::verify::keys::Stored;
+use crate::verify::{VerificationSettings, Verifier};
 use admin::Admin;
 use handler::CredentialHandler;
 use limits::{ConnectionLimiter, ConnectionLimits};
 use listener::{BindError, Bound, Connections, Role, Sockets};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -48,19 +51,41 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// Who may start a new exchange (per-client and node budgets).
     pub admission: AdmissionSettings,
-    /// `--token-issuer`: verify tokens locally before any exchange.
-    pub token_issuer: Option<IssuerSettings>,
+    /// Local verification of tokens against the cluster's keys; `None`: off.
+    pub verification: Option<VerificationSettings>,
+    /// `--node-name`: verified tokens of pods on other nodes are refused.
+    pub node_name: Option<String>,
+    /// `--client-ipv6-prefix`: IPv6 sources within one such prefix are one client.
+    pub client_ipv6_prefix: u8,
     /// Bounds on the credential listeners' connections.
     pub connections: ConnectionLimits,
 }
 
-/// The probe and metrics listeners have their own, small connection pool: a flood on the
-/// credential listeners never starves the kubelet's probes or a scrape.
-const ADMIN_CONNECTIONS: ConnectionLimits = ConnectionLimits {
+/// The probes have a pool of their own, so neither a flood on the credential listeners nor a
+/// busy scraper starves the kubelet's probes.
+const PROBE_CONNECTIONS: ConnectionLimits = ConnectionLimits {
     max_connections: 64,
     max_per_client: 64,
     header_timeout: Duration::from_secs(3),
 };
+/// The metrics listener's pool (reachable from pods with the metrics overlay): small, and no
+/// one client may hold most of it.
+const METRICS_CONNECTIONS: ConnectionLimits = ConnectionLimits {
+    max_connections: 64,
+    max_per_client: 8,
+    header_timeout: Duration::from_secs(3),
+};
+
+/// What a predecessor handed over, installed before the first connection is accepted.
+#[derive(Default)]
+pub struct Preload {
+    /// Its listening sockets (or, with none, whether to wait for its ports).
+    pub sockets: Sockets,
+    /// Its cache entries.
+    pub entries: Vec<Exported>,
+    /// Its verification keys.
+    pub keys: Option<Stored>,
+}
 
 /// A started server. Dropping it without [`shutdown`](RunningServer::shutdown) leaves its tasks
 /// running on the runtime until the runtime ends.
@@ -73,14 +98,17 @@ pub struct RunningServer {
     pub metrics_addr: Option<SocketAddr>,
     /// The cache, for tests and for shutdown to stop and drain.
     pub cache: CredentialCache,
+    /// The verifier, when verification is on: its keys go to a successor.
+    pub verifier: Option<Arc<Verifier>>,
     pub metrics: Arc<Metrics>,
-    /// Cancelled to stop accepting on every listener (and the memory task).
+    /// Cancelled to stop accepting on every listener (and the background tasks).
     stop: CancellationToken,
-    /// The listener tasks and every connection they accepted.
+    /// The listener tasks, every connection they accepted, and the background tasks.
     connections: Connections,
     shutdown_grace: Duration,
-    /// Every listening socket by role, for a handover.
-    pub sockets: Vec<(Role, SocketAddr, RawFd)>,
+    /// A descriptor of every listening socket, by role, for a handover: owned, so the sockets
+    /// stay open for as long as this agent may hand them over, whatever its listeners do.
+    pub sockets: Arc<Vec<(Role, SocketAddr, OwnedFd)>>,
     /// What became of the entries given to [`Server::start_with`].
     pub preloaded: Imported,
 }
@@ -96,18 +124,22 @@ impl Server {
         source: Arc<dyn CredentialSource>,
         metrics: Arc<Metrics>,
     ) -> Result<RunningServer, BindError> {
-        Server::start_with(settings, source, metrics, Sockets::default(), Vec::new()).await
+        Server::start_with(settings, source, metrics, Preload::default()).await
     }
 
-    /// [`Server::start`], on the listening sockets in `sockets` where it has them, and with
-    /// `entries` in the cache before the first connection is accepted (a handover).
+    /// [`Server::start`], on the listening sockets in `preload` where it has them, and with its
+    /// entries and keys installed before the first connection is accepted (a handover).
     pub async fn start_with(
         settings: &ServerSettings,
         source: Arc<dyn CredentialSource>,
         metrics: Arc<Metrics>,
-        mut sockets: Sockets,
-        entries: Vec<Exported>,
+        preload: Preload,
     ) -> Result<RunningServer, BindError> {
+        let Preload {
+            mut sockets,
+            entries,
+            keys,
+        } = preload;
         let (creds, skipped) =
             listener::bind_credential_listeners(&settings.bind_hosts, settings.port, &mut sockets)
                 .await?;
@@ -119,50 +151,59 @@ impl Server {
             Some(a) => Some(sockets.bind(Role::Metrics, a).await?),
             None => None,
         };
-        // Every listening socket, for a handover to a successor. The descriptors stay open for
-        // as long as the listeners serve.
-        let mut sockets_held: Vec<(Role, SocketAddr, RawFd)> = creds
-            .iter()
-            .map(|b| (Role::Credentials, b.addr, b.listener.as_raw_fd()))
-            .collect();
-        for (role, b) in [(Role::Probe, &probe), (Role::Metrics, &metrics_l)] {
-            if let Some(b) = b {
-                sockets_held.push((role, b.addr, b.listener.as_raw_fd()));
-            }
-        }
-        let verifier = match &settings.token_issuer {
-            Some(issuer) => {
-                tracing::info!(issuer = %issuer.issuer, discovery = %issuer.discovery_url,
-                    "tokens are verified locally before any exchange");
-                Some(Verifier::start(issuer.clone()).map_err(BindError::Setup)?)
+        let held = hold(&creds, [(Role::Probe, &probe), (Role::Metrics, &metrics_l)])?;
+        let stop = CancellationToken::new();
+        let connections = Connections::default();
+        let tasks = connections.tracker().clone();
+        let verifier = match &settings.verification {
+            Some(v) => {
+                let source = v
+                    .keys
+                    .source(Some(metrics.kube_requests.clone()))
+                    .map_err(BindError::Setup)?;
+                tracing::info!(source = %source.describe(), "tokens are verified locally before any exchange");
+                let counted = (metrics.verifications.clone(), metrics.key_fetches.clone());
+                let verifier = Verifier::new(
+                    source,
+                    v.verify.clone(),
+                    keys,
+                    Some(counted),
+                    tasks.clone(),
+                    stop.clone(),
+                );
+                verifier.start();
+                Some(verifier)
             }
             None => None,
         };
-        let cache = CredentialCache::new(source, &settings.cache, settings.leeway, metrics.clone());
-        let preloaded = cache.import(entries);
         let bound_ips: Vec<IpAddr> = creds.iter().map(|b| b.addr.ip()).collect();
+        let clients = Arc::new(Clients::new(&bound_ips, settings.client_ipv6_prefix));
+        let admission = Arc::new(Admission::new(
+            settings.admission,
+            clients.clone(),
+            verifier.clone(),
+            settings.node_name.clone(),
+        ));
+        let cache = CredentialCache::new(
+            source,
+            admission.clone(),
+            &settings.cache,
+            settings.leeway,
+            metrics.clone(),
+        );
+        let preloaded = cache.import(entries);
         let handler = Arc::new(CredentialHandler {
             cache: cache.clone(),
             hosts: AllowedHosts::new(&bound_ips),
             leeway: settings.leeway,
-            admission: Arc::new(Admission::counted(
-                settings.admission,
-                verifier,
-                Some(metrics.verifications.clone()),
-            )),
+            admission,
             metrics: metrics.clone(),
         });
-        let credential_limiter = ConnectionLimiter::new(
-            settings.connections,
-            Some(
-                metrics
-                    .rejected_locally
-                    .with_label_values(&["connection_limit"]),
-            ),
-        );
-        let admin_limiter = ConnectionLimiter::new(ADMIN_CONNECTIONS, None);
-        let stop = CancellationToken::new();
-        let connections = Connections::default();
+        let refused = metrics
+            .rejected_locally
+            .with_label_values(&["connection_limit"]);
+        let credential_limiter =
+            ConnectionLimiter::with_clients(settings.connections, clients.clone(), Some(refused));
         let admin = Arc::new(Admin {
             connections: connections.clone(),
             listeners: creds
@@ -171,9 +212,9 @@ impl Server {
                 .collect(),
             skipped: skipped.iter().map(|(a, _)| *a).collect(),
             cache: cache.clone(),
+            verifier: verifier.clone(),
             metrics: metrics.clone(),
         });
-        let tasks = connections.tracker().clone();
         let credential_addrs: Vec<SocketAddr> = creds.iter().map(|b| b.addr).collect();
         for bound in creds {
             tracing::info!(addr = %bound.addr, "serving credentials");
@@ -189,7 +230,7 @@ impl Server {
                 credential_limiter.clone(),
             ));
         }
-        let spawn_admin = |bound: Option<Bound>, what: &'static str| {
+        let spawn_admin = |bound: Option<Bound>, what: &'static str, limits| {
             bound.map(|bound| {
                 let addr = bound.addr;
                 tracing::info!(%addr, "serving {what}");
@@ -202,18 +243,30 @@ impl Server {
                     },
                     stop.clone(),
                     connections.clone(),
-                    admin_limiter.clone(),
+                    ConnectionLimiter::with_clients(limits, clients.clone(), None),
                 ));
                 addr
             })
         };
-        let probe_addr = spawn_admin(probe, "probes");
-        let metrics_addr = spawn_admin(metrics_l, "metrics");
+        let probe_addr = spawn_admin(probe, "probes", PROBE_CONNECTIONS);
+        let metrics_addr = spawn_admin(metrics_l, "metrics", METRICS_CONNECTIONS);
         let stopped = stop.clone();
         tasks.spawn(async move {
             tokio::select! {
                 _ = memory::run() => {}
                 _ = stopped.cancelled() => {}
+            }
+        });
+        let stopped = stop.clone();
+        tasks.spawn(async move {
+            // The node's addresses are the host too; they change with ENIs and DHCP.
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(NODE_ADDRESSES_EVERY) => {}
+                    _ = stopped.cancelled() => return,
+                }
+                let c = clients.clone();
+                let _ = tokio::task::spawn_blocking(move || c.read_node_addresses()).await;
             }
         });
         Ok(RunningServer {
@@ -222,20 +275,48 @@ impl Server {
             probe_addr,
             metrics_addr,
             cache,
+            verifier,
             metrics,
             stop,
             connections,
             shutdown_grace: settings.shutdown_grace,
-            sockets: sockets_held,
+            sockets: Arc::new(held),
             preloaded,
         })
     }
 }
 
+/// An owned duplicate of every listening socket, for a handover.
+fn hold(
+    creds: &[Bound],
+    admin: [(Role, &Option<Bound>); 2],
+) -> Result<Vec<(Role, SocketAddr, OwnedFd)>, BindError> {
+    let dup = |b: &Bound| {
+        b.listener
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| BindError::Bind {
+                addr: b.addr,
+                source,
+            })
+    };
+    let mut held = Vec::new();
+    for b in creds {
+        held.push((Role::Credentials, b.addr, dup(b)?));
+    }
+    for (role, b) in admin {
+        if let Some(b) = b {
+            held.push((role, b.addr, dup(b)?));
+        }
+    }
+    Ok(held)
+}
+
 impl RunningServer {
-    /// Stop accepting and refreshing, and wait (within the grace period) for the requests in
-    /// flight: what an agent does once a successor serves on its sockets. The returned function
-    /// can be called from anywhere; [`RunningServer::shutdown`] still ends the server after it.
+    /// Stop accepting, refreshing and fetching keys, and wait (within the grace period) for the
+    /// requests in flight: what an agent does once a successor serves on its sockets. The
+    /// returned function can be called from anywhere; [`RunningServer::shutdown`] still ends
+    /// the server after it.
     pub fn retirer(
         &self,
     ) -> impl Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync {

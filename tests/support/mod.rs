@@ -5,6 +5,7 @@
 
 pub mod fake_eks_api;
 pub mod fake_eks_auth;
+pub mod fake_kube;
 pub mod jwt;
 pub mod netns;
 pub mod process;
@@ -86,7 +87,9 @@ pub fn settings() -> ServerSettings {
         // Tests of other behaviour make many first exchanges from one address; the abuse tests
         // set real budgets.
         admission: AdmissionSettings::unlimited(),
-        token_issuer: None,
+        verification: None,
+        node_name: None,
+        client_ipv6_prefix: 128,
         connections: ConnectionLimits {
             max_connections: 20_000,
             max_per_client: 20_000,
@@ -282,4 +285,81 @@ pub fn metric(text: &str, sample: &str) -> f64 {
         })
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// An emulator (EKS Auth and OIDC issuer) on loopback, in this process, with its state dir.
+pub struct Emulated {
+    pub emu: Arc<pod_identity_agent::emulator::Emulator>,
+    pub addr: SocketAddr,
+    pub stop: tokio_util::sync::CancellationToken,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn emulator() -> Emulated {
+    use pod_identity_agent::emulator::{
+        associations::Associations, issuer::Issuer, minting::Minting, Emulator,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let issuer = Arc::new(Issuer::load_or_create(dir.path()).expect("issuer"));
+    let emu = Arc::new(Emulator::new(issuer, Associations::Default, Minting::Fake));
+    let bound = pod_identity_agent::server::listener::bind("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind");
+    let addr = bound.addr;
+    let stop = tokio_util::sync::CancellationToken::new();
+    emu.clone().serve(
+        bound,
+        stop.clone(),
+        pod_identity_agent::server::listener::Connections::default(),
+    );
+    Emulated {
+        emu,
+        addr,
+        stop,
+        dir,
+    }
+}
+
+/// Local verification against the emulator's issuer at `emu_addr` (its discovery document).
+pub fn verify_with_issuer(
+    emu_addr: SocketAddr,
+) -> pod_identity_agent::verify::VerificationSettings {
+    use pod_identity_agent::verify::{KeysFrom, VerificationSettings, VerifySettings};
+    VerificationSettings {
+        keys: KeysFrom::Issuer {
+            issuer: pod_identity_agent::emulator::issuer::Issuer::ISSUER.to_owned(),
+            discovery_url: format!("http://{emu_addr}/.well-known/openid-configuration"),
+        },
+        verify: VerifySettings::default(),
+    }
+}
+
+/// Local verification against a (fake) API server at `url`, with a token file of its own.
+pub fn verify_with_api_server(
+    url: &str,
+    token_file: &std::path::Path,
+) -> pod_identity_agent::verify::VerificationSettings {
+    use pod_identity_agent::verify::{KeysFrom, VerificationSettings, VerifySettings};
+    let mut kube = pod_identity_agent::kube::KubeSettings::new(url.to_owned());
+    kube.token_file = token_file.to_owned();
+    kube.ca_file = None;
+    kube.timeout = Duration::from_secs(2);
+    VerificationSettings {
+        keys: KeysFrom::ApiServer(kube),
+        verify: VerifySettings::default(),
+    }
+}
+
+/// The `kubernetes.io.namespace` claim of a JWT.
+pub fn namespace_of(token: &str) -> String {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    v["kubernetes.io"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }

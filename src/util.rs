@@ -1,0 +1,86 @@
+//! Two small things several rooms need: "say this at most every N", and milliseconds since the
+//! epoch.
+//!
+//! Contract: [`LogEvery::due`] answers `Some(suppressed)` at most once per period (the first
+//! call included), with how many calls since the last `Some` were told no, so a warning can say
+//! how many it stands for; it is safe to call from many threads at once and never blocks on I/O.
+//! Time is tokio's, so tests that pause time control it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
+
+/// Rate-limits a log line.
+pub struct LogEvery {
+    every: Duration,
+    last: Mutex<Option<Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl LogEvery {
+    pub const fn new(every: Duration) -> LogEvery {
+        LogEvery {
+            every,
+            last: Mutex::new(None),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(calls suppressed since the last Some)` if the period has passed; else `None`.
+    pub fn due(&self) -> Option<u64> {
+        let now = Instant::now();
+        let due = {
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|t| now.duration_since(t) >= self.every);
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        if due {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Milliseconds since the epoch (0 before it).
+pub fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The time `ms` milliseconds after the epoch.
+pub fn from_millis(ms: u64) -> SystemTime {
+    UNIX_EPOCH
+        .checked_add(Duration::from_millis(ms))
+        .unwrap_or(UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn once_per_period_counting_the_rest() {
+        let l = LogEvery::new(Duration::from_secs(10));
+        assert_eq!(l.due(), Some(0));
+        assert_eq!(l.due(), None);
+        assert_eq!(l.due(), None);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(l.due(), Some(2));
+        assert_eq!(l.due(), None);
+    }
+
+    #[test]
+    fn millis_round_trip_and_saturate() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        assert_eq!(from_millis(millis(t)), t);
+        assert_eq!(millis(UNIX_EPOCH - Duration::from_secs(1)), 0);
+        assert!(from_millis(u64::MAX) >= UNIX_EPOCH);
+    }
+}
