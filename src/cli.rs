@@ -376,13 +376,20 @@ impl IdentityArgs {
         let keys = match self.token_verification {
             Verification::Off => return Ok(None),
             Verification::Issuer => issuer()?,
-            Verification::ApiServer => KeysFrom::ApiServer(self.kube().ok_or(
-                "--token-verification api-server: not running in a cluster (no KUBERNETES_SERVICE_HOST); pass --kube-api-server",
-            )?),
+            Verification::ApiServer => match self.kube() {
+                Some(k) => KeysFrom::ApiServer(k),
+                None => {
+                    // Never a reason not to serve: the node's pods would get nothing at all.
+                    tracing::error!("--token-verification api-server: not running in a cluster (no KUBERNETES_SERVICE_HOST) and no --kube-api-server; tokens go to EKS Auth unverified");
+                    return Ok(None);
+                }
+            },
             Verification::Auto if self.token_issuer.is_some() => issuer()?,
             Verification::Auto => match self.kube() {
                 // Only when the pod's credentials are actually there: auto never fails a start.
-                Some(k) if k.token_file.is_file() && k.ca_file.as_ref().is_none_or(|c| c.is_file()) => {
+                Some(k)
+                    if k.token_file.is_file() && k.ca_file.as_ref().is_none_or(|c| c.is_file()) =>
+                {
                     KeysFrom::ApiServer(k)
                 }
                 _ => return Ok(None),

@@ -2,22 +2,27 @@
 //! against a ceiling server that answers the same body from memory with the same runtime.
 //!
 //! `cargo bench --bench load [-- SCENARIO...]` runs the scenarios (all by default: hit, pods,
-//! herd, storm, refresh, memory, flood, connections, startup; `refresh-full`, 13 minutes, only
-//! when named) and
+//! herd, storm, refresh, memory, identity (burst, node-start, rotation), flood, connections,
+//! startup; `refresh-full`, 13 minutes, only when named) and
 //! prints one table. The agent and the ceiling run
 //! as separate processes (the ceiling is this binary re-executed), the load generator and the
 //! fake EKS Auth here; all traffic stays on 127.0.0.1 and every loop is bounded in time.
 
 #[path = "../../tests/support/fake_eks_auth.rs"]
 mod fake_eks_auth;
+#[path = "../../tests/support/fake_kube.rs"]
+mod fake_kube;
 #[path = "../../tests/support/jwt.rs"]
 mod jwt;
+#[path = "../../tests/support/netns.rs"]
+mod netns;
 #[path = "../../tests/support/process.rs"]
 mod process;
 
 mod abuse;
 mod harness;
 mod herd;
+mod identity;
 mod memory;
 mod refresh;
 mod startup;
@@ -69,8 +74,17 @@ fn main() {
         if want("memory") {
             rows.extend(memory::memory(&fake).await);
         }
+        if want("identity") || want("burst") {
+            rows.push(identity::burst(&fake).await);
+        }
+        if want("identity") || want("node-start") {
+            rows.push(identity::node_start(&fake).await);
+        }
+        if want("identity") || want("rotation") {
+            rows.push(identity::rotation(&fake).await);
+        }
         if want("flood") {
-            rows.extend(abuse::flood(&fake).await);
+            rows.extend(identity::flood(&fake).await);
         }
         if want("connections") {
             rows.extend(abuse::connections(&fake).await);

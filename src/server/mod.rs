@@ -155,27 +155,29 @@ impl Server {
         let stop = CancellationToken::new();
         let connections = Connections::default();
         let tasks = connections.tracker().clone();
-        let verifier = match &settings.verification {
-            Some(v) => {
-                let source = v
-                    .keys
-                    .source(Some(metrics.kube_requests.clone()))
-                    .map_err(BindError::Setup)?;
-                tracing::info!(source = %source.describe(), "tokens are verified locally before any exchange");
-                let counted = (metrics.verifications.clone(), metrics.key_fetches.clone());
-                let verifier = Verifier::new(
-                    source,
-                    v.verify.clone(),
-                    keys,
-                    Some(counted),
-                    tasks.clone(),
-                    stop.clone(),
-                );
-                verifier.start();
-                Some(verifier)
-            }
-            None => None,
-        };
+        let verifier = settings.verification.as_ref().and_then(|v| {
+            // A source that cannot even be built (no service-account token or CA mounted) is
+            // the operator's to fix, loudly; pods are served meanwhile, as without verification.
+            let source = match v.keys.source(Some(metrics.kube_requests.clone())) {
+                Ok(source) => source,
+                Err(e) => {
+                    tracing::error!(error = %e, "token verification is configured but cannot run; tokens go to EKS Auth unverified");
+                    return None;
+                }
+            };
+            tracing::info!(source = %source.describe(), "tokens are verified locally before any exchange");
+            let counted = (metrics.verifications.clone(), metrics.key_fetches.clone());
+            let verifier = Verifier::new(
+                source,
+                v.verify.clone(),
+                keys,
+                Some(counted),
+                tasks.clone(),
+                stop.clone(),
+            );
+            verifier.start();
+            Some(verifier)
+        });
         let bound_ips: Vec<IpAddr> = creds.iter().map(|b| b.addr.ip()).collect();
         let clients = Arc::new(Clients::new(&bound_ips, settings.client_ipv6_prefix));
         let admission = Arc::new(Admission::new(

@@ -43,6 +43,8 @@ fn hermetic(mut c: Command, args: &[&str]) -> Command {
         .env("AWS_REGION", "us-west-2")
         // Agents started by tests never find each other: a handover test names its own dir.
         .env("POD_IDENTITY_AGENT_HANDOVER_DIR", "")
+        // Nor keep anything outside the test's own temp dirs.
+        .env("POD_IDENTITY_AGENT_STATE_DIR", "")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
