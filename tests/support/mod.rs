@@ -6,6 +6,7 @@
 pub mod fake_eks_api;
 pub mod fake_eks_auth;
 pub mod jwt;
+pub mod manifest;
 pub mod netns;
 pub mod process;
 pub mod python;
