@@ -1,5 +1,8 @@
 # syntax=docker/dockerfile:1
-# Multi-stage: build with the full toolchain, ship the binary on a minimal glibc base.
+# Multi-stage, for machines that can pull the rust base image: build with the full toolchain,
+# then ship the binary and only what it needs at run time on `scratch`. Where no base image can be
+# pulled, daemonset/build-image.sh builds the same `runtime` stage from a binary built on the
+# machine (README, "Installing on a cluster").
 FROM rust:1.94-bookworm AS build
 WORKDIR /src
 # Dependencies first, so source edits do not rebuild the AWS SDK.
@@ -8,10 +11,12 @@ RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked --bin pod-identity-agent || true
 COPY . .
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin pod-identity-agent
+# The binary, the libraries it links and their loader, a CA bundle (EKS Auth is HTTPS): one
+# layout, staged by the same script either way.
+RUN daemonset/build-image.sh --rootfs target/release/pod-identity-agent /rootfs
 
-# distroless/cc: glibc and CA certificates (EKS Auth is HTTPS), no shell, no package manager.
-FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /src/target/release/pod-identity-agent /pod-identity-agent
+FROM scratch AS runtime
+COPY --from=build /rootfs/ /
 # Non-root by default (dev, emulate-eks-auth). The DaemonSet runs init and server as UID 0
 # with every capability dropped but NET_ADMIN / NET_BIND_SERVICE: Kubernetes grants added
 # capabilities to root only.

@@ -5,16 +5,19 @@
 //! Renders need `kubectl` (kustomize is built in); without it they are skipped with a message,
 //! unless PIA_REQUIRE_KUBECTL=1 (CI), where that fails.
 
+mod support;
+
 use clap::Parser;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use pod_identity_agent::cli::{Cli, Command};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
+use support::manifest::{self, docs, kustomize, Downward};
 
 const VARIANTS: &[&str] = &[
     "daemonset",
@@ -22,13 +25,6 @@ const VARIANTS: &[&str] = &[
     "daemonset/overlays/hybrid",
     "daemonset/overlays/hybrid-bottlerocket",
 ];
-
-fn docs(text: &str) -> Vec<Value> {
-    serde_norway::Deserializer::from_str(text)
-        .map(|d| Value::deserialize(d).expect("YAML document"))
-        .filter(|v| !v.is_null())
-        .collect()
-}
 
 /// Every key of `original` must survive a trip through the typed model: a key the types do not
 /// know is dropped on the way back, and that is an unknown field.
@@ -136,61 +132,22 @@ fn every_manifest_file_is_valid() {
 }
 
 fn render(variant: &str) -> Option<Rendered> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(variant);
-    match std::process::Command::new("kubectl")
-        .arg("kustomize")
-        .arg(&dir)
-        .output()
-    {
-        Ok(out) => {
-            assert!(
-                out.status.success(),
-                "kubectl kustomize {variant}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Some(check(docs(&String::from_utf8_lossy(&out.stdout)), variant))
-        }
-        Err(_) => {
-            assert!(
-                std::env::var("PIA_REQUIRE_KUBECTL").as_deref() != Ok("1"),
-                "kubectl is required (PIA_REQUIRE_KUBECTL=1)"
-            );
-            eprintln!("SKIPPED: kubectl not installed; kustomize renders not checked");
-            None
-        }
-    }
+    kustomize(variant).map(|text| check(docs(&text), variant))
 }
 
 /// The node's IP and name as the downward API would give them, for `$(HOST_IP)`, `$(NODE_NAME)`.
 const NODE_IP: &str = "10.0.12.34";
 const NODE_NAME: &str = "ip-10-0-12-34.us-west-2.compute.internal";
 
-/// `$(VAR)` in args expanded from the container's env, as kubelet does.
-fn expand(arg: &str, c: &Container, config: &BTreeMap<String, String>) -> String {
-    let mut out = arg.to_owned();
-    for e in c.env.iter().flatten() {
-        let value = e.value.clone().or_else(|| {
-            let from = e.value_from.as_ref()?;
-            if let Some(field) = &from.field_ref {
-                return match field.field_path.as_str() {
-                    "status.hostIP" => Some(NODE_IP.to_owned()),
-                    "spec.nodeName" => Some(NODE_NAME.to_owned()),
-                    _ => None,
-                };
-            }
-            let key = from.config_map_key_ref.as_ref()?.key.clone();
-            config.get(&key).cloned()
-        });
-        if let Some(v) = value {
-            out = out.replace(&format!("$({})", e.name), &v);
-        }
-    }
-    out
-}
-
 fn parse_args(c: &Container, config: &BTreeMap<String, String>) -> Command {
+    let downward = Downward {
+        node_name: NODE_NAME.into(),
+        host_ip: NODE_IP.into(),
+        pod_name: "pod-identity-agent-x1".into(),
+        pod_namespace: "kube-system".into(),
+    };
     let mut argv = vec!["pod-identity-agent".to_owned()];
-    argv.extend(c.args.iter().flatten().map(|a| expand(a, c, config)));
+    argv.extend(manifest::args(c, &manifest::env(c, config, &downward)));
     Cli::try_parse_from(&argv)
         .unwrap_or_else(|e| panic!("{}: {argv:?} does not parse: {e}", c.name))
         .command

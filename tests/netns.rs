@@ -16,7 +16,7 @@ use aws_credential_types::provider::ProvideCredentials;
 use support::fake_eks_auth::FakeEksAuth;
 use support::netns::{exec, fake_in, namespaces, wire_pod, Netns};
 use support::process::{agent_command_in, spawn, Spawned};
-use support::python::{python_with, script};
+use support::python::{in_netns, python_with, script};
 use support::*;
 
 /// `server` in `ns` with default bind hosts and port 80; waits until `expect` listeners serve.
@@ -134,20 +134,7 @@ fn link_local_serving_end_to_end() {
                 ),
             ],
         );
-        let program = cmd.get_program().to_owned();
-        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
-        let envs: Vec<_> = cmd
-            .get_envs()
-            .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
-            .collect();
-        let mut wrapped = std::process::Command::new("ip");
-        wrapped
-            .args(["netns", "exec", &pod.name])
-            .arg(program)
-            .args(args)
-            .env_clear()
-            .envs(envs);
-        cmd = wrapped;
+        cmd = in_netns(&pod.name, &cmd);
         let out = cmd.output().expect("boto3");
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(

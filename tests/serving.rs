@@ -299,3 +299,54 @@ async fn a_connection_accepted_just_before_shutdown_is_still_served() {
     stopping.await.expect("stopped");
     drop(fake);
 }
+
+#[tokio::test]
+async fn a_kept_alive_connection_s_next_request_after_shutdown_is_answered_then_closed() {
+    use http_body_util::{BodyExt, Empty};
+    let h = Harness::start().await;
+    let (addr, t) = (h.addr(), token());
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    let connection = tokio::spawn(conn);
+    let request = || {
+        hyper::Request::get("/v1/credentials")
+            .header("host", addr.to_string())
+            .header("authorization", &t)
+            .body(Empty::<bytes::Bytes>::new())
+            .expect("request")
+    };
+    let first = sender.send_request(request()).await.expect("first");
+    assert_eq!(first.status(), 200);
+    assert_ne!(
+        first.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+    first.into_body().collect().await.expect("body");
+
+    // The agent stops (a handover or a SIGTERM) while this client is between two requests on
+    // its kept-alive connection, and the next one is on its way.
+    let Harness { agent, fake } = h;
+    let stopping = tokio::spawn(agent.shutdown());
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let next = sender
+        .send_request(request())
+        .await
+        .expect("the next request on the kept-alive connection is answered, not cut off");
+    assert_eq!(next.status(), 200);
+    assert_eq!(
+        next.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "the client is sent to a new connection (the successor's, after a handover)"
+    );
+    next.into_body().collect().await.expect("body");
+    tokio::time::timeout(std::time::Duration::from_secs(3), connection)
+        .await
+        .expect("closed after the answer")
+        .expect("join")
+        .expect("a clean close");
+    stopping.await.expect("stopped");
+    drop(fake);
+}

@@ -5,9 +5,10 @@
 //! bound, or no listener at all, is an error. [`Sockets`] supplies sockets a predecessor handed
 //! over, or waits for a port it still holds. [`serve`] accepts connections until `stop` is
 //! cancelled, then stops accepting at once and returns; the connections it accepted finish in
-//! their own tasks: from then on keep-alive is off, so each ends after the request it is on (an
-//! idle one at once), and one accepted a moment ago that has not sent its request yet gets a second
-//! to send it, rather than being closed as idle and losing it. [`Connections::close`] ends every
+//! their own tasks: from then on every answer ends its connection (`Connection: close`), and a
+//! connection with no request under way gets a second for its next one (the first on one
+//! accepted a moment ago, or the next on a kept-alive one: its client may be sending it as the
+//! server stops), rather than being closed as idle and losing it. [`Connections::close`] ends every
 //! connection at once (shutdown does that when the grace period is over). Every connection runs
 //! as a task on the shared tracker, so shutdown can wait for them. Connections are HTTP/1.1
 //! with keep-alive, a bounded header size and a header read timeout, and are admitted within
@@ -29,7 +30,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -248,27 +248,34 @@ pub async fn serve<H, F>(
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let state = slot.conn().clone();
+        let stopping = Arc::new(stop.clone());
         let svc = service_fn(move |req| {
             // Busy from the request until its response body is written: never closed to make room.
             state.set_busy(true);
             let guard = Busy(state.clone());
             let fut = handler(req, peer);
-            async move { Ok::<_, Infallible>(fut.await.map(|body| Tracked { body, _busy: guard })) }
+            let stopping = stopping.clone();
+            async move {
+                let mut response = fut.await;
+                if stopping.is_cancelled() {
+                    // The client's next request goes to a new connection: after a handover,
+                    // the successor's.
+                    response.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(response.map(|body| Tracked { body, _busy: guard }))
+            }
         });
-        let first = Arc::new(Notify::new());
-        let io = TokioIo::new(Heard {
-            inner: stream,
-            first: first.clone(),
-            heard: false,
-        });
-        let conn = http.serve_connection(io, svc);
+        let conn = http.serve_connection(TokioIo::new(stream), svc);
         let (stop, close) = (stop.clone(), conns.close.clone());
         conns.open.fetch_add(1, Ordering::Relaxed);
         let open = OpenGuard(conns.open.clone());
         conns.tracker.spawn(async move {
             let _open = open;
             tokio::select! {
-                _ = drain(conn, first, stop, close) => {}
+                _ = drain(conn, stop, close) => {}
                 // The limiter closed it to make room for another client.
                 _ = slot.conn().evicted() => {}
             }
@@ -315,47 +322,35 @@ impl hyper::body::Body for Tracked {
     }
 }
 
-/// How long, at shutdown, a connection that has not sent a byte yet gets to send its request.
-/// It was accepted a moment ago (its client connected just before the listener stopped or
-/// was handed over); closing it as idle would lose that request.
-const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
+/// How long, once the server stops, a connection with no request under way gets for its next
+/// one: the first on a connection accepted a moment ago, or the next on a kept-alive one. Its
+/// client may be sending it right now (it connected, or reused its connection, just before the
+/// listener stopped or was handed over); closing the connection as idle would lose that request.
+const NEXT_REQUEST_WAIT: Duration = Duration::from_secs(1);
 
-/// Serve one connection; once `stop` is cancelled, turn keep-alive off so it ends after the
-/// request it is on (at once if it is idle between requests), but give one that has not sent
-/// its first request yet [`FIRST_REQUEST_WAIT`] for it. `close` ends it at once.
-async fn drain<C>(conn: C, first: Arc<Notify>, stop: CancellationToken, close: CancellationToken)
+/// Serve one connection. Once `stop` is cancelled, its next answer ends it ([`serve`] adds
+/// `Connection: close`); if none comes within [`NEXT_REQUEST_WAIT`], keep-alive is turned off,
+/// which closes it at once if idle, or after the request it is on. `close` ends it at once.
+async fn drain<C>(conn: C, stop: CancellationToken, close: CancellationToken)
 where
     C: Future + GracefulConnection,
 {
     tokio::pin!(conn);
-    let mut heard = false;
-    let mut draining = false;
-    let patience = tokio::time::sleep(Duration::MAX / 4);
-    tokio::pin!(patience);
-    loop {
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            // Dropping the connection future closes its socket.
-            _ = close.cancelled() => return,
-            _ = first.notified(), if !heard => {
-                heard = true;
-                if draining {
-                    conn.as_mut().shut_down_gracefully();
-                }
-            }
-            _ = stop.cancelled(), if !draining => {
-                draining = true;
-                if heard {
-                    conn.as_mut().shut_down_gracefully();
-                } else {
-                    patience.as_mut().reset(tokio::time::Instant::now() + FIRST_REQUEST_WAIT);
-                }
-            }
-            _ = &mut patience, if draining && !heard => {
-                heard = true;
-                conn.as_mut().shut_down_gracefully();
-            }
-        }
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        // Dropping the connection future closes its socket.
+        _ = close.cancelled() => return,
+        _ = stop.cancelled() => {}
+    }
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = close.cancelled() => return,
+        _ = tokio::time::sleep(NEXT_REQUEST_WAIT) => {}
+    }
+    conn.as_mut().shut_down_gracefully();
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = close.cancelled() => {}
     }
 }
 
@@ -373,65 +368,5 @@ where
 {
     fn shut_down_gracefully(self: std::pin::Pin<&mut Self>) {
         self.graceful_shutdown();
-    }
-}
-
-/// A connection's stream that says when its first bytes arrive.
-struct Heard {
-    inner: tokio::net::TcpStream,
-    first: Arc<Notify>,
-    heard: bool,
-}
-
-impl tokio::io::AsyncRead for Heard {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if !self.heard && buf.filled().len() > before {
-            self.heard = true;
-            // Stores a permit if nobody waits yet: the drain loop sees it later.
-            self.first.notify_one();
-        }
-        polled
-    }
-}
-
-impl tokio::io::AsyncWrite for Heard {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }

@@ -7,6 +7,7 @@ pub mod fake_eks_api;
 pub mod fake_eks_auth;
 pub mod fake_kube;
 pub mod jwt;
+pub mod manifest;
 pub mod netns;
 pub mod process;
 pub mod python;

@@ -138,9 +138,15 @@ pub fn wire_pod(node: &Netns, pod: &Netns, id: &str) {
 
 /// A fake EKS Auth on the loopback of `ns` (queryable from any thread).
 pub fn fake_in(ns: &Netns) -> super::fake_eks_auth::FakeEksAuth {
+    fake_for_cluster_in(ns, super::CLUSTER)
+}
+
+/// [`fake_in`] for another cluster name.
+pub fn fake_for_cluster_in(ns: &Netns, cluster: &str) -> super::fake_eks_auth::FakeEksAuth {
     let (tx, rx) = std::sync::mpsc::channel();
+    let cluster = cluster.to_owned();
     ns.run(move || async move {
-        let fake = super::fake_eks_auth::FakeEksAuth::start(super::CLUSTER).await;
+        let fake = super::fake_eks_auth::FakeEksAuth::start(&cluster).await;
         let _ = tx.send(fake);
         std::future::pending::<()>().await;
     });

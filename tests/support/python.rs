@@ -55,3 +55,18 @@ pub async fn run_json(mut cmd: Command) -> serde_json::Value {
     );
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
+
+/// `cmd` (program, arguments and environment) run inside network namespace `ns` instead.
+pub fn in_netns(ns: &str, cmd: &Command) -> Command {
+    let mut wrapped = Command::new("ip");
+    wrapped
+        .args(["netns", "exec", ns])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .env_clear()
+        .envs(
+            cmd.get_envs()
+                .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+        );
+    wrapped
+}
