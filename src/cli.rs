@@ -66,7 +66,7 @@ pub struct DiagnoseArgs {
     #[arg(long)]
     pub no_sts: bool,
     /// How long to wait for the agent, and for STS.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = duration_between(MS * 100, MINUTE * 10))]
     pub timeout: Duration,
 }
 
@@ -174,7 +174,7 @@ pub struct TokenArgs {
     #[arg(long)]
     pub pod: Option<String>,
     /// Lifetime of the token.
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = duration_between(SECOND, DAY * 366))]
     pub ttl: Duration,
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -258,7 +258,7 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 2705)]
     pub metrics_port: u16,
     /// Renew cached credentials after at most this long, even if they would last longer.
-    #[arg(long, default_value = "3h", value_parser = parse_duration)]
+    #[arg(long, default_value = "3h", value_parser = duration_between(SECOND, DAY * 7))]
     pub max_credential_retention_before_renewal: Duration,
     /// Most tokens (pods) whose credentials are cached; least recently used go first.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -277,13 +277,13 @@ pub struct ServerArgs {
     #[arg(long)]
     pub region: Option<String>,
     /// Overall deadline of one EKS Auth exchange, retries included.
-    #[arg(long, default_value = "4s", value_parser = parse_duration)]
+    #[arg(long, default_value = "4s", value_parser = duration_between(MS * 100, MINUTE * 10))]
     pub eks_auth_timeout: Duration,
     /// Clock leeway applied to token exp and nbf.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = duration_between(Duration::ZERO, HOUR))]
     pub token_leeway: Duration,
     /// How long in-flight requests may take to finish after SIGTERM.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = duration_between(Duration::ZERO, HOUR))]
     pub shutdown_grace: Duration,
     /// Where the agent keeps what it learns across restarts (the cluster's verification keys),
     /// made mode 0700; empty keeps nothing.
@@ -427,10 +427,10 @@ pub struct HandoverArgs {
           value_parser = parse_dir_or_off)]
     pub handover_dir: PathBuf,
     /// After SIGTERM, how long to keep serving while waiting for a new agent to take over.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = duration_between(Duration::ZERO, MINUTE * 10))]
     pub handover_wait: Duration,
     /// How long each step of a handover may take before the other agent is given up on.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = duration_between(MS * 10, MINUTE * 10))]
     pub handover_timeout: Duration,
 }
 
@@ -441,7 +441,7 @@ pub struct HandoverArgs {
 pub struct AbuseArgs {
     /// Remember EKS Auth's refusal of a token (invalid, expired, no association) this long;
     /// 0s turns remembering off. Refusals of the node's own credentials: at most 5s.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = duration_between(Duration::ZERO, DAY))]
     pub negative_cache_ttl: Duration,
     /// Most refusals remembered at once (separate from --max-cache-size).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -467,7 +467,7 @@ pub struct AbuseArgs {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_exchanges: u32,
     /// How long a request may wait for the node's exchange budget before a 503.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = duration_between(Duration::ZERO, MINUTE))]
     pub max_exchange_wait: Duration,
     /// Open connections at once on the credential listeners; beyond it clients wait.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
@@ -477,7 +477,7 @@ pub struct AbuseArgs {
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_client: u32,
     /// A request's headers must arrive within this.
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, default_value = "3s", value_parser = duration_between(MS * 100, MINUTE * 10))]
     pub header_timeout: Duration,
 }
 
@@ -542,6 +542,31 @@ pub fn parse_bind_host(s: &str) -> Result<IpAddr, String> {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("{s:?} is not a duration like 3h or 90s: {e}"))
+}
+
+const MS: Duration = Duration::from_millis(1);
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// A duration within `[min, max]`: a value outside is refused where it is parsed (exit 2), never
+/// clamped, and nothing downstream can overflow adding or multiplying it.
+pub fn duration_between(
+    min: Duration,
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        let d = parse_duration(s)?;
+        if d < min || d > max {
+            return Err(format!(
+                "{s:?} is outside {} to {}",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ));
+        }
+        Ok(d)
+    }
 }
 
 impl ServerArgs {
@@ -693,6 +718,29 @@ mod tests {
     }
 
     #[test]
+    fn absurd_lifetimes_elsewhere_are_refused_too() {
+        for bad in [
+            vec![
+                "dev",
+                "token",
+                "-n",
+                "a",
+                "-s",
+                "b",
+                "--ttl",
+                "99999999999h",
+            ],
+            vec!["dev", "token", "-n", "a", "-s", "b", "--ttl", "0s"],
+            vec!["diagnose", "--timeout", "0s"],
+        ] {
+            let mut argv = vec!["pod-identity-agent"];
+            argv.extend(bad.iter().copied());
+            let err = Cli::try_parse_from(argv).expect_err("refused");
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn refuses_bad_values_with_usage_errors() {
         for bad in [
             vec![],
@@ -712,6 +760,12 @@ mod tests {
             vec!["-c", "c", "--client-ipv6-prefix", "129"],
             vec!["-c", "c", "--token-issuer-discovery-url", "http://x/y"],
             vec!["-c", "c", "--max-connections", "0"],
+            // Durations that would break something downstream are refused here, not clamped.
+            vec!["-c", "c", "--handover-timeout", "0s"],
+            vec!["-c", "c", "--header-timeout", "0s"],
+            vec!["-c", "c", "--handover-timeout", "100000000h"],
+            vec!["-c", "c", "--shutdown-grace", "18446744073709551615s"],
+            vec!["-c", "c", "--max-credential-retention-before-renewal", "0s"],
         ] {
             let err = server(&bad).expect_err("must fail");
             assert_eq!(err.exit_code(), 2, "{bad:?}");

@@ -84,8 +84,10 @@ pub fn format_expiration(t: SystemTime) -> String {
 }
 
 /// The body as it is written, read back (a successor agent receiving a predecessor's cache).
+/// Members it does not know are ignored: a newer agent may write more, and a downgrade must not
+/// throw every pod's credentials away for it.
 #[derive(serde::Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 struct Written {
     access_key_id: String,
     secret_access_key: String,
@@ -285,6 +287,12 @@ mod tests {
         }
         // Expired by the time it arrives: refused.
         assert!(Credentials::restore(body, now + Duration::from_secs(7200)).is_err());
+        // A member a newer agent added: ignored, the rest restored.
+        let newer = body.replacen('{', r#"{"SomethingNew":1,"#, 1);
+        assert_eq!(
+            Credentials::restore(&newer, now).expect("restores").body(),
+            c.body()
+        );
     }
 
     #[test]

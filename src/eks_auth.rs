@@ -67,9 +67,16 @@ impl Fault {
 impl ExchangeError {
     /// Whose fault this is; see [`Fault`]. Known codes follow [`KNOWN_CODES`]; otherwise the
     /// status decides: 401/403 are about the request's signature (the node), 429 and 5xx are
-    /// transient, and any other 4xx is about the token.
+    /// transient, and any other 4xx is about the token. `AccessDeniedException` is the node's
+    /// only when it names the node's permission (`eks-auth:AssumeRoleForPodIdentity`); otherwise
+    /// it is the association's role refusing (its trust policy), which is the pod's association.
     pub fn fault(&self) -> Fault {
         match self {
+            ExchangeError::Service { code, message, .. }
+                if code == "AccessDeniedException" && !names_node_permission(message) =>
+            {
+                Fault::Token
+            }
             ExchangeError::Service { status, code, .. } => match known(code) {
                 // EKS Auth answers an expired *pod* token with 400; the same code with 403 is
                 // AWS's answer to expired *node* session credentials.
@@ -366,6 +373,23 @@ pub fn status_of_code(code: &str) -> Option<u16> {
     known(code).map(|k| k.status)
 }
 
+/// Whether an `AccessDeniedException` message is about the node's own permission to call EKS
+/// Auth (rather than the association's role refusing to be assumed).
+fn names_node_permission(message: &str) -> bool {
+    message.contains("eks-auth:AssumeRoleForPodIdentity")
+}
+
+/// What a person should do about an EKS Auth error.
+pub fn hint_of(e: &ExchangeError) -> &'static str {
+    match e {
+        ExchangeError::Service { code, .. } if code == "AccessDeniedException" && e.fault() == Fault::Token => {
+            "the association's role must trust pods.eks.amazonaws.com for sts:AssumeRole and sts:TagSession"
+        }
+        ExchangeError::Service { code, .. } => hint_of_code(code),
+        _ => "EKS Auth failed; retry",
+    }
+}
+
 /// What a person should do about an EKS Auth error code.
 pub fn hint_of_code(code: &str) -> &'static str {
     known(code).map_or("EKS Auth refused the request", |k| k.hint)
@@ -457,7 +481,21 @@ mod tests {
         assert!(!svc(404, "ResourceNotFoundException").recoverable());
         assert!(svc(429, "ThrottlingException").recoverable());
         // The node's credentials, not the pod's token: cached credentials stay.
-        assert_eq!(svc(400, "AccessDeniedException").fault(), Fault::Node);
+        let denied = |message: &str| ExchangeError::Service {
+            status: 400,
+            code: "AccessDeniedException".into(),
+            message: message.into(),
+            request_id: None,
+        };
+        assert_eq!(
+            denied("User: arn:aws:sts::1:assumed-role/node/i-1 is not authorized to perform: eks-auth:AssumeRoleForPodIdentity on resource: x").fault(),
+            Fault::Node
+        );
+        // The association's role refusing to be assumed: the pod's association.
+        assert_eq!(
+            denied("Failed to assume role arn:aws:iam::1:role/app: its trust policy does not allow pods.eks.amazonaws.com").fault(),
+            Fault::Token
+        );
         assert_eq!(svc(403, "ExpiredTokenException").fault(), Fault::Node);
         assert_eq!(svc(403, "UnrecognizedClientException").fault(), Fault::Node);
         assert_eq!(svc(403, "SomethingNew").fault(), Fault::Node);

@@ -11,7 +11,7 @@
 //! `Retry-After` header. No SDK needs the body, but Go and Java surface it.
 
 use crate::cache::{CacheError, Denial, Refusal, Scope};
-use crate::eks_auth::ExchangeError;
+use crate::eks_auth::{ExchangeError, Fault};
 use crate::token::TokenError;
 use bytes::Bytes;
 use serde::Serialize;
@@ -72,6 +72,16 @@ impl From<CacheError> for Error {
             },
             CacheError::ShuttingDown => Error::ShuttingDown,
         }
+    }
+}
+
+/// Upstream messages are cut to this many characters before a pod sees them.
+const MAX_UPSTREAM_MESSAGE: usize = 512;
+
+fn cut(message: &str) -> std::borrow::Cow<'_, str> {
+    match message.char_indices().nth(MAX_UPSTREAM_MESSAGE) {
+        Some((at, _)) => format!("{}…", &message[..at]).into(),
+        None => message.into(),
     }
 }
 
@@ -139,15 +149,23 @@ impl Error {
                 "{} [remembered: EKS Auth refused this token {age_s} s ago; it is not asked again for up to {ttl_s} s]",
                 Error::Exchange(error.clone()).message()
             ),
-            Error::Exchange(ExchangeError::Service {
-                code,
-                message,
-                request_id,
-                ..
-            }) => {
-                let hint = crate::eks_auth::hint_of_code(code);
+            Error::Exchange(
+                e @ ExchangeError::Service {
+                    code,
+                    message,
+                    request_id,
+                    ..
+                },
+            ) => {
+                let hint = crate::eks_auth::hint_of(e);
                 let rid = request_id.as_deref().unwrap_or("none");
-                format!("{hint}. EKS Auth said {code}: {message} (request id {rid})")
+                if e.fault() == Fault::Node {
+                    // EKS Auth's message names the node's role, account and instance, which a
+                    // pod should not learn from a token it sends (IMDS hides them from pods).
+                    format!("{hint}. EKS Auth refused the node's own credentials with {code}; the agent's log has its message (request id {rid})")
+                } else {
+                    format!("{hint}. EKS Auth said {code}: {} (request id {rid})", cut(message))
+                }
             }
             Error::Exchange(e @ ExchangeError::Unavailable(_)) => format!("{e}; retry shortly"),
             other => other.to_string(),
@@ -250,6 +268,35 @@ mod tests {
             assert!(!v["message"].as_str().unwrap_or("").is_empty());
             assert_eq!(v.as_object().map(|o| o.len()), Some(2));
         }
+    }
+
+    #[test]
+    fn a_node_refusal_tells_a_pod_nothing_of_the_node() {
+        let message = "User: arn:aws:sts::111122223333:assumed-role/eks-node-role/i-0123456789abcdef0 is not authorized to perform: eks-auth:AssumeRoleForPodIdentity";
+        let e: Error = ExchangeError::Service {
+            status: 400,
+            code: "AccessDeniedException".into(),
+            message: message.into(),
+            request_id: Some("r-9".into()),
+        }
+        .into();
+        let shown = e.message();
+        for secret in ["111122223333", "eks-node-role", "i-0123456789abcdef0"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(
+            shown.contains("r-9") && shown.contains("AccessDeniedException"),
+            "{shown}"
+        );
+        // A pod's own refusal keeps EKS Auth's words, cut to a bound.
+        let long: Error = ExchangeError::Service {
+            status: 404,
+            code: "ResourceNotFoundException".into(),
+            message: "x".repeat(10_000),
+            request_id: None,
+        }
+        .into();
+        assert!(long.message().len() < 1000, "{}", long.message().len());
     }
 
     #[test]

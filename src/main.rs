@@ -63,6 +63,10 @@ where
 
 async fn server(args: ServerArgs) -> Result<(), String> {
     logging::init(&args.log, pod_identity_agent::cli::LogFormat::Json);
+    // Every pod's token and credentials will be in this process's memory.
+    if !pod_identity_agent::util::no_core_dumps() {
+        tracing::warn!("cannot mark the process not dumpable: a crash could write tokens and credentials to a core file");
+    }
     // Every connection is a descriptor: the bound on connections must be reachable.
     match pod_identity_agent::server::limits::raise_fd_limit() {
         Ok((before, after)) => {

@@ -58,6 +58,9 @@ pub struct Metrics {
     /// EKS Auth refusals of the node's own credentials, by code: the pods keep their cached
     /// credentials, but new pods get none until the node's credentials are fixed.
     pub node_refused: IntCounterVec,
+    /// Distinct tokens refused for the node's own credentials in the last five minutes (set at
+    /// each scrape): one pod's misconfiguration is one token, a node's broken credentials many.
+    pub node_refused_tokens: IntGauge,
     /// Requests answered with a refusal without asking EKS Auth, by reason.
     pub rejected_locally: IntCounterVec,
     /// Refusals remembered in the negative cache.
@@ -154,6 +157,13 @@ impl Metrics {
             "pod_identity_kube_api_requests_total",
             "Calls to the Kubernetes API server by result (ok, forbidden, not_found, conflict, client_error, server_error, unreachable, no_token).",
             &["result"],
+        )?;
+        let node_refused_tokens = registered(
+            &registry,
+            IntGauge::new(
+                "pod_identity_node_refused_tokens",
+                "Distinct tokens EKS Auth refused for the node's own credentials in the last five minutes.",
+            )?,
         )?;
         let keys_age = registered(
             &registry,
@@ -297,6 +307,7 @@ impl Metrics {
             scheduler_panics,
             refresh_queue,
             node_refused,
+            node_refused_tokens,
             rejected_locally,
             negative_entries,
             open_connections,

@@ -1,5 +1,5 @@
-//! Two small things several rooms need: "say this at most every N", and milliseconds since the
-//! epoch.
+//! Small things several rooms need: "say this at most every N", milliseconds since the epoch,
+//! and keeping the process's memory out of core dumps.
 //!
 //! Contract: [`LogEvery::due`] answers `Some(suppressed)` at most once per period (the first
 //! call included), with how many calls since the last `Some` were told no, so a warning can say
@@ -47,6 +47,22 @@ impl LogEvery {
     }
 }
 
+/// Mark the process not dumpable (`PR_SET_DUMPABLE` 0): a crash writes no core file, which
+/// would hold every pod's token and credentials (the node's `core_pattern` may send cores to
+/// disk), and processes of the same user cannot attach to it or read its memory through `/proc`.
+/// Returns whether it took.
+pub fn no_core_dumps() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: prctl with PR_SET_DUMPABLE takes plain integers and touches no memory.
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}
+
 /// Milliseconds since the epoch (0 before it).
 pub fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -74,6 +90,14 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(l.due(), Some(2));
         assert_eq!(l.due(), None);
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn the_process_stops_being_dumpable() {
+        assert!(no_core_dumps());
+        // SAFETY: PR_GET_DUMPABLE reads a flag.
+        assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }, 0);
     }
 
     #[test]

@@ -488,3 +488,41 @@ async fn evicted_entries_leave_the_refresh_queue_at_once() {
     }
     assert_eq!(queued, 3.0, "one queued refresh per cached entry");
 }
+
+#[tokio::test]
+async fn a_role_that_refuses_its_pod_is_the_pods_association_not_the_node() {
+    let h = Harness::start().await;
+    h.fake
+        .answer_namespace("payments", "error-access-denied-trust-policy");
+    let t = mint("payments", "api", 3600);
+    let first = h.get(&t).await;
+    assert_eq!(first.status, 400, "{}", first.text());
+    assert_eq!(first.json()["code"], "AccessDeniedException");
+    assert!(
+        first.text().contains("must trust pods.eks.amazonaws.com"),
+        "{}",
+        first.text()
+    );
+    // Remembered for the token's full period, not the node's 5 s: no second call.
+    let calls = h.fake.calls();
+    let again = h.get(&t).await;
+    assert!(again.text().contains("remembered"), "{}", again.text());
+    assert_eq!(h.fake.calls(), calls);
+    let m = h.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "pod_identity_node_credentials_refused_total{code=\"AccessDeniedException\"}"
+        ),
+        0.0,
+        "not the node's: {m}"
+    );
+    assert_eq!(metric(&m, "pod_identity_node_refused_tokens"), 0.0, "{m}");
+    // The node's own AccessDenied, for two pods' tokens: two distinct tokens, the alert's input.
+    h.fake.respond_with("error-access-denied");
+    for _ in 0..2 {
+        assert_eq!(h.get(&token()).await.status, 400);
+    }
+    let m = h.metrics().await;
+    assert_eq!(metric(&m, "pod_identity_node_refused_tokens"), 2.0, "{m}");
+}

@@ -240,6 +240,7 @@ impl Inner {
         self.rejections.remember(hash, Refusal::Upstream(e.clone()));
         let s = token.subject();
         if fault == Fault::Node {
+            self.node_refusals.insert(hash, ());
             self.metrics
                 .node_refused
                 .with_label_values(&[e.metric_code()])

@@ -62,6 +62,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// How long a token refused for the node's credentials counts towards the node alert.
+pub const NODE_REFUSALS_WINDOW: Duration = Duration::from_secs(300);
+
 /// What a flight ends with: the entry and how it was found, or why not.
 type FlightResult = Result<(Arc<Entry>, Found), CacheError>;
 
@@ -129,6 +132,9 @@ struct Inner {
     flights: Flights<TokenHash, FlightResult>,
     /// Tokens refused a short while ago, answered without asking again.
     rejections: Rejections,
+    /// Tokens whose exchange EKS Auth refused for the node's own credentials in the last
+    /// [`NODE_REFUSALS_WINDOW`]: the node alert fires on several, not on one pod's.
+    node_refusals: moka::sync::Cache<TokenHash, ()>,
     /// EKS Auth in production; fakes in tests.
     source: Arc<dyn CredentialSource>,
     /// Verification and budgets, asked inside a request's flight.
@@ -225,6 +231,10 @@ impl CredentialCache {
             pods: moka::sync::Cache::new(capacity),
             flights: Flights::default(),
             rejections: Rejections::new(&settings.negative),
+            node_refusals: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(NODE_REFUSALS_WINDOW)
+                .build(),
             source,
             gate,
             policy: settings.policy,
@@ -332,6 +342,13 @@ impl CredentialCache {
     /// Refusals remembered now.
     pub fn remembered(&self) -> u64 {
         self.inner.rejections.len()
+    }
+
+    /// Distinct tokens EKS Auth refused for the node's own credentials in the last
+    /// [`NODE_REFUSALS_WINDOW`] (pending housekeeping applied first).
+    pub fn node_refused_tokens(&self) -> u64 {
+        self.inner.node_refusals.run_pending_tasks();
+        self.inner.node_refusals.entry_count()
     }
 
     /// Entries in the map, pending housekeeping applied first so the figure is exact.

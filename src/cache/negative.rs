@@ -160,7 +160,7 @@ mod tests {
         let r = Rejections::new(&NegativeSettings::default());
         let h = |n: u8| TokenHash([n; 32]);
         assert!(r.remember(h(1), service(400, "InvalidTokenException")));
-        assert!(r.remember(h(2), service(400, "AccessDeniedException")));
+        assert!(r.remember(h(2), service(403, "UnrecognizedClientException")));
         assert!(r.remember(h(3), Refusal::Unverified("bad signature".into())));
         assert!(!r.remember(h(4), service(429, "ThrottlingException")));
         assert!(!r.remember(h(5), service(503, "ServiceUnavailableException")));

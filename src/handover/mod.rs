@@ -181,6 +181,11 @@ pub async fn take_over(settings: &HandoverSettings, metrics: &Metrics) -> Takeov
     if !path.exists() {
         return Takeover::Alone;
     }
+    // A socket in a directory someone else controls could be anyone's: do not talk to it, and
+    // do not take ports over from it either (bind fresh, waiting while they are held).
+    if let Err(e) = prepare_dir(&settings.dir) {
+        return Takeover::Failed(e);
+    }
     metrics
         .handover
         .with_label_values(&["successor", "started"])

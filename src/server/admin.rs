@@ -74,6 +74,9 @@ impl Admin {
                     .negative_entries
                     .set(self.cache.remembered() as i64);
                 self.metrics
+                    .node_refused_tokens
+                    .set(self.cache.node_refused_tokens() as i64);
+                self.metrics
                     .open_connections
                     .set(self.connections.open() as i64);
                 if let Some(age) = self.verifier.as_ref().and_then(|v| v.keys_age()) {
