@@ -90,6 +90,8 @@ fn handler(rt: &tokio::runtime::Runtime) -> CredentialHandler {
             leeway,
             admission,
             metrics,
+            refusal_lines: Default::default(),
+            deliveries: pod_identity_agent::server::handler::deliveries(),
         }
     })
 }

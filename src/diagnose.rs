@@ -384,7 +384,8 @@ async fn ask_agent(
         r.fail(
             CHECK,
             format!(
-                "the agent answered {status} {code}: {}\n      the agent said: {}",
+                "the agent answered {status} {}: {}\n      the agent said: {}",
+                clip(code, 64),
                 explain(code, status),
                 clip(message, 400)
             ),
@@ -419,10 +420,11 @@ async fn ask_agent(
                 .unwrap_or_default()
                 .as_secs() as i64
     });
-    let account = json["AccountId"].as_str().unwrap_or("(not given)");
+    let account = clip(json["AccountId"].as_str().unwrap_or("(not given)"), 32);
     let msg = format!(
-        "credentials for account {account}, key {}, expiring {expiration}",
-        returned.access_key_id
+        "credentials for account {account}, key {}, expiring {}",
+        clip(&returned.access_key_id, 32),
+        clip(&expiration, 40)
     );
     match left {
         None => r.fail(CHECK, format!("{msg}: the expiration is not an RFC 3339 time SDKs parse.")),
@@ -463,11 +465,11 @@ async fn get(target: &Target, token: &str) -> Result<(u16, Bytes), String> {
         .map_err(|_| "the token is not a valid header value".to_string())?;
     let res = send.send_request(req).await.map_err(|e| e.to_string())?;
     let status = res.status().as_u16();
-    let body = res
-        .into_body()
+    // An answer is a few hundred bytes; whatever answers at that address gets no more room.
+    let body = http_body_util::Limited::new(res.into_body(), MAX_ANSWER)
         .collect()
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("the answer is not a credentials answer: {e}"))?
         .to_bytes();
     Ok((status, body))
 }
@@ -488,6 +490,12 @@ async fn check_role(env: &dyn Env, creds: &Returned, timeout: Duration, r: &mut 
             "pod-identity-agent-diagnose",
         ));
     if let Some(endpoint) = env.var("AWS_ENDPOINT_URL_STS") {
+        // The signed GetCallerIdentity is a bearer proof of the role (Vault-style IAM auth
+        // accepts it): over plain http anyone on the path could replay it.
+        if crate::https::check_url(&endpoint).is_err() {
+            r.warn(CHECK, format!("AWS_ENDPOINT_URL_STS is {}: not https (nor a loopback address), so the signed request, a proof of the role, would travel in the clear; not asked (--no-sts skips this check).", clip(&endpoint, 120)));
+            return;
+        }
         loader = loader.endpoint_url(endpoint);
     }
     let client = aws_sdk_sts::Client::new(&loader.load().await);
@@ -558,12 +566,20 @@ fn or_unknown(s: &str) -> &str {
     }
 }
 
+/// Answers larger than this are not read.
+const MAX_ANSWER: usize = 64 * 1024;
+
+/// `s` at most `max` characters, control characters (terminal escapes among them) replaced:
+/// what the agent or STS said is printed to a person's terminal.
 fn clip(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        return s.to_owned();
+    let mut out: String = s
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect();
+    if s.chars().count() > max {
+        out.push('…');
     }
-    let mut out: String = s.chars().take(max).collect();
-    out.push('…');
     out
 }
 
@@ -578,6 +594,14 @@ fn human(secs: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn what_others_said_cannot_drive_the_terminal() {
+        let shown = super::clip("ok\u{1b}]0;owned\u{7}\u{1b}[2J done", 100);
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.starts_with("ok") && shown.ends_with("done"));
+        assert_eq!(super::clip(&"x".repeat(500), 10).chars().count(), 11);
+    }
+
     use super::*;
 
     /// Every code the agent answers with, from its own tables: each gets its own explanation.

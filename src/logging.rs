@@ -4,11 +4,24 @@
 //! Contract: the agent's own events follow `-v`; dependencies are held at `warn` (or `info`
 //! when `-v` is debug or trace) because the SDK's HTTP stack logs request and response bodies
 //! at its trace level, and those bodies carry tokens and credentials. No verbosity can make a
-//! secret reach a log line.
+//! secret reach a log line. Lines are handed to a writer thread through a bounded queue of
+//! [`QUEUED_LINES`]: a runtime worker never blocks on stderr (a container runtime that reads the
+//! log pipe slowly), and when the queue is full the line is dropped and counted
+//! ([`dropped_lines`], `pod_identity_log_lines_dropped_total`). [`finish`] flushes the queue at
+//! exit.
 
 use crate::cli::{LogArgs, LogFormat, Verbosity};
+use std::sync::{Mutex, OnceLock};
 use tracing::level_filters::LevelFilter;
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::filter::Targets;
+
+/// Lines waiting for stderr at most; beyond, lines are dropped (and counted), not waited for.
+pub const QUEUED_LINES: usize = 16 * 1024;
+
+/// The writer's drop count and its flush guard, once logging is set up.
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+static GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
 
 /// Per-target levels only: `Targets` needs no regex engine (EnvFilter's cost ~1 MB of binary).
 /// The audit trail ([`crate::audit`]) is at `info` whatever `v` says, unless `audit` is off:
@@ -36,9 +49,15 @@ pub fn filter(v: Verbosity, audit: bool) -> Targets {
 pub fn init(args: &LogArgs, default_format: LogFormat) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
+    let counter = writer.error_counter();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     let registry = tracing_subscriber::registry().with(filter(args.verbosity, !args.no_audit_log));
-    let _ = match args.log_format.unwrap_or(default_format) {
+    let installed = match args.log_format.unwrap_or(default_format) {
         LogFormat::Json => registry
             .with(
                 fmt.json()
@@ -49,4 +68,18 @@ pub fn init(args: &LogArgs, default_format: LogFormat) {
             .try_init(),
         LogFormat::Text => registry.with(fmt.with_ansi(false)).try_init(),
     };
+    if installed.is_ok() {
+        let _ = DROPPED.set(counter);
+        *GUARD.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
+    }
+}
+
+/// Lines dropped because the writer could not keep up.
+pub fn dropped_lines() -> u64 {
+    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+}
+
+/// Write out what is queued; lines logged after this are lost. Call once, at exit.
+pub fn finish() {
+    drop(GUARD.lock().unwrap_or_else(|p| p.into_inner()).take());
 }

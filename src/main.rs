@@ -51,14 +51,16 @@ where
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(f()) {
+    let code = match runtime.block_on(f()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
             eprintln!("pod-identity-agent: {e}");
             ExitCode::from(2)
         }
-    }
+    };
+    logging::finish();
+    code
 }
 
 async fn server(args: ServerArgs) -> Result<(), String> {

@@ -74,6 +74,8 @@ pub struct Metrics {
     pub keys_age: prometheus::Gauge,
     /// Verified tokens a pod's kubelet rotated, served from the pod's cached credentials.
     pub rotated_tokens: IntCounter,
+    /// Log lines dropped because stderr could not keep up (the writer's queue was full).
+    pub log_lines_dropped: IntCounter,
     /// Calls to the Kubernetes API server by result.
     pub kube_requests: IntCounterVec,
     /// Connections open on all listeners.
@@ -170,6 +172,13 @@ impl Metrics {
             prometheus::Gauge::new(
                 "pod_identity_verification_keys_age_seconds",
                 "Seconds since the verification keys held were fetched.",
+            )?,
+        )?;
+        let log_lines_dropped = registered(
+            &registry,
+            IntCounter::new(
+                "pod_identity_log_lines_dropped_total",
+                "Log lines dropped because stderr could not keep up (the writer's queue was full).",
             )?,
         )?;
         let rotated_tokens = registered(
@@ -315,6 +324,7 @@ impl Metrics {
             key_fetches,
             keys_age,
             rotated_tokens,
+            log_lines_dropped,
             kube_requests,
             handover,
             handover_entries,

@@ -32,7 +32,8 @@ const EXCHANGE: &[&str] = &[
     "expiration",
     "request_id",
 ];
-const REFUSAL: &[&str] = &["status", "decided"];
+const REFUSAL: &[&str] = &["status", "decided", "not_logged"];
+const DELIVERY: &[&str] = &["access_key_id", "expiration"];
 
 /// The agent on a port chosen here: at `-v warn` it does not log the `info` line that would
 /// name a kernel-chosen one.
@@ -101,6 +102,20 @@ async fn every_exchange_and_refusal_has_one_audit_line_with_the_whole_schema() {
     };
     assert_eq!(ask(Some(&good)).await, 200);
     assert_eq!(ask(Some(&good)).await, 200, "a hit: no audit line");
+    // The same token from another address: one delivery line, the first time only.
+    let elsewhere: IpAddr = "127.0.0.10".parse().expect("ip");
+    for _ in 0..2 {
+        let r = get_from(
+            elsewhere,
+            addr,
+            "/v1/credentials",
+            &[("authorization", &good)],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    // Not a credential decision: counted, not audited.
+    assert_eq!(get_from(client, addr, "/nope", &[]).await.status, 404);
     // Renewed after 1 s by the scheduler: an exchange with trigger `refresh`.
     tokio::time::sleep(Duration::from_millis(1800)).await;
     assert_eq!(ask(Some(&forged)).await, 400);
@@ -112,6 +127,7 @@ async fn every_exchange_and_refusal_has_one_audit_line_with_the_whole_schema() {
         let extra = match line["event"].as_str() {
             Some("exchange") => EXCHANGE,
             Some("refusal") => REFUSAL,
+            Some("delivery") => DELIVERY,
             other => panic!("unknown event {other:?}: {line}"),
         };
         for key in COMMON.iter().chain(extra) {
@@ -154,6 +170,18 @@ async fn every_exchange_and_refusal_has_one_audit_line_with_the_whole_schema() {
     assert_eq!(refresh["client"], "");
     assert_eq!(refresh["namespace"], "payments");
     assert_eq!(refresh["token"], first["token"], "same entry");
+
+    let delivered = one(&lines, "delivery to a new address", |v| {
+        v["event"] == "delivery"
+    });
+    assert_eq!(delivered["client"], "127.0.0.10");
+    assert_eq!(delivered["token"], first["token"]);
+    assert_eq!(delivered["outcome"], "hit");
+    assert_eq!(delivered["access_key_id"], first["access_key_id"]);
+    assert!(
+        lines.iter().all(|v| v["outcome"] != "NotFound"),
+        "a wrong path is not audited"
+    );
 
     let rejected = one(&lines, "rejected exchange", |v| {
         v["event"] == "exchange" && v["namespace"] == "forged"
@@ -214,4 +242,86 @@ async fn no_audit_log_turns_the_trail_off() {
     let lines = stop(&mut agent).await;
     assert!(lines.is_empty(), "{lines:#?}");
     assert_eq!(fake.calls(), 1, "the exchange happened");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refusals_writes_a_bounded_trail_and_costs_a_cached_pod_nothing() {
+    let fake = FakeEksAuth::start(CLUSTER).await;
+    let (mut agent, addr) = start(&fake.endpoint(), &[]).await;
+    let mine = token();
+    assert_eq!(
+        get(addr, "/v1/credentials", &[("authorization", &mine)])
+            .await
+            .status,
+        200
+    );
+    let flood = Duration::from_secs(3);
+    let deadline = std::time::Instant::now() + flood;
+    // Ten keep-alive connections from the host: requests without a token, as fast as the agent
+    // answers them, and requests for a wrong path.
+    let mut tasks = Vec::new();
+    for c in 0..10u8 {
+        tasks.push(tokio::spawn(async move {
+            let stream = connect_from(Some(IpAddr::from([127, 0, 3, c + 1])), addr)
+                .await
+                .expect("connect");
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .expect("handshake");
+            tokio::spawn(conn);
+            let mut sent = 0u64;
+            while std::time::Instant::now() < deadline {
+                let path = if sent.is_multiple_of(2) {
+                    "/v1/credentials"
+                } else {
+                    "/flood"
+                };
+                let req = hyper::Request::get(path)
+                    .header("host", addr.to_string())
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .expect("request");
+                if sender.send_request(req).await.is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            sent
+        }));
+    }
+    // Meanwhile a pod reads its cached credentials.
+    let mut hits = Vec::new();
+    while std::time::Instant::now() < deadline {
+        let sent = std::time::Instant::now();
+        let r = get(addr, "/v1/credentials", &[("authorization", &mine)]).await;
+        assert_eq!(r.status, 200);
+        hits.push(sent.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut sent = 0;
+    for t in tasks {
+        sent += t.await.expect("join");
+    }
+    let lines = stop(&mut agent).await;
+    let refusals: Vec<&Value> = lines.iter().filter(|v| v["event"] == "refusal").collect();
+    let written = refusals.len() as u64;
+    let held_back: u64 = refusals
+        .iter()
+        .filter_map(|v| v["not_logged"].as_u64())
+        .sum();
+    hits.sort();
+    let p99 = hits[hits.len() * 99 / 100];
+    eprintln!(
+        "{sent} requests in {flood:?}: {written} refusal lines ({held_back} held back), cached pod p99 {p99:?}"
+    );
+    // The documented bound for one client (the host): a burst of 20, then 5 a second.
+    assert!(written <= 20 + 5 * (flood.as_secs() + 1), "{written} lines");
+    assert!(written >= 20, "the burst was written: {written}");
+    assert!(
+        lines
+            .iter()
+            .all(|v| v["event"] != "refusal" || v["outcome"] != "NotFound"),
+        "wrong paths are not audited"
+    );
+    assert!(p99 < Duration::from_millis(50), "cached pod p99 {p99:?}");
 }

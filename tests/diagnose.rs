@@ -127,6 +127,21 @@ async fn diagnose_explains_the_healthy_case_and_every_broken_setup() {
     for part in token.split('.') {
         assert!(!healthy.out.contains(part), "a token segment was printed");
     }
+    // An STS endpoint in the clear (not loopback): the signed request, a proof of the role, is
+    // not sent there.
+    let clear = run(pod(&[(
+        "AWS_ENDPOINT_URL_STS",
+        "http://sts.example.com".into(),
+    )]))
+    .await;
+    assert!(
+        clear
+            .out
+            .lines()
+            .any(|l| l.starts_with("warn") && l.contains("role") && l.contains("not https")),
+        "{}",
+        clear.out
+    );
     // --no-sts skips the role.
     let refs: Vec<(String, String)> = pod(&[])
         .into_iter()
@@ -350,4 +365,72 @@ async fn diagnose_explains_every_error_the_agent_gives() {
     let o = refused.expect("the client budget refused at last");
     failed(&o, "agent", "this pod asked for new credentials too often");
     agent.sigterm();
+}
+
+/// A server on loopback that answers every request with `answer` (raw HTTP), then closes.
+async fn impostor(answer: Vec<u8>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(&answer).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diagnose_is_not_driven_by_whatever_answers() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let token_file = home.path().join("token");
+    std::fs::write(&token_file, token()).expect("token");
+    let token_arg = token_file.display().to_string();
+    // A huge answer: refused, not buffered.
+    let mut huge =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100000000\r\n\r\n"
+            .to_vec();
+    huge.extend(std::iter::repeat_n(b'x', 256 * 1024));
+    let at = impostor(huge).await;
+    let uri = format!("http://{at}/v1/credentials");
+    let o = diagnose(
+        &[
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", &uri),
+            ("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &token_arg),
+        ],
+        home.path(),
+        &["--no-sts", "--timeout", "2s"],
+    )
+    .await;
+    failed(&o, "agent", "not a credentials answer");
+    // Escape sequences in what it says do not reach the terminal.
+    let body = "{\"code\":\"X\\u001b[2J\",\"message\":\"\\u001b]0;owned\\u0007hi\"}";
+    let escaping = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let at = impostor(escaping.into_bytes()).await;
+    let uri = format!("http://{at}/v1/credentials");
+    let o = diagnose(
+        &[
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", &uri),
+            ("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &token_arg),
+        ],
+        home.path(),
+        &["--no-sts"],
+    )
+    .await;
+    assert_eq!(o.code, 1, "{}", o.out);
+    assert!(
+        !o.out.contains('\u{1b}') && !o.out.contains('\u{7}'),
+        "{:?}",
+        o.out
+    );
 }

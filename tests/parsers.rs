@@ -118,6 +118,8 @@ impl InProcess {
                 leeway,
                 admission,
                 metrics,
+                refusal_lines: Default::default(),
+                deliveries: pod_identity_agent::server::handler::deliveries(),
             }
         });
         InProcess { rt, handler }

@@ -96,6 +96,9 @@ pub struct Entry {
     pub(super) pod: Option<PodKey>,
     /// Moved to the pod's newer token: its removal is not an eviction, and it is not renewed.
     superseded: AtomicBool,
+    /// The address its credentials last went to (folded to 64 bits; 0: none yet), so that only
+    /// a delivery to a new address is looked up for the audit trail.
+    delivered_to: AtomicU64,
     demand: AtomicU8,
     /// Consecutive recoverable failures of exchanges for this token, for backoff.
     failures: AtomicU32,
@@ -120,6 +123,7 @@ impl Entry {
             generation,
             pod,
             superseded: AtomicBool::new(false),
+            delivered_to: AtomicU64::new(0),
             demand: AtomicU8::new(Demand::Unused as u8),
             failures: AtomicU32::new(0),
             retry_after_ms: AtomicU64::new(0),
@@ -159,6 +163,20 @@ impl Entry {
         );
         e.mark_used();
         e
+    }
+
+    /// Record a delivery to `to`; whether the entry last went to another address (or none).
+    pub fn delivered_elsewhere(&self, to: std::net::IpAddr) -> bool {
+        let folded = match to.to_canonical() {
+            std::net::IpAddr::V4(v4) => u64::from(u32::from(v4)) | 1 << 63,
+            std::net::IpAddr::V6(v6) => {
+                let bits = u128::from(v6);
+                ((bits >> 64) as u64 ^ bits as u64) | 1
+            }
+        };
+        // Read first: on a busy entry the address rarely changes.
+        self.delivered_to.load(Ordering::Relaxed) != folded
+            && self.delivered_to.swap(folded, Ordering::Relaxed) != folded
     }
 
     pub(super) fn is_superseded(&self) -> bool {

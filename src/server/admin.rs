@@ -63,35 +63,50 @@ impl Admin {
                 Bytes::from_static(br#"{"status":"refresh scheduler stopped after repeated panics"}"#),
             ),
             "/readyz" => self.readyz().await,
-            "/metrics" => {
-                // The flags and the scheduler, not a TCP connect: a scrape must stay cheap.
-                let ready = self.cache.scheduler_running()
-                    && !self.listeners.is_empty()
-                    && self.listeners.iter().all(|(_, a)| a.load(Ordering::Relaxed));
-                self.metrics.ready.set(i64::from(ready));
-                self.metrics.cache_entries.set(self.cache.len() as i64);
-                self.metrics
-                    .negative_entries
-                    .set(self.cache.remembered() as i64);
-                self.metrics
-                    .node_refused_tokens
-                    .set(self.cache.node_refused_tokens() as i64);
-                self.metrics
-                    .open_connections
-                    .set(self.connections.open() as i64);
-                if let Some(age) = self.verifier.as_ref().and_then(|v| v.keys_age()) {
-                    self.metrics.keys_age.set(age.as_secs_f64());
-                }
-                let mut res = Response::new(Full::new(Bytes::from(self.metrics.render())));
-                res.headers_mut()
-                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
-                res
-            }
+            "/metrics" => self.metrics().await,
             _ => json_response(
                 StatusCode::NOT_FOUND,
                 Bytes::from_static(br#"{"code":"NotFound","message":"this port serves /healthz, /readyz and /metrics"}"#),
             ),
         }
+    }
+
+    /// The exposition, its gauges set first. The cache counts apply pending housekeeping and
+    /// rendering walks every family: work off the runtime's workers, so a scrape never holds up
+    /// a request.
+    async fn metrics(&self) -> Response<Full<Bytes>> {
+        // The flags and the scheduler, not a TCP connect: a scrape must stay cheap.
+        let ready = self.cache.scheduler_running()
+            && !self.listeners.is_empty()
+            && self
+                .listeners
+                .iter()
+                .all(|(_, a)| a.load(Ordering::Relaxed));
+        let m = self.metrics.clone();
+        m.ready.set(i64::from(ready));
+        m.open_connections.set(self.connections.open() as i64);
+        if let Some(age) = self.verifier.as_ref().and_then(|v| v.keys_age()) {
+            m.keys_age.set(age.as_secs_f64());
+        }
+        let cache = self.cache.clone();
+        let rendered = tokio::task::spawn_blocking(move || {
+            m.cache_entries.set(cache.len() as i64);
+            m.negative_entries.set(cache.remembered() as i64);
+            m.node_refused_tokens
+                .set(cache.node_refused_tokens() as i64);
+            let dropped = crate::logging::dropped_lines();
+            m.log_lines_dropped
+                .inc_by(dropped.saturating_sub(m.log_lines_dropped.get()));
+            m.render()
+        })
+        .await
+        .unwrap_or_default();
+        let mut res = Response::new(Full::new(Bytes::from(rendered)));
+        res.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        res
     }
 
     async fn readyz(&self) -> Response<Full<Bytes>> {

@@ -1,5 +1,7 @@
 //! `/v1/credentials`: validation → cache (whose flights ask admission) → response, with its
-//! metrics, its one log line and, for a refusal, its audit line ([`crate::audit`]).
+//! metrics, its one log line and its audit line ([`crate::audit`]): for a refusal of
+//! credentials (bounded per client), and for the first delivery of a token's credentials to a
+//! new address.
 //!
 //! Contract: every request gets exactly one answer, success or a JSON error, and is counted
 //! once in `pod_identity_http_response` and the latency histogram. A refusal made without asking
@@ -13,15 +15,16 @@
 
 use super::response::{error_response, json_response};
 use crate::admission::{Admission, Reason};
-use crate::audit;
-use crate::cache::{CacheError, CredentialCache, Denial, Outcome, Scope};
+use crate::audit::{self, Decided};
+use crate::cache::{CacheError, CredentialCache, Denial, Entry, Outcome, Scope};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::request::{self, AllowedHosts};
+use crate::token::{Token, TokenHash};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -33,9 +36,25 @@ pub struct CredentialHandler {
     pub hosts: AllowedHosts,
     /// Clock leeway on the token's `exp`/`nbf`; the cache was built with the same value.
     pub leeway: Duration,
-    /// Who may start an exchange (asked by the cache's flights); here, for its refusal warnings.
+    /// Who may start an exchange (asked by the cache's flights); here, for its refusal warnings
+    /// and for who a client is.
     pub admission: Arc<Admission>,
     pub metrics: Arc<Metrics>,
+    /// Bounds refusal audit lines per client.
+    pub refusal_lines: audit::Pacer,
+    /// Tokens delivered to addresses, so the first delivery to a new one is audited once.
+    pub deliveries: moka::sync::Cache<(TokenHash, IpAddr), ()>,
+}
+
+/// Token-address pairs remembered for delivery audit lines.
+pub const DELIVERIES_REMEMBERED: u64 = 65_536;
+
+/// The delivery memory: least recently used first, an hour at most.
+pub fn deliveries() -> moka::sync::Cache<(TokenHash, IpAddr), ()> {
+    moka::sync::Cache::builder()
+        .max_capacity(DELIVERIES_REMEMBERED)
+        .time_to_live(Duration::from_secs(3600))
+        .build()
 }
 
 /// How long a local refusal waits before it is answered. A pod meeting one now and then (a
@@ -59,79 +78,136 @@ fn local_reason(e: &CacheError) -> Option<Reason> {
     }
 }
 
+/// A refusal on its way out: the token if it parsed, the error, and who decided it.
+struct Refused {
+    token: Option<Token>,
+    error: Error,
+    decided: Decided,
+}
+
 impl CredentialHandler {
     pub async fn handle<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let started = Instant::now();
         let result = match request::validate(&req, &self.hosts, self.leeway) {
             Ok(token) => match self.cache.get(&token, peer.ip()).await {
                 Ok((entry, outcome)) => Ok((token, entry, outcome)),
-                Err(e) => {
-                    let reason = local_reason(&e);
-                    // Asked EKS Auth (now, or earlier for a remembered refusal) or not at all.
-                    let local = !matches!(e, CacheError::Exchange(_));
-                    let e = Error::from(e);
-                    if let Some(reason) = reason {
-                        self.metrics
-                            .rejected_locally
-                            .with_label_values(&[reason.as_str()])
-                            .inc();
-                        self.admission
-                            .note_refusal(peer.ip(), &token, reason, e.code());
-                        if reason != Reason::NodeBudget {
-                            tokio::time::sleep(REFUSAL_PACE).await;
-                        }
-                    }
-                    Err((Some(token), e, local))
-                }
+                Err(e) => Err(self.refused_by_cache(token, e, peer).await),
             },
-            Err(e) => Err((None, e, true)),
+            Err(error) => {
+                // Paced like every refusal the agent makes itself: a flood of bad requests on a
+                // connection gets ten answers a second.
+                tokio::time::sleep(REFUSAL_PACE).await;
+                Err(Refused {
+                    token: None,
+                    error,
+                    decided: Decided::Locally,
+                })
+            }
         };
-        let m = &self.metrics;
         let elapsed = started.elapsed();
         match result {
-            Ok((token, entry, outcome)) => {
-                let creds = entry.credentials();
-                let remaining = creds.remaining(SystemTime::now());
-                m.http_ok.inc();
-                m.request_duration(outcome.as_str())
-                    .observe(elapsed.as_secs_f64());
-                m.served_remaining.observe(remaining.as_secs_f64());
-                if tracing::enabled!(tracing::Level::DEBUG) {
-                    let s = token.subject();
-                    tracing::debug!(status = 200, outcome = outcome.as_str(), token = %token.hash(),
-                        namespace = %s.namespace, service_account = %s.service_account, pod = %s.pod,
-                        access_key_id = creds.access_key_id(), remaining_s = remaining.as_secs(),
-                        micros = elapsed.as_micros() as u64, "served credentials");
-                }
-                if outcome == Outcome::Stale {
-                    // Per request, so debug: the cause (a failed exchange, a refresh backlog) is
-                    // logged once where it happens.
-                    tracing::debug!(token = %token.hash(), remaining_s = remaining.as_secs(),
-                        "served cached credentials past their hard point; a refresh is pending");
-                }
-                json_response(StatusCode::OK, creds.body().clone())
-            }
-            Err((token, e, local)) => {
-                let status = e.status();
-                audit::refusal(
-                    peer.ip().to_canonical(),
-                    token.as_ref(),
-                    status,
-                    e.code(),
-                    local,
-                );
-                m.http_response
-                    .with_label_values(&[status_label(status)])
-                    .inc();
-                m.request_duration("error").observe(elapsed.as_secs_f64());
-                if status < 500 {
-                    tracing::debug!(status, code = e.code(), error = %e.message(), micros = elapsed.as_micros() as u64, "request refused");
-                } else {
-                    tracing::warn!(status, code = e.code(), error = %e.message(), "request failed");
-                }
-                error_response(&e)
+            Ok((token, entry, outcome)) => self.served(&token, &entry, outcome, peer, elapsed),
+            Err(refused) => self.refused(refused, peer, elapsed),
+        }
+    }
+
+    /// What the cache's refusal becomes: counted, warned about and paced if the agent decided
+    /// it itself.
+    async fn refused_by_cache(&self, token: Token, e: CacheError, peer: SocketAddr) -> Refused {
+        let reason = local_reason(&e);
+        let decided = match e {
+            CacheError::Exchange(_) => Decided::EksAuth,
+            _ => Decided::Locally,
+        };
+        let error = Error::from(e);
+        if let Some(reason) = reason {
+            self.metrics
+                .rejected_locally
+                .with_label_values(&[reason.as_str()])
+                .inc();
+            self.admission
+                .note_refusal(peer.ip(), &token, reason, error.code());
+            if reason != Reason::NodeBudget {
+                tokio::time::sleep(REFUSAL_PACE).await;
             }
         }
+        Refused {
+            token: Some(token),
+            error,
+            decided,
+        }
+    }
+
+    fn served(
+        &self,
+        token: &Token,
+        entry: &Entry,
+        outcome: Outcome,
+        peer: SocketAddr,
+        elapsed: Duration,
+    ) -> Response<Full<Bytes>> {
+        let m = &self.metrics;
+        let creds = entry.credentials();
+        let remaining = creds.remaining(SystemTime::now());
+        m.http_ok.inc();
+        m.request_duration(outcome.as_str())
+            .observe(elapsed.as_secs_f64());
+        m.served_remaining.observe(remaining.as_secs_f64());
+        // A cheap compare for the address the entry last went to; only a new one is looked up.
+        if entry.delivered_elsewhere(peer.ip()) && outcome != Outcome::Miss {
+            let key = (token.hash(), peer.ip().to_canonical());
+            if !self.deliveries.contains_key(&key) {
+                self.deliveries.insert(key, ());
+                audit::delivery(key.1, token, outcome.as_str(), creds);
+            }
+        }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let s = token.subject();
+            tracing::debug!(status = 200, outcome = outcome.as_str(), token = %token.hash(),
+                namespace = %s.namespace, service_account = %s.service_account, pod = %s.pod,
+                access_key_id = creds.access_key_id(), remaining_s = remaining.as_secs(),
+                micros = elapsed.as_micros() as u64, "served credentials");
+        }
+        if outcome == Outcome::Stale {
+            // Per request, so debug: the cause (a failed exchange, a refresh backlog) is
+            // logged once where it happens.
+            tracing::debug!(token = %token.hash(), remaining_s = remaining.as_secs(),
+                "served cached credentials past their hard point; a refresh is pending");
+        }
+        json_response(StatusCode::OK, creds.body().clone())
+    }
+
+    fn refused(&self, r: Refused, peer: SocketAddr, elapsed: Duration) -> Response<Full<Bytes>> {
+        let m = &self.metrics;
+        let e = &r.error;
+        let status = e.status();
+        // Only credential decisions are audited: a wrong path, method or Host is not one.
+        let credential = !matches!(
+            e,
+            Error::NotFound(_) | Error::MethodNotAllowed(_) | Error::HostNotAllowed(_)
+        );
+        if credential {
+            if let Some(not_logged) = self.refusal_lines.allow(self.admission.source(peer.ip())) {
+                audit::refusal(
+                    peer.ip().to_canonical(),
+                    r.token.as_ref(),
+                    status,
+                    e.code(),
+                    r.decided,
+                    not_logged,
+                );
+            }
+        }
+        m.http_response
+            .with_label_values(&[status_label(status)])
+            .inc();
+        m.request_duration("error").observe(elapsed.as_secs_f64());
+        if status < 500 {
+            tracing::debug!(status, code = e.code(), error = %e.message(), micros = elapsed.as_micros() as u64, "request refused");
+        } else {
+            tracing::warn!(status, code = e.code(), error = %e.message(), "request failed");
+        }
+        error_response(e)
     }
 }
 

@@ -200,6 +200,8 @@ impl Server {
             leeway: settings.leeway,
             admission,
             metrics: metrics.clone(),
+            refusal_lines: crate::audit::Pacer::default(),
+            deliveries: handler::deliveries(),
         });
         let refused = metrics
             .rejected_locally
