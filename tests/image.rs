@@ -40,6 +40,9 @@ use support::netns::{fake_for_cluster_in, namespaces, wire_pod, Netns};
 use support::process::{spawn, Spawned, NODE_ACCESS_KEY_ID};
 use support::python::{in_netns, python_with, script};
 
+/// What the node's `kube-root-ca.crt` ConfigMap would hold; nothing here checks it.
+const PLACEHOLDER_CA: &str = "-----BEGIN CERTIFICATE-----\nplaceholder\n-----END CERTIFICATE-----\n";
+
 /// podman's default seccomp profile: the `RuntimeDefault` of this engine (containerd's is the
 /// same lineage), named explicitly so the test cannot run unconfined by accident.
 const SECCOMP_PROFILE: &str = "/usr/share/containers/seccomp.json";
@@ -407,7 +410,7 @@ impl Node {
         std::fs::create_dir_all(&dir).expect("pod volume");
         let mut files: Vec<(String, String)> = Vec::new();
         if let Some(map) = &volume.config_map {
-            files.extend(self.config_files(map.items.as_deref()));
+            files.extend(self.config_files(&map.name, map.items.as_deref()));
         }
         for source in volume
             .projected
@@ -424,7 +427,7 @@ impl Node {
                 files.push((token.path.clone(), support::token()));
             }
             if let Some(map) = &source.config_map {
-                files.extend(self.config_files(map.items.as_deref()));
+                files.extend(self.config_files(&map.name, map.items.as_deref()));
             }
         }
         for (path, content) in files {
@@ -437,8 +440,14 @@ impl Node {
 
     fn config_files(
         &self,
+        name: &str,
         items: Option<&[k8s_openapi::api::core::v1::KeyToPath]>,
     ) -> Vec<(String, String)> {
+        if name == "kube-root-ca.crt" {
+            // Published by Kubernetes in every namespace, not by the manifests: the cluster's CA.
+            // No API server runs here, so a placeholder; the agent logs that it cannot verify.
+            return vec![("ca.crt".into(), PLACEHOLDER_CA.into())];
+        }
         match items {
             Some(items) => items
                 .iter()
