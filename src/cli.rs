@@ -603,6 +603,19 @@ impl ServerArgs {
         })
     }
 
+    /// Everything `server` runs with.
+    pub fn agent_settings(&self) -> Result<crate::agent::AgentSettings, String> {
+        Ok(crate::agent::AgentSettings {
+            server: self.server_settings()?,
+            exchange: self.exchange_settings(),
+            #[cfg(target_os = "linux")]
+            handover: self.handover_settings(),
+            state_dir: (!self.state_dir.as_os_str().is_empty()).then(|| self.state_dir.clone()),
+            region: self.region.clone(),
+            rotate_credentials: self.rotate_credentials,
+        })
+    }
+
     /// `None` when handover is off (`--handover-dir ""`).
     #[cfg(target_os = "linux")]
     pub fn handover_settings(&self) -> Option<crate::handover::HandoverSettings> {
@@ -612,6 +625,16 @@ impl ServerArgs {
             timeout: h.handover_timeout,
             wait: h.handover_wait,
             grace: self.shutdown_grace,
+            expected: crate::handover::Expected {
+                credentials: self
+                    .bind_hosts()
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, self.port))
+                    .collect(),
+                probe: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), self.probe_port)),
+                metrics: Some(SocketAddr::new(self.metrics_address, self.metrics_port)),
+            },
+            max_entries: self.max_cache_size,
         })
     }
 

@@ -7,6 +7,7 @@
 //! with [`error`] mapping every failure to one status and JSON body, and [`metrics`] counting.
 
 pub mod admission;
+pub mod agent;
 pub mod audit;
 pub mod bucket;
 pub mod cache;

@@ -2,14 +2,9 @@
 //! Any failure to start is one line on stderr and exit code 2, never a panic.
 
 use clap::Parser;
-use pod_identity_agent::cli::{Cli, Command, InitArgs, ServerArgs};
-use pod_identity_agent::eks_auth::EksAuthClient;
-use pod_identity_agent::handover::{self, Takeover};
-use pod_identity_agent::logging;
-use pod_identity_agent::metrics::Metrics;
-use pod_identity_agent::server::{Preload, Server};
+use pod_identity_agent::cli::{Cli, Command, InitArgs, LogFormat, ServerArgs};
+use pod_identity_agent::{agent, logging};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -20,8 +15,16 @@ fn main() -> ExitCode {
         }
         Command::Server(args) => run(|| server(*args)),
         Command::Init(args) => run(|| init(args)),
-        Command::Dev(args) => run(|| pod_identity_agent::dev::run_dev(args)),
-        Command::EmulateEksAuth(args) => run(|| pod_identity_agent::dev::run_emulate(args)),
+        Command::Dev(args) => run(|| async {
+            pod_identity_agent::dev::run_dev(args)
+                .await
+                .map_err(|e| (2, e))
+        }),
+        Command::EmulateEksAuth(args) => run(|| async {
+            pod_identity_agent::dev::run_emulate(args)
+                .await
+                .map_err(|e| (2, e))
+        }),
         // Its exit code is its verdict (1: a problem found), not a start-up failure.
         Command::Diagnose(args) => match tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -36,10 +39,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// How a command ended: an exit code and, for a failure, one line saying why.
+type Ended = Result<(), (u8, String)>;
+
 fn run<F, Fut>(f: F) -> ExitCode
 where
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
+    Fut: std::future::Future<Output = Ended>,
 {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -53,18 +59,19 @@ where
     };
     let code = match runtime.block_on(f()) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start");
+        Err((code, e)) => {
+            tracing::error!(error = %e, "stopped");
+            logging::finish();
             eprintln!("pod-identity-agent: {e}");
-            ExitCode::from(2)
+            ExitCode::from(code)
         }
     };
     logging::finish();
     code
 }
 
-async fn server(args: ServerArgs) -> Result<(), String> {
-    logging::init(&args.log, pod_identity_agent::cli::LogFormat::Json);
+async fn server(args: ServerArgs) -> Ended {
+    logging::init(&args.log, LogFormat::Json);
     // Every pod's token and credentials will be in this process's memory.
     if !pod_identity_agent::util::no_core_dumps() {
         tracing::warn!("cannot mark the process not dumpable: a crash could write tokens and credentials to a core file");
@@ -82,111 +89,27 @@ async fn server(args: ServerArgs) -> Result<(), String> {
         }
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
     }
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if args.rotate_credentials {
-        // Hybrid nodes: the node's keys are rewritten in the shared credentials file; ask the
-        // file on every exchange instead of caching what it said.
-        let file = pod_identity_agent::node_credentials::SharedFileCredentials::from_env();
-        tracing::info!(file = %file.path().display(), "--rotate-credentials: node credentials re-read from the shared credentials file");
-        loader = loader
-            .credentials_provider(file)
-            .identity_cache(aws_config::identity::IdentityCache::no_cache());
-    }
-    if let Some(region) = &args.region {
-        loader = loader.region(aws_config::Region::new(region.clone()));
-    }
-    let sdk = loader.load().await;
-    if sdk.region().is_none() {
-        return Err("no AWS region: set AWS_REGION (the DaemonSet does) or pass --region".into());
-    }
-    let source = Arc::new(EksAuthClient::new(&sdk, &args.exchange_settings()));
-    let metrics = Arc::new(Metrics::new().map_err(|e| format!("cannot register metrics: {e}"))?);
-    let settings = args.server_settings()?;
-    let handover = args.handover_settings();
-    if !args.state_dir.as_os_str().is_empty() {
-        if let Err(e) = pod_identity_agent::files::private_dir(&args.state_dir) {
-            tracing::warn!(dir = %args.state_dir.display(), error = %e, "cannot use the state directory; nothing is kept across restarts");
-        }
-    }
-
-    // A running agent here hands over its sockets and cache; else bind as on a first start.
-    let mut preload = Preload::default();
-    let mut successor = None;
-    if let Some(h) = &handover {
-        match handover::take_over(h, &metrics).await {
-            Takeover::Alone => {}
-            Takeover::Inherited(mut s) => {
-                tracing::info!(
-                    entries = s.entries.len(),
-                    listeners = s.listeners.len(),
-                    keys = s.keys.is_some(),
-                    "a running agent handed over its sockets and cache"
-                );
-                preload.sockets.inherited = std::mem::take(&mut s.listeners);
-                preload.entries = std::mem::take(&mut s.entries);
-                preload.keys = s.keys.take();
-                successor = Some(s);
-            }
-            Takeover::Failed(e) => {
-                tracing::warn!(error = %e, "the running agent did not hand over; binding fresh once it lets go of its addresses");
-                preload.sockets.wait_for_ports = true;
-            }
-        }
-    }
-    let start = Server::start_with(&settings, source, metrics.clone(), preload);
-    let running = tokio::select! {
-        r = start => r.map_err(|e| e.to_string())?,
-        _ = pod_identity_agent::signal::shutdown() => return Ok(()),
-    };
-    if let (Some(s), Some(h)) = (successor, &handover) {
-        // Failures past this point cost exchanges, not availability; finish logs them.
-        let _ = s
-            .finish(running.preloaded, &running.cache, &metrics, h)
-            .await;
-    }
-    let mut predecessor = match &handover {
-        Some(h) => {
-            let offer = handover::Offer {
-                cache: running.cache.clone(),
-                listeners: running.sockets.clone(),
-                verifier: running.verifier.clone(),
-                retire: Arc::new(running.retirer()),
-            };
-            match handover::Predecessor::listen(h, offer, metrics.clone()) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::warn!(error = %e, "handover unavailable: the next agent will bind fresh after this one stops");
-                    None
-                }
-            }
-        }
-        None => None,
-    };
-    tracing::info!(cluster = %args.cluster_name, version = env!("CARGO_PKG_VERSION"), "ready");
-    pod_identity_agent::signal::shutdown().await;
-    if let (Some(p), Some(h)) = (predecessor.as_mut(), &handover) {
-        if p.wait_for_successor(h.wait).await {
-            tracing::info!("stopping after handing over");
-            running.shutdown().await;
-            return Ok(());
-        }
-    }
-    tracing::info!("shutting down: no new connections, finishing requests in flight");
-    running.shutdown().await;
-    tracing::info!("stopped");
-    Ok(())
+    let settings = args.agent_settings().map_err(|e| (2, e))?;
+    agent::run(settings, pod_identity_agent::signal::shutdown())
+        .await
+        .map_err(|e| match e {
+            agent::Stopped::Start(why) => (2, why),
+            lost @ agent::Stopped::HandedOverAndLost => (1, lost.to_string()),
+        })
 }
 
-async fn init(args: InitArgs) -> Result<(), String> {
+async fn init(args: InitArgs) -> Ended {
     use pod_identity_agent::netlink::{self, InitSettings, Ipv6State};
-    logging::init(&args.log, pod_identity_agent::cli::LogFormat::Json);
+    logging::init(&args.log, LogFormat::Json);
     let settings = InitSettings {
         link_name: args.link_name.clone(),
         ipv4: args.ipv4,
         ipv6: (!args.no_ipv6).then_some(args.ipv6),
         link_kind: args.link_kind.clone(),
     };
-    let report = netlink::init(&settings).await.map_err(|e| e.to_string())?;
+    let report = netlink::init(&settings)
+        .await
+        .map_err(|e| (2, e.to_string()))?;
     match &report.ipv6 {
         Ipv6State::Configured => {}
         Ipv6State::Disabled => tracing::info!("IPv6 not requested"),

@@ -508,3 +508,31 @@ async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_on_the_metrics_port_never_starves_the_probes() {
+    let h = Harness::start().await;
+    let metrics = h.agent.metrics_addr.expect("metrics");
+    let probe = h.agent.probe_addr.expect("probe");
+    // Silent connections to /metrics, as many as the pool takes and more.
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        if let Ok(mut s) = connect_from(None, metrics).await {
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n").await;
+            held.push(s);
+        }
+    }
+    // Several probes in a row: a pool shared with the metrics could at most lend the first one
+    // the slot its accept loop had parked.
+    for i in 0..3 {
+        let started = Instant::now();
+        let r = get(probe, "/healthz", &[]).await;
+        assert_eq!(r.status, 200);
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "probe {i} waited {:?}",
+            started.elapsed()
+        );
+    }
+    drop(held);
+}

@@ -14,76 +14,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::fake_eks_auth::FakeEksAuth;
-use support::process::{agent_command, loopback_server, spawn, Spawned};
+use support::node::{logged, Node};
 use support::*;
-
-/// The flags every agent of one test gets: fixed ports, so a successor wants the same sockets.
-struct Node {
-    fake: FakeEksAuth,
-    dir: tempfile::TempDir,
-    ports: [u16; 3],
-}
-
-impl Node {
-    async fn new() -> Node {
-        Node {
-            fake: FakeEksAuth::start(CLUSTER).await,
-            dir: tempfile::tempdir().expect("tempdir"),
-            ports: [free_port(), free_port(), free_port()],
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.ports[0]))
-    }
-
-    /// A new pod's first request is answered.
-    async fn serves(&self) {
-        let r = get(
-            self.addr(),
-            "/v1/credentials",
-            &[("authorization", &token())],
-        )
-        .await;
-        assert_eq!(r.status, 200, "{}", r.text());
-    }
-
-    fn handover_dir(&self) -> String {
-        self.dir.path().join("handover").display().to_string()
-    }
-
-    fn agent(&self, handover_dir: &str, extra: &[&str]) -> Spawned {
-        let endpoint = self.fake.endpoint();
-        let [p, probe, metrics] = self.ports.map(|p| p.to_string());
-        let mut args = loopback_server(CLUSTER, [&p, &probe, &metrics]);
-        // Pods are played by loopback addresses, which the agent counts as one client (the
-        // host): budgets for them are not what these tests are about.
-        args.extend([
-            "--endpoint",
-            &endpoint,
-            "--handover-timeout",
-            "1s",
-            "--client-exchange-burst",
-            "1000",
-        ]);
-        args.extend_from_slice(extra);
-        let mut cmd = agent_command(&args);
-        cmd.env("POD_IDENTITY_AGENT_HANDOVER_DIR", handover_dir);
-        spawn(cmd)
-    }
-}
-
-/// A JSON log line with this message, waited for.
-async fn logged(agent: &Spawned, message: &str) -> serde_json::Value {
-    agent
-        .stderr
-        .find(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            (v["message"] == message).then_some(v)
-        })
-        .await
-}
 
 /// Requests on fresh connections, round-robin over `tokens`, until stopped; counts outcomes.
 struct Load {
@@ -291,7 +223,7 @@ async fn a_predecessor_that_refuses_is_bound_around() {
     logged(&agent, "ready").await;
     let hello: serde_json::Value = serde_json::from_str(&fake.join().expect("fake")).expect("json");
     assert_eq!(hello["type"], "hello");
-    assert_eq!(hello["protocol"], 1);
+    assert_eq!(hello["protocol"], 2);
     assert!(agent
         .stderr
         .joined()

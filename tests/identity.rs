@@ -507,3 +507,27 @@ async fn keys_cross_a_handover_and_a_restart_so_no_agent_starts_blind() {
     );
     drop(third);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_fetches_stop_with_the_server() {
+    let (a, _d) = issuer();
+    let cluster = Cluster::new(&[&a]).await;
+    let url = cluster.kube.url();
+    let file = cluster.token_file.clone();
+    let h = Harness::start_with(move |s, _| {
+        let mut v = verify_with_api_server(&url, &file);
+        v.verify.refresh_every = Duration::from_millis(200);
+        s.verification = Some(v);
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(cluster.jwks_fetches() >= 3, "{}", cluster.jwks_fetches());
+    h.agent.shutdown().await;
+    let after = cluster.jwks_fetches();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        cluster.jwks_fetches(),
+        after,
+        "a stopped agent fetches no keys"
+    );
+}

@@ -41,7 +41,8 @@ use support::process::{spawn, Spawned, NODE_ACCESS_KEY_ID};
 use support::python::{in_netns, python_with, script};
 
 /// What the node's `kube-root-ca.crt` ConfigMap would hold; nothing here checks it.
-const PLACEHOLDER_CA: &str = "-----BEGIN CERTIFICATE-----\nplaceholder\n-----END CERTIFICATE-----\n";
+const PLACEHOLDER_CA: &str =
+    "-----BEGIN CERTIFICATE-----\nplaceholder\n-----END CERTIFICATE-----\n";
 
 /// podman's default seccomp profile: the `RuntimeDefault` of this engine (containerd's is the
 /// same lineage), named explicitly so the test cannot run unconfined by accident.

@@ -228,7 +228,7 @@ impl Inner {
             .inc();
         let current = self.entries.get(&hash);
         match (fault, &current) {
-            (Fault::Token, Some(_)) => self.entries.invalidate(&hash),
+            (Fault::Token, Some(_)) => self.evict(&hash),
             (_, Some(entry)) => {
                 let retry_at = entry.back_off(SystemTime::now());
                 if retry_at < entry.valid_until {

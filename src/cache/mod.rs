@@ -62,6 +62,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Evictions remembered for a successor.
+const EVICTIONS_KEPT: usize = 10_000;
+
 /// How long a token refused for the node's credentials counts towards the node alert.
 pub const NODE_REFUSALS_WINDOW: Duration = Duration::from_secs(300);
 
@@ -152,6 +155,9 @@ struct Inner {
     /// Held while an entry gets its generation and goes into the map, and while an export reads
     /// the newest generation: so every entry older than what an export reads is in the map.
     installing: std::sync::Mutex<()>,
+    /// Tokens evicted for their own fault, with the newest generation then: a successor learns
+    /// of those evicted after the snapshot it got. Bounded to the last [`EVICTIONS_KEPT`].
+    evictions: std::sync::Mutex<std::collections::VecDeque<(u64, TokenHash)>>,
     /// Flight and refresh tasks, so shutdown can wait for them.
     tasks: TaskTracker,
     /// Cancelled to stop refreshing (shutdown, handover).
@@ -244,6 +250,7 @@ impl CredentialCache {
             scheduler_health: scheduler::Health::default(),
             generations: AtomicU64::new(0),
             installing: std::sync::Mutex::new(()),
+            evictions: std::sync::Mutex::default(),
             tasks: tasks.clone(),
             stop_refreshing: stop_refreshing.clone(),
             abort: CancellationToken::new(),
@@ -414,6 +421,15 @@ impl Inner {
     /// Make the entry of the next generation with `make` and put it in the map (replacing its
     /// token's previous one), point its pod at it, and queue its refresh.
     fn put(&self, make: impl FnOnce(u64) -> Entry) -> Arc<Entry> {
+        self.put_refreshing_after(make, SystemTime::UNIX_EPOCH)
+    }
+
+    /// [`Inner::put`], its refresh not before `not_before`.
+    fn put_refreshing_after(
+        &self,
+        make: impl FnOnce(u64) -> Entry,
+        not_before: SystemTime,
+    ) -> Arc<Entry> {
         let entry = {
             let _installing = self.installing.lock().unwrap_or_else(|p| p.into_inner());
             let generation = self
@@ -429,9 +445,21 @@ impl Inner {
             self.pods.insert(pod, hash);
         }
         if let Some(at) = entry.next_refresh() {
-            self.scheduler.schedule(hash, entry.generation, at);
+            self.scheduler
+                .schedule(hash, entry.generation, at.max(not_before));
         }
         entry
+    }
+
+    /// Evict `hash` for its token's fault, remembering it for a successor.
+    fn evict(&self, hash: &TokenHash) {
+        let newest = self.generations.load(std::sync::atomic::Ordering::Relaxed);
+        self.entries.invalidate(hash);
+        let mut log = self.evictions.lock().unwrap_or_else(|p| p.into_inner());
+        if log.len() >= EVICTIONS_KEPT {
+            log.pop_front();
+        }
+        log.push_back((newest, *hash));
     }
 
     /// The newest generation installed: every entry of it or older is in the map.

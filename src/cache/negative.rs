@@ -131,6 +131,38 @@ impl Rejections {
         self.map.get(hash)
     }
 
+    /// Every refusal remembered now and how long it is left to be (for a successor agent).
+    pub fn export(&self) -> Vec<(TokenHash, Refusal, Duration)> {
+        self.map
+            .iter()
+            .filter_map(|(hash, r)| {
+                let left = r.ttl.checked_sub(r.age())?;
+                Some((*hash, r.refusal.clone(), left))
+            })
+            .collect()
+    }
+
+    /// Remember `refusal` for `hash` for what is `left` of it (a predecessor's), at most as long
+    /// as this agent would have.
+    pub fn import(&self, hash: TokenHash, refusal: Refusal, left: Duration) {
+        let ttl = match refusal.fault() {
+            Fault::Token => self.ttl,
+            Fault::Node => self.ttl.min(NODE_FAULT_TTL),
+            Fault::Transient => return,
+        }
+        .min(left);
+        if !ttl.is_zero() {
+            self.map.insert(
+                hash,
+                Arc::new(Remembered {
+                    refusal,
+                    at: Instant::now(),
+                    ttl,
+                }),
+            );
+        }
+    }
+
     /// Refusals remembered now (pending housekeeping applied first).
     pub fn len(&self) -> u64 {
         self.map.run_pending_tasks();

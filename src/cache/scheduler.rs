@@ -237,6 +237,17 @@ impl<K: Clone + Eq + Hash> Queue<K> {
         }
     }
 
+    /// Bring every deadline `by` earlier (the monotonic clock lost that much to a suspend).
+    fn shift_earlier(&mut self, by: Duration) {
+        let old = std::mem::take(&mut self.by_time);
+        self.by_key.clear();
+        for ((at, seq), (key, generation)) in old {
+            let at = at.checked_sub(by).unwrap_or(at);
+            self.by_key.insert(key.clone(), ((at, seq), generation));
+            self.by_time.insert((at, seq), (key, generation));
+        }
+    }
+
     fn pop(&mut self) -> Option<(K, u64)> {
         let (_, (key, generation)) = self.by_time.pop_first()?;
         self.by_key.remove(&key);
@@ -264,6 +275,42 @@ impl<K: Clone + Eq + Hash> Queue<K> {
             _ => self.start_at(rate),
         }
     }
+}
+
+/// How often, at most, the scheduler compares its clocks.
+const CLOCK_CHECK: Duration = Duration::from_secs(30);
+/// A monotonic clock behind the wall clock by more than this was suspended.
+const SUSPEND_FLOOR: Duration = Duration::from_secs(2);
+
+/// The monotonic and wall clocks read together, to tell a suspend from the passage of time.
+struct Clocks {
+    instant: Instant,
+    wall: SystemTime,
+}
+
+impl Clocks {
+    fn now() -> Clocks {
+        Clocks {
+            instant: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+
+    /// How much longer the wall clock ran than the monotonic one since the last look, if that
+    /// is a suspend's worth; the clocks are read afresh either way.
+    fn suspended(&mut self) -> Option<Duration> {
+        let now = Clocks::now();
+        let lost = lost_to_suspend(self, &now);
+        *self = now;
+        lost
+    }
+}
+
+/// Wall time that passed between `before` and `after` while the monotonic clock did not.
+fn lost_to_suspend(before: &Clocks, after: &Clocks) -> Option<Duration> {
+    let wall = after.wall.duration_since(before.wall).ok()?;
+    let mono = after.instant.saturating_duration_since(before.instant);
+    wall.checked_sub(mono).filter(|lost| *lost > SUSPEND_FLOOR)
 }
 
 /// Messages handled per wake-up before the queue is looked at again.
@@ -316,7 +363,17 @@ async fn run<R: Refresher>(
     let mut waiting: Option<(R::Key, u64)> = None;
     let mut granted: Option<OwnedSemaphorePermit> = None;
     let mut acquiring: Option<BoxFuture<'static, Option<OwnedSemaphorePermit>>> = None;
+    let mut clocks = Clocks::now();
     loop {
+        // Deadlines are monotonic instants made from wall-clock times; a suspend (EC2
+        // hibernation) stops the monotonic clock, so they would all come late by its length.
+        if let Some(lost) = clocks.suspended() {
+            tracing::info!(
+                suspended_s = lost.as_secs(),
+                "the node was suspended; refreshes brought forward"
+            );
+            queue.shift_earlier(lost);
+        }
         let mut next = None;
         if waiting.is_none() {
             // Take the next piece of work that is due and still worth doing.
@@ -373,7 +430,8 @@ async fn run<R: Refresher>(
                     None => return,
                 }
             }
-            _ = sleep_until(next), if next.is_some() => {}
+            // Also awake now and then, to notice a suspend.
+            _ = tokio::time::sleep_until(next.map_or(Instant::now() + CLOCK_CHECK, |n| n.min(Instant::now() + CLOCK_CHECK))) => {}
             _ = ctx.stop.cancelled() => return,
         }
     }
@@ -384,12 +442,6 @@ async fn poll_some<T>(f: &mut Option<BoxFuture<'static, T>>) -> T {
     match f {
         Some(f) => f.await,
         None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    if let Some(at) = at {
-        tokio::time::sleep_until(at).await;
     }
 }
 
@@ -425,6 +477,43 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
     use std::sync::Mutex;
+
+    #[test]
+    fn a_suspend_brings_the_queue_forward_and_nothing_else_does() {
+        let t0 = Instant::now();
+        let w0 = SystemTime::now();
+        let before = Clocks {
+            instant: t0,
+            wall: w0,
+        };
+        let ran = |mono: u64, wall: u64| Clocks {
+            instant: t0 + Duration::from_secs(mono),
+            wall: w0 + Duration::from_secs(wall),
+        };
+        assert_eq!(lost_to_suspend(&before, &ran(30, 30)), None);
+        assert_eq!(lost_to_suspend(&before, &ran(30, 31)), None, "jitter");
+        assert_eq!(
+            lost_to_suspend(&before, &ran(30, 630)),
+            Some(Duration::from_secs(600))
+        );
+        // The wall clock stepped back (NTP): not a suspend.
+        let back = Clocks {
+            instant: t0 + Duration::from_secs(30),
+            wall: w0 - Duration::from_secs(100),
+        };
+        assert_eq!(lost_to_suspend(&before, &back), None);
+        let mut q: Queue<u32> = Queue::new();
+        q.schedule(1, 7, t0 + Duration::from_secs(1000));
+        q.schedule(2, 7, t0 + Duration::from_secs(2000));
+        q.shift_earlier(Duration::from_secs(600));
+        assert_eq!(
+            q.by_time.keys().next().map(|k| k.0),
+            Some(t0 + Duration::from_secs(400))
+        );
+        assert_eq!(q.pop(), Some((1, 7)));
+        q.cancel(&2, 7);
+        assert_eq!(q.len(), 0, "the key index follows the shift");
+    }
 
     #[test]
     fn sparse_queue_starts_at_the_first_deadline() {

@@ -7,12 +7,16 @@
 //! time, the credentials are complete and unexpired), with a refresh plan that is consistent with
 //! the credentials (an inconsistent one is computed afresh), and queues their refreshes. An entry
 //! this cache already has with credentials lasting as long or longer is left alone; nothing is
-//! installed beyond this cache's own capacity.
+//! installed beyond this cache's own capacity. Evictions for a token's fault after a snapshot,
+//! and remembered refusals, go along too, so a successor neither revives what its predecessor
+//! evicted nor asks EKS Auth again about what it was refused.
 
-use super::{Carried, CredentialCache, Entry};
+use super::{Carried, CredentialCache, Entry, Refusal};
 use crate::cache::policy::Plan;
 use crate::credentials::Credentials;
+use crate::token::TokenHash;
 use crate::token::{PodKey, Token};
+use std::time::Duration;
 use std::time::SystemTime;
 
 /// An entry in transit: all it takes to serve it and keep refreshing it. It holds a token and
@@ -74,8 +78,52 @@ impl CredentialCache {
         (entries, next)
     }
 
+    /// Tokens evicted for their own fault at or after generation `since` (what a successor's
+    /// snapshot may still hold).
+    pub fn evicted_since(&self, since: u64) -> Vec<TokenHash> {
+        let log = self
+            .inner
+            .evictions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        log.iter()
+            .filter(|(at, _)| *at + 1 >= since)
+            .map(|(_, h)| *h)
+            .collect()
+    }
+
+    /// Drop entries a predecessor evicted after its snapshot.
+    pub fn forget(&self, hashes: &[TokenHash]) {
+        for h in hashes {
+            self.inner.entries.invalidate(h);
+        }
+    }
+
+    /// The refusals remembered now and how long each is left to be.
+    pub fn refusals(&self) -> Vec<(TokenHash, Refusal, Duration)> {
+        self.inner.rejections.export()
+    }
+
+    /// A predecessor's remembered refusals, each for what is left of it.
+    pub fn remember(&self, refusals: impl IntoIterator<Item = (TokenHash, Refusal, Duration)>) {
+        for (hash, refusal, left) in refusals {
+            self.inner.rejections.import(hash, refusal, left);
+        }
+    }
+
     /// Install a predecessor's entries (see the module contract).
     pub fn import(&self, entries: impl IntoIterator<Item = Exported>) -> Imported {
+        self.import_refreshing_after(entries, SystemTime::UNIX_EPOCH)
+    }
+
+    /// [`CredentialCache::import`], refreshing none before `not_before`: while a predecessor
+    /// finishes its own refreshes (it stops only when it retires), the two do not both renew an
+    /// overdue entry. Entries are served meanwhile; past their hard point, until their refresh.
+    pub fn import_refreshing_after(
+        &self,
+        entries: impl IntoIterator<Item = Exported>,
+        not_before: SystemTime,
+    ) -> Imported {
         let inner = &self.inner;
         let now = SystemTime::now();
         let mut out = Imported::default();
@@ -119,17 +167,20 @@ impl CredentialCache {
                 .valid_until
                 .min(expiration)
                 .min(token.expires_at(inner.leeway));
-            inner.put(|generation| {
-                Entry::restored(
-                    token,
-                    credentials,
-                    plan,
-                    valid_until,
-                    generation,
-                    x.pod,
-                    x.state,
-                )
-            });
+            inner.put_refreshing_after(
+                |generation| {
+                    Entry::restored(
+                        token,
+                        credentials,
+                        plan,
+                        valid_until,
+                        generation,
+                        x.pod,
+                        x.state,
+                    )
+                },
+                not_before,
+            );
             out.installed += 1;
         }
         out

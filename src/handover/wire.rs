@@ -16,39 +16,63 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-/// The protocol this build speaks. A peer that speaks another is refused, and the successor
-/// binds fresh instead.
-pub const PROTOCOL: u32 = 1;
+/// The newest protocol this build speaks, and the oldest. Peers agree on the newest both
+/// speak; with none in common the handover is refused and the successor binds fresh. Version 2
+/// sends a peer nothing secret before it proved it shares the agent's network namespace and
+/// committed to taking over.
+pub const PROTOCOL: u32 = 2;
+pub const MIN_PROTOCOL: u32 = 2;
 /// Frames larger than this are refused: entries travel in chunks well below it.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 /// Descriptors accepted with one frame.
 const MAX_FDS: usize = 32;
 
+/// A proof that the peer shares this agent's network namespace: connect to this abstract Unix
+/// socket name (abstract names exist per network namespace) and write the nonce.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Challenge {
+    pub name: String,
+    pub nonce: String,
+}
+
 /// One message of the protocol. See [`super`] for the order they come in.
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Msg {
-    /// Successor → predecessor: who is asking, and in which protocol.
+    /// Successor → predecessor: who is asking, the protocols it speaks, and its challenge.
     Hello {
         protocol: u32,
+        #[serde(default = "one")]
+        min_protocol: u32,
         version: String,
         pid: u32,
+        challenge: Option<Challenge>,
     },
     /// Either way: no handover, and why.
     Refused { reason: String },
+    /// Predecessor → successor: the protocol agreed, and the predecessor's own challenge.
+    Prove { protocol: u32, challenge: Challenge },
     /// Predecessor → successor: the cluster's verification keys it holds.
     Keys { keys: crate::verify::keys::Stored },
-    /// Predecessor → successor: cache entries, in chunks.
-    Entries { entries: Vec<WireEntry> },
     /// Predecessor → successor: its listening sockets, descriptors attached in this order.
     Listeners { listeners: Vec<WireListener> },
-    /// Successor → predecessor: it serves on them now; the predecessor stops accepting.
+    /// Successor → predecessor: it takes over (its server is ready on the sockets); send the
+    /// cache.
     Taken,
-    /// Predecessor → successor: entries made or renewed since the snapshot, sent once its own
-    /// requests have finished.
-    Delta { entries: Vec<WireEntry> },
+    /// Predecessor → successor: cache entries, in chunks (the snapshot, then the delta).
+    Entries { entries: Vec<WireEntry> },
+    /// Predecessor → successor: the snapshot is complete; the predecessor retires now.
+    Retiring,
+    /// Predecessor → successor: tokens it evicted for their own fault since the snapshot.
+    Evicted { tokens: Vec<String> },
+    /// Predecessor → successor: refusals it remembers.
+    Refusals { refusals: Vec<WireRefusal> },
     /// Predecessor → successor: nothing more.
     Done,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl Msg {
@@ -56,12 +80,25 @@ impl Msg {
         match self {
             Msg::Hello { .. } => "hello",
             Msg::Refused { .. } => "refused",
+            Msg::Prove { .. } => "prove",
             Msg::Keys { .. } => "keys",
-            Msg::Entries { .. } => "entries",
             Msg::Listeners { .. } => "listeners",
             Msg::Taken => "taken",
-            Msg::Delta { .. } => "delta",
+            Msg::Entries { .. } => "entries",
+            Msg::Retiring => "retiring",
+            Msg::Evicted { .. } => "evicted",
+            Msg::Refusals { .. } => "refusals",
             Msg::Done => "done",
+        }
+    }
+
+    /// Roughly how many bytes of cache it carries, for the successor's cap.
+    pub fn weight(&self) -> usize {
+        match self {
+            Msg::Entries { entries } => entries.iter().map(|e| e.token.len() + e.body.len()).sum(),
+            Msg::Refusals { refusals } => refusals.iter().map(|r| r.message.len() + 128).sum(),
+            Msg::Evicted { tokens } => tokens.len() * 64,
+            _ => 0,
         }
     }
 }
@@ -74,24 +111,50 @@ pub struct WireListener {
     pub addr: SocketAddr,
 }
 
-/// A cache entry in transit. Holds a token and credentials: deliberately no `Debug`.
+/// A cache entry in transit. Holds a token and credentials: deliberately no `Debug`. Fields a
+/// peer of another version may not send have defaults (the plan is checked against the
+/// credentials on arrival and made afresh if it does not fit).
 #[derive(Serialize, Deserialize)]
 pub struct WireEntry {
     /// The pod's token, as it sent it.
     pub token: String,
     /// The credentials body, exactly as served.
     pub body: String,
+    #[serde(default)]
     pub refresh_at_ms: u64,
+    #[serde(default)]
     pub hard_at_ms: u64,
+    #[serde(default)]
     pub serve_queued_until_ms: u64,
+    #[serde(default)]
     pub valid_until_ms: u64,
     /// 0 unused, 1 used, 2 dormant.
+    #[serde(default)]
     pub demand: u8,
+    #[serde(default)]
     pub failures: u32,
+    #[serde(default)]
     pub retry_after_ms: u64,
     /// The pod (hex of its key) when the token was verified; absent from older agents.
     #[serde(default)]
     pub pod: Option<String>,
+}
+
+/// A remembered refusal in transit: whose (a token hash, hex), what, and how long it is left.
+#[derive(Serialize, Deserialize)]
+pub struct WireRefusal {
+    pub token: String,
+    /// `upstream` (EKS Auth's), `unverified` or `other_node`.
+    pub kind: String,
+    #[serde(default)]
+    pub status: u16,
+    #[serde(default)]
+    pub code: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub request_id: Option<String>,
+    pub left_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +191,10 @@ impl Channel {
     pub fn set_timeout(&mut self, timeout: Duration) -> std::io::Result<()> {
         self.stream.set_read_timeout(Some(timeout))?;
         self.stream.set_write_timeout(Some(timeout))
+    }
+
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
     }
 
     /// The peer's user id (`SO_PEERCRED`): handovers happen only between processes of one user.
@@ -250,8 +317,10 @@ mod tests {
         let addr = l.local_addr().expect("addr");
         a.send(&Msg::Hello {
             protocol: PROTOCOL,
+            min_protocol: MIN_PROTOCOL,
             version: "x".into(),
             pid: 1,
+            challenge: None,
         })
         .expect("send");
         a.send_with_fds(

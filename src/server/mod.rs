@@ -19,7 +19,7 @@ mod memory;
 pub mod response;
 
 use crate::admission::{Admission, AdmissionSettings};
-use crate::cache::{CacheSettings, CredentialCache, Exported, Imported};
+use crate::cache::{CacheSettings, CredentialCache};
 use crate::client::{Clients, NODE_ADDRESSES_EVERY};
 use crate::eks_auth::CredentialSource;
 use crate::metrics::Metrics;
@@ -35,6 +35,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Everything the server needs, already parsed and typed.
 #[derive(Debug, Clone)]
@@ -76,15 +77,34 @@ const METRICS_CONNECTIONS: ConnectionLimits = ConnectionLimits {
     header_timeout: Duration::from_secs(3),
 };
 
-/// What a predecessor handed over, installed before the first connection is accepted.
+/// What a predecessor handed over before this server binds: its listening sockets (or, with
+/// none, whether to wait for its ports) and its verification keys. Its cache entries follow
+/// into [`Prepared::cache`], before [`Prepared::serve`].
 #[derive(Default)]
 pub struct Preload {
-    /// Its listening sockets (or, with none, whether to wait for its ports).
     pub sockets: Sockets,
-    /// Its cache entries.
-    pub entries: Vec<Exported>,
-    /// Its verification keys.
     pub keys: Option<Stored>,
+}
+
+/// A server bound and built but not accepting yet: its cache can be filled first (a handover),
+/// so the first request it accepts finds the predecessor's entries.
+pub struct Prepared {
+    pub cache: CredentialCache,
+    pub verifier: Option<Arc<Verifier>>,
+    /// Where credentials will be served; the actual ports when 0 was asked for.
+    pub credential_addrs: Vec<SocketAddr>,
+    metrics: Arc<Metrics>,
+    creds: Vec<Bound>,
+    probe: Option<Bound>,
+    metrics_listener: Option<Bound>,
+    skipped: Vec<SocketAddr>,
+    handler: Arc<CredentialHandler>,
+    clients: Arc<Clients>,
+    limits: ConnectionLimits,
+    stop: CancellationToken,
+    connections: Connections,
+    shutdown_grace: Duration,
+    held: Vec<(Role, SocketAddr, OwnedFd)>,
 }
 
 /// A started server. Dropping it without [`shutdown`](RunningServer::shutdown) leaves its tasks
@@ -109,8 +129,6 @@ pub struct RunningServer {
     /// A descriptor of every listening socket, by role, for a handover: owned, so the sockets
     /// stay open for as long as this agent may hand them over, whatever its listeners do.
     pub sockets: Arc<Vec<(Role, SocketAddr, OwnedFd)>>,
-    /// What became of the entries given to [`Server::start_with`].
-    pub preloaded: Imported,
 }
 
 /// After the grace period, how long requests whose exchange was ended get to send their 503.
@@ -124,22 +142,22 @@ impl Server {
         source: Arc<dyn CredentialSource>,
         metrics: Arc<Metrics>,
     ) -> Result<RunningServer, BindError> {
-        Server::start_with(settings, source, metrics, Preload::default()).await
+        Ok(
+            Server::prepare(settings, source, metrics, Preload::default())
+                .await?
+                .serve(),
+        )
     }
 
-    /// [`Server::start`], on the listening sockets in `preload` where it has them, and with its
-    /// entries and keys installed before the first connection is accepted (a handover).
-    pub async fn start_with(
+    /// Bind (on the sockets in `preload` where it has them) and build everything, but accept
+    /// nothing yet: see [`Prepared`].
+    pub async fn prepare(
         settings: &ServerSettings,
         source: Arc<dyn CredentialSource>,
         metrics: Arc<Metrics>,
         preload: Preload,
-    ) -> Result<RunningServer, BindError> {
-        let Preload {
-            mut sockets,
-            entries,
-            keys,
-        } = preload;
+    ) -> Result<Prepared, BindError> {
+        let Preload { mut sockets, keys } = preload;
         let (creds, skipped) =
             listener::bind_credential_listeners(&settings.bind_hosts, settings.port, &mut sockets)
                 .await?;
@@ -147,37 +165,17 @@ impl Server {
             Some(a) => Some(sockets.bind(Role::Probe, a).await?),
             None => None,
         };
-        let metrics_l = match settings.metrics_addr {
+        let metrics_listener = match settings.metrics_addr {
             Some(a) => Some(sockets.bind(Role::Metrics, a).await?),
             None => None,
         };
-        let held = hold(&creds, [(Role::Probe, &probe), (Role::Metrics, &metrics_l)])?;
+        let held = hold(
+            &creds,
+            [(Role::Probe, &probe), (Role::Metrics, &metrics_listener)],
+        )?;
         let stop = CancellationToken::new();
         let connections = Connections::default();
-        let tasks = connections.tracker().clone();
-        let verifier = settings.verification.as_ref().and_then(|v| {
-            // A source that cannot even be built (no service-account token or CA mounted) is
-            // the operator's to fix, loudly; pods are served meanwhile, as without verification.
-            let source = match v.keys.source(Some(metrics.kube_requests.clone())) {
-                Ok(source) => source,
-                Err(e) => {
-                    tracing::error!(error = %e, "token verification is configured but cannot run; tokens go to EKS Auth unverified");
-                    return None;
-                }
-            };
-            tracing::info!(source = %source.describe(), "tokens are verified locally before any exchange");
-            let counted = (metrics.verifications.clone(), metrics.key_fetches.clone());
-            let verifier = Verifier::new(
-                source,
-                v.verify.clone(),
-                keys,
-                Some(counted),
-                tasks.clone(),
-                stop.clone(),
-            );
-            verifier.start();
-            Some(verifier)
-        });
+        let verifier = start_verifier(settings, &metrics, keys, &connections, &stop);
         let bound_ips: Vec<IpAddr> = creds.iter().map(|b| b.addr.ip()).collect();
         let clients = Arc::new(Clients::new(&bound_ips, settings.client_ipv6_prefix));
         let admission = Arc::new(Admission::new(
@@ -193,7 +191,6 @@ impl Server {
             settings.leeway,
             metrics.clone(),
         );
-        let preloaded = cache.import(entries);
         let handler = Arc::new(CredentialHandler {
             cache: cache.clone(),
             hosts: AllowedHosts::new(&bound_ips),
@@ -203,23 +200,95 @@ impl Server {
             refusal_lines: crate::audit::Pacer::default(),
             deliveries: handler::deliveries(),
         });
+        Ok(Prepared {
+            cache,
+            verifier,
+            credential_addrs: creds.iter().map(|b| b.addr).collect(),
+            metrics,
+            creds,
+            probe,
+            metrics_listener,
+            skipped: skipped.into_iter().map(|(a, _)| a).collect(),
+            handler,
+            clients,
+            limits: settings.connections,
+            stop,
+            connections,
+            shutdown_grace: settings.shutdown_grace,
+            held,
+        })
+    }
+}
+
+/// Local verification, when configured and buildable; its fetches run on the server's tracker.
+fn start_verifier(
+    settings: &ServerSettings,
+    metrics: &Arc<Metrics>,
+    keys: Option<Stored>,
+    connections: &Connections,
+    stop: &CancellationToken,
+) -> Option<Arc<Verifier>> {
+    let v = settings.verification.as_ref()?;
+    // A source that cannot even be built (no service-account token or CA mounted) is the
+    // operator's to fix, loudly; pods are served meanwhile, as without verification.
+    let source = match v.keys.source(Some(metrics.kube_requests.clone())) {
+        Ok(source) => source,
+        Err(e) => {
+            tracing::error!(error = %e, "token verification is configured but cannot run; tokens go to EKS Auth unverified");
+            return None;
+        }
+    };
+    tracing::info!(source = %source.describe(), "tokens are verified locally before any exchange");
+    let counted = (metrics.verifications.clone(), metrics.key_fetches.clone());
+    let verifier = Verifier::new(
+        source,
+        v.verify.clone(),
+        keys,
+        Some(counted),
+        connections.tracker().clone(),
+        stop.clone(),
+    );
+    verifier.start();
+    Some(verifier)
+}
+
+impl Prepared {
+    /// Start accepting on every listener, and the server's background tasks.
+    pub fn serve(self) -> RunningServer {
+        let Prepared {
+            cache,
+            verifier,
+            credential_addrs,
+            metrics,
+            creds,
+            probe,
+            metrics_listener,
+            skipped,
+            handler,
+            clients,
+            limits,
+            stop,
+            connections,
+            shutdown_grace,
+            held,
+        } = self;
+        let tasks = connections.tracker().clone();
         let refused = metrics
             .rejected_locally
             .with_label_values(&["connection_limit"]);
         let credential_limiter =
-            ConnectionLimiter::with_clients(settings.connections, clients.clone(), Some(refused));
+            ConnectionLimiter::with_clients(limits, clients.clone(), Some(refused));
         let admin = Arc::new(Admin {
             connections: connections.clone(),
             listeners: creds
                 .iter()
                 .map(|b| (b.addr, b.accepting.clone()))
                 .collect(),
-            skipped: skipped.iter().map(|(a, _)| *a).collect(),
+            skipped: skipped.clone(),
             cache: cache.clone(),
             verifier: verifier.clone(),
             metrics: metrics.clone(),
         });
-        let credential_addrs: Vec<SocketAddr> = creds.iter().map(|b| b.addr).collect();
         for bound in creds {
             tracing::info!(addr = %bound.addr, "serving credentials");
             let h = handler.clone();
@@ -253,29 +322,11 @@ impl Server {
             })
         };
         let probe_addr = spawn_admin(probe, "probes", PROBE_CONNECTIONS);
-        let metrics_addr = spawn_admin(metrics_l, "metrics", METRICS_CONNECTIONS);
-        let stopped = stop.clone();
-        tasks.spawn(async move {
-            tokio::select! {
-                _ = memory::run() => {}
-                _ = stopped.cancelled() => {}
-            }
-        });
-        let stopped = stop.clone();
-        tasks.spawn(async move {
-            // The node's addresses are the host too; they change with ENIs and DHCP.
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(NODE_ADDRESSES_EVERY) => {}
-                    _ = stopped.cancelled() => return,
-                }
-                let c = clients.clone();
-                let _ = tokio::task::spawn_blocking(move || c.read_node_addresses()).await;
-            }
-        });
-        Ok(RunningServer {
+        let metrics_addr = spawn_admin(metrics_listener, "metrics", METRICS_CONNECTIONS);
+        spawn_background(&tasks, &stop, clients);
+        RunningServer {
             credential_addrs,
-            skipped: skipped.into_iter().map(|(a, _)| a).collect(),
+            skipped,
             probe_addr,
             metrics_addr,
             cache,
@@ -283,11 +334,33 @@ impl Server {
             metrics,
             stop,
             connections,
-            shutdown_grace: settings.shutdown_grace,
+            shutdown_grace,
             sockets: Arc::new(held),
-            preloaded,
-        })
+        }
     }
+}
+
+/// Giving freed memory back, and re-reading the node's addresses (they change with ENIs and
+/// DHCP), until `stop`.
+fn spawn_background(tasks: &TaskTracker, stop: &CancellationToken, clients: Arc<Clients>) {
+    let stopped = stop.clone();
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = memory::run() => {}
+            _ = stopped.cancelled() => {}
+        }
+    });
+    let stopped = stop.clone();
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(NODE_ADDRESSES_EVERY) => {}
+                _ = stopped.cancelled() => return,
+            }
+            let c = clients.clone();
+            let _ = tokio::task::spawn_blocking(move || c.read_node_addresses()).await;
+        }
+    });
 }
 
 /// An owned duplicate of every listening socket, for a handover.

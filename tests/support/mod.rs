@@ -9,6 +9,7 @@ pub mod fake_kube;
 pub mod jwt;
 pub mod manifest;
 pub mod netns;
+pub mod node;
 pub mod process;
 pub mod python;
 pub mod recording_proxy;

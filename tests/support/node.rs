@@ -1,0 +1,78 @@
+//! One node's agents as processes on loopback: fixed ports (so a successor wants the same
+//! sockets), a handover directory under a temp dir, and the fake EKS Auth.
+
+use super::fake_eks_auth::FakeEksAuth;
+use super::process::{agent_command, loopback_server, spawn, Spawned};
+use super::*;
+use std::net::SocketAddr;
+
+/// The flags every agent of one test gets: fixed ports, so a successor wants the same sockets.
+pub struct Node {
+    pub fake: FakeEksAuth,
+    pub dir: tempfile::TempDir,
+    pub ports: [u16; 3],
+}
+
+impl Node {
+    pub async fn new() -> Node {
+        Node {
+            fake: FakeEksAuth::start(CLUSTER).await,
+            dir: tempfile::tempdir().expect("tempdir"),
+            ports: [free_port(), free_port(), free_port()],
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.ports[0]))
+    }
+
+    /// A new pod's first request is answered.
+    pub async fn serves(&self) {
+        let r = get(
+            self.addr(),
+            "/v1/credentials",
+            &[("authorization", &token())],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.ports[2]))
+    }
+
+    pub fn handover_dir(&self) -> String {
+        self.dir.path().join("handover").display().to_string()
+    }
+
+    pub fn agent(&self, handover_dir: &str, extra: &[&str]) -> Spawned {
+        let endpoint = self.fake.endpoint();
+        let [p, probe, metrics] = self.ports.map(|p| p.to_string());
+        let mut args = loopback_server(CLUSTER, [&p, &probe, &metrics]);
+        // Pods are played by loopback addresses, which the agent counts as one client (the
+        // host): budgets for them are not what these tests are about.
+        args.extend([
+            "--endpoint",
+            &endpoint,
+            "--handover-timeout",
+            "1s",
+            "--client-exchange-burst",
+            "1000",
+        ]);
+        args.extend_from_slice(extra);
+        let mut cmd = agent_command(&args);
+        cmd.env("POD_IDENTITY_AGENT_HANDOVER_DIR", handover_dir);
+        spawn(cmd)
+    }
+}
+
+/// A JSON log line with this message, waited for.
+pub async fn logged(agent: &Spawned, message: &str) -> serde_json::Value {
+    agent
+        .stderr
+        .find(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["message"] == message).then_some(v)
+        })
+        .await
+}
