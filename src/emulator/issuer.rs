@@ -333,21 +333,57 @@ fn to_pem(der: &[u8]) -> String {
     out
 }
 
-/// Write a file only its owner can read, atomically (a crash leaves no half-written key).
+/// Write a file only its owner can read, atomically (a crash leaves no half-written key), safely
+/// in a directory others can write to: the bytes go to a fresh temporary file that this call
+/// creates itself (a unique name, `O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600 from the start), so a
+/// file or symlink planted in advance can neither receive them nor redirect them; then it is
+/// renamed over `path`. Every state file of the emulator is written through here.
 pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
+    let (tmp, mut file) = create_private_temp(path)?;
+    let written = file
+        .write_all(contents.as_bytes())
+        .and_then(|_| file.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    let mut f = opts.open(&tmp)?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    written
+}
+
+/// A new, empty, owner-only file beside `path`, under a name no one could have chosen for us.
+fn create_private_temp(path: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut last = None;
+    for _ in 0..8 {
+        let tmp = path.with_file_name(format!(
+            ".{name}.{}.{}.tmp",
+            std::process::id(),
+            short_id(12)
+        ));
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.custom_flags(libc::O_NOFOLLOW);
+        }
+        match opts.open(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            // Someone holds that name (by chance or not): never reuse it, pick another.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free temporary name")))
 }
 
 /// Random lowercase alphanumerics.
@@ -437,6 +473,46 @@ mod tests {
             )
             .expect("sign");
         assert_eq!(a.verify(&expired), Err(Rejection::Expired));
+    }
+
+    /// L9: in a shared state directory, a file or symlink planted where the old code put its
+    /// temporary file (`issuer-key.tmp`) receives nothing, and the key ends up owner-only.
+    #[cfg(unix)]
+    #[test]
+    fn a_planted_temporary_file_or_symlink_gets_nothing() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        let target = elsewhere.path().join("stolen");
+        std::fs::write(&target, "").expect("write");
+        std::os::unix::fs::symlink(&target, dir.path().join("issuer-key.tmp")).expect("symlink");
+        let planted = dir.path().join("tokens.tmp");
+        std::fs::write(&planted, "").expect("write");
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        Issuer::load_or_create(dir.path()).expect("issuer");
+        write_private(&dir.path().join("tokens"), "secret").expect("write");
+        assert_eq!(
+            std::fs::read_to_string(&target).expect("read"),
+            "",
+            "written through a symlink"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&planted).expect("read"),
+            "",
+            "written into a planted file"
+        );
+        for file in [KEY_FILE, "tokens"] {
+            let meta = std::fs::symlink_metadata(dir.path().join(file)).expect("meta");
+            assert!(meta.is_file(), "{file}");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{file}");
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
     }
 
     #[test]
