@@ -8,12 +8,13 @@
 
 use crate::admission::AdmissionSettings;
 use crate::cache::CacheSettings;
-use crate::cli::{DevArgs, EmulateArgs, LogFormat, TokenArgs};
+use crate::cli::{DevArgs, EmulateArgs, ExplainArgs, LogFormat, TokenArgs};
 use crate::eks_auth::{EksAuthClient, ExchangeSettings};
 use crate::emulator::associations::STS_AUDIENCE;
+use crate::emulator::issuer::write_private;
 use crate::emulator::issuer::{Issuer, MintRequest, AUDIENCE};
-use crate::emulator::state::{chained_profiles, mint_to, token_path, token_path_for};
-use crate::emulator::Emulator;
+use crate::emulator::state::{chained_profiles, kubeconfig, mint_to, token_path, token_path_for};
+use crate::emulator::{cluster, explain, Emulator};
 use crate::metrics::Metrics;
 use crate::server::limits::ConnectionLimits;
 use crate::server::listener::{self, Connections};
@@ -96,6 +97,44 @@ pub async fn run_token(args: TokenArgs) -> Result<(), String> {
     }
 }
 
+/// `dev explain-access`: read the cluster's state (no emulator needs to run) and explain.
+pub fn run_explain(args: ExplainArgs) -> Result<bool, String> {
+    let dir = crate::emulator::state::state_dir(args.state_dir.as_deref())?;
+    let path = cluster::state_file(&dir, &args.cluster_name);
+    let state = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str::<cluster::Cluster>(&text)
+            .map_err(|e| format!("{} is not the emulator's cluster state: {e}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "no cluster {} in {}: start `pod-identity-agent dev` (or emulate-eks-auth) with this state dir first",
+                args.cluster_name,
+                dir.display()
+            ))
+        }
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let aws_auth = match &args.aws_auth {
+        Some(p) => crate::emulator::aws_auth::AwsAuth::load(p),
+        None => Ok(Default::default()),
+    };
+    let (mapped, text) =
+        explain::explain(&state, &aws_auth, &args.principal_arn, &args.session_name);
+    print!("{text}");
+    Ok(mapped)
+}
+
+/// Write the kubeconfig whose user runs `aws eks get-token` against the emulator.
+fn write_kubeconfig(
+    dir: &Path,
+    cluster: &str,
+    emulator: SocketAddr,
+) -> Result<std::path::PathBuf, String> {
+    let path = dir.join(format!("kubeconfig-{cluster}"));
+    write_private(&path, &kubeconfig(cluster, &format!("http://{emulator}")))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(path)
+}
+
 pub async fn run_emulate(args: EmulateArgs) -> Result<(), String> {
     crate::logging::init(&args.log, LogFormat::Text);
     let config = args.emulator.config()?;
@@ -104,6 +143,9 @@ pub async fn run_emulate(args: EmulateArgs) -> Result<(), String> {
     println!("# EKS Auth, STS and OIDC issuer emulator listening; point clients at it with:");
     println!("export AWS_ENDPOINT_URL_EKS_AUTH=http://{}", running.addr);
     println!("export AWS_ENDPOINT_URL_STS=http://{}", running.addr);
+    println!("export AWS_ENDPOINT_URL_EKS=http://{}", running.addr);
+    let kube = write_kubeconfig(&config.state_dir, &config.cluster.name, running.addr)?;
+    println!("export KUBECONFIG={}", kube.display());
     let _ = std::io::stdout().flush();
     tracing::info!(addr = %running.addr, state_dir = %config.state_dir.display(), "EKS Auth emulator ready");
     crate::signal::shutdown().await;
@@ -112,8 +154,9 @@ pub async fn run_emulate(args: EmulateArgs) -> Result<(), String> {
 }
 
 pub async fn run_dev(args: DevArgs) -> Result<(), String> {
-    if let Some(crate::cli::DevCommand::Token(t)) = args.command {
-        return run_token(t).await;
+    match args.command {
+        Some(crate::cli::DevCommand::Token(t)) => return run_token(t).await,
+        Some(crate::cli::DevCommand::ExplainAccess(_)) | None => {}
     }
     crate::logging::init(&args.log, LogFormat::Text);
     let config = args.emulator.config()?;
@@ -136,7 +179,8 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
         ))
         .load()
         .await;
-    let mut exchange = ExchangeSettings::new(&args.cluster_name);
+    let cluster_name = config.cluster.name.clone();
+    let mut exchange = ExchangeSettings::new(&cluster_name);
     exchange.endpoint = Some(format!("http://{emu_addr}"));
     let settings = ServerSettings {
         bind_hosts: vec![Ipv4Addr::LOCALHOST.into()],
@@ -221,6 +265,11 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
         "#   export AWS_WEB_IDENTITY_TOKEN_FILE={}",
         irsa_token.display()
     );
+    // The fourth identity: who an IAM principal is in the cluster (kubectl, aws eks get-token).
+    let kube = write_kubeconfig(&dir, &cluster_name, emu_addr)?;
+    println!("# The cluster's API (kubectl auth whoami, kubectl auth can-i) and the EKS API (access entries):");
+    println!("export KUBECONFIG={}", kube.display());
+    println!("export AWS_ENDPOINT_URL_EKS=http://{emu_addr}");
     if let Some(path) = &args.aws_config {
         println!("# A cross-account chain ({}):", args.cross_account_role);
         println!(

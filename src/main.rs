@@ -21,6 +21,17 @@ fn main() -> ExitCode {
         }
         Command::Server(args) => run(|| server(args)),
         Command::Init(args) => run(|| init(args)),
+        Command::Dev(pod_identity_agent::cli::DevArgs {
+            command: Some(pod_identity_agent::cli::DevCommand::ExplainAccess(args)),
+            ..
+        }) => match pod_identity_agent::dev::run_explain(args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("pod-identity-agent: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Dev(args) => run(|| pod_identity_agent::dev::run_dev(args)),
         Command::EmulateEksAuth(args) => run(|| pod_identity_agent::dev::run_emulate(args)),
         // Its exit code is its verdict (1: a problem found), not a start-up failure.

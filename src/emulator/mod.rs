@@ -18,10 +18,23 @@
 //! [`Emulator::build`] makes one from its [`EmulatorConfig`] (state directory, association
 //! table, credential source); [`Emulator::serve`] runs it on a listener.
 
+pub mod access;
 pub mod associations;
+pub mod authenticator;
+pub mod aws_auth;
+pub mod cluster;
+pub mod discovery;
+pub mod eks_api;
+pub mod entries;
+pub mod explain;
+pub mod identity;
 pub mod import;
 pub mod issuer;
+pub mod kube;
 pub mod minting;
+pub mod pod_associations;
+mod pod_identity;
+pub mod recorded;
 pub mod sessions;
 pub mod sigv4;
 pub mod state;
@@ -36,11 +49,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use issuer::{Issuer, Rejection};
-use minting::{Context, Minting};
+use issuer::Issuer;
+use minting::Minting;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio_util::sync::CancellationToken;
 
 const MAX_BODY: usize = 64 * 1024;
@@ -68,6 +81,38 @@ pub struct EmulatorConfig {
     pub state_dir: PathBuf,
     pub associations: AssociationsFrom,
     pub credentials: CredentialsFrom,
+    /// The emulated cluster: its name, and its authentication mode and creator when new.
+    pub cluster: ClusterConfig,
+    /// The `aws-auth` ConfigMap, re-read at every authentication (as the authenticator
+    /// watches the real one).
+    pub aws_auth: Option<PathBuf>,
+}
+
+/// The emulated cluster's name, and what a new one is made with.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub name: String,
+    /// Applied at start, as `UpdateClusterConfig` would (one-way); a new cluster's mode when
+    /// `None` is `API_AND_CONFIG_MAP`.
+    pub authentication_mode: Option<String>,
+    pub creator: String,
+}
+
+/// The cluster name `dev` and the emulator use by default.
+pub const DEFAULT_CLUSTER: &str = "dev";
+/// The principal that created the emulated cluster by default: `dev`'s own role, so the
+/// developer who pastes `dev`'s exports is the cluster's bootstrap admin.
+pub const DEFAULT_CREATOR: &str = "arn:aws:iam::000000000000:role/default-default";
+pub const DEFAULT_MODE: &str = "API_AND_CONFIG_MAP";
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            name: DEFAULT_CLUSTER.into(),
+            authentication_mode: None,
+            creator: DEFAULT_CREATOR.into(),
+        }
+    }
 }
 
 pub struct Emulator {
@@ -85,6 +130,12 @@ pub struct Emulator {
     pub calls: AtomicU64,
     /// Discovery documents and key sets served (tests of how often verifiers fetch them).
     pub key_fetches: AtomicU64,
+    /// The emulated cluster's identity state (access entries, mode, associations made through
+    /// the EKS API).
+    pub cluster: cluster::Store,
+    pub aws_auth: Option<PathBuf>,
+    /// `host:port`s this emulator serves on: the only STS hosts tokens may name.
+    pub addresses: RwLock<Vec<String>>,
 }
 
 impl Emulator {
@@ -100,6 +151,16 @@ impl Emulator {
             account: "000000000000".into(),
             calls: AtomicU64::new(0),
             key_fetches: AtomicU64::new(0),
+            cluster: cluster::Store::in_memory(
+                cluster::Cluster::new(&seed(
+                    &ClusterConfig::default(),
+                    "us-east-1",
+                    "000000000000",
+                ))
+                .unwrap_or_else(|e| unreachable!("the default cluster is valid: {e}")),
+            ),
+            aws_auth: None,
+            addresses: RwLock::new(Vec::new()),
         }
     }
 
@@ -131,6 +192,23 @@ impl Emulator {
         };
         let mut emulator = Emulator::new(issuer, associations, minting);
         emulator.trust = trust;
+        let c = &config.cluster;
+        let store = cluster::Store::open(
+            &config.state_dir,
+            &seed(c, &emulator.region, &emulator.account),
+        )?;
+        if let Some(mode) = &c.authentication_mode {
+            if store.snapshot().authentication_mode != *mode {
+                store.change(|cl| cl.update_mode(mode)).map_err(|e| {
+                    format!("--authentication-mode {mode}: {} ({})", e.message, e.code)
+                })?;
+            }
+        }
+        emulator.cluster = store;
+        if let Some(path) = &config.aws_auth {
+            aws_auth::AwsAuth::load(path)?;
+        }
+        emulator.aws_auth = config.aws_auth.clone();
         Ok(emulator)
     }
 
@@ -151,6 +229,10 @@ impl Emulator {
         stop: CancellationToken,
         connections: Connections,
     ) -> tokio::task::JoinHandle<()> {
+        if let Ok(mut a) = self.addresses.write() {
+            let port = bound.addr.port();
+            a.extend([bound.addr.to_string(), format!("localhost:{port}")]);
+        }
         tokio::spawn(listener::serve(
             bound,
             move |req, _peer| {
@@ -184,6 +266,11 @@ impl Emulator {
         if path == "/" {
             return self.handle_sts(req).await;
         }
+        if !path.ends_with("/assume-role-for-pod-identity")
+            && (eks_api::serves(&path) || kube::serves(&path))
+        {
+            return self.handle_identity(req).await;
+        }
         let cluster = path
             .strip_prefix("/clusters/")
             .and_then(|rest| rest.strip_suffix("/assume-role-for-pod-identity"))
@@ -212,6 +299,75 @@ impl Emulator {
         to_response(wire)
     }
 
+    /// The EKS API for identity and the Kubernetes API.
+    async fn handle_identity(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let (parts, body) = req.into_parts();
+        let body = match Limited::new(body, MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => Bytes::new(),
+        };
+        let path = parts.uri.path();
+        if kube::serves(path) {
+            let kreq = kube::KubeRequest {
+                method: parts.method.as_str(),
+                path,
+                headers: &parts.headers,
+                body: &body,
+            };
+            return to_response(kube::handle(&kreq, &|token| self.authenticate(token)));
+        }
+        let incoming = sigv4::Request {
+            method: parts.method.as_str(),
+            path,
+            query: parts.uri.query().unwrap_or(""),
+            headers: &parts.headers,
+            body: &body,
+        };
+        let api = eks_api::EksApi {
+            sessions: &self.sessions,
+            store: &self.cluster,
+            file: &self.associations,
+        };
+        to_response(api.handle(&incoming, &issuer::uuid_like()))
+    }
+
+    /// Who a `k8s-aws-v1.` token's bearer is in the cluster, or why no one.
+    pub fn authenticate(&self, token: &str) -> Result<identity::Identity, String> {
+        let c = self.cluster.snapshot();
+        let hosts = self.addresses.read().map(|a| a.clone()).unwrap_or_default();
+        let caller = authenticator::verify(
+            token,
+            &c.name,
+            &hosts,
+            &self.sessions,
+            std::time::SystemTime::now(),
+        )
+        .map_err(|e| e.to_string())?;
+        identity::resolve(&c, &self.read_aws_auth(), &caller)
+    }
+
+    /// The `aws-auth` ConfigMap as it is now (none: an empty one).
+    pub fn read_aws_auth(&self) -> Result<aws_auth::AwsAuth, String> {
+        match &self.aws_auth {
+            Some(path) => aws_auth::AwsAuth::load(path),
+            None => Ok(aws_auth::AwsAuth::default()),
+        }
+    }
+
+    /// The association EKS Auth uses: one made through the EKS API, else the table's.
+    pub fn association(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> Option<associations::Association> {
+        pod_associations::lookup(
+            &self.cluster.snapshot(),
+            &self.associations,
+            namespace,
+            service_account,
+        )
+    }
+
     /// STS's query API on `/`.
     async fn handle_sts(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let (parts, body) = req.into_parts();
@@ -233,83 +389,19 @@ impl Emulator {
         });
         to_response(wire)
     }
+}
 
-    async fn exchange(
-        &self,
-        cluster: &str,
-        req: Request<Incoming>,
-    ) -> Result<wire::WireResponse, minting::Refusal> {
-        check_sigv4(&req)?;
-        let body = Limited::new(req.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|_| {
-                (
-                    "InvalidRequestException",
-                    "the request body could not be read".to_owned(),
-                )
-            })?
-            .to_bytes();
-        let json: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
-            (
-                "InvalidRequestException",
-                "the request body is not JSON".to_owned(),
-            )
-        })?;
-        let token = json["token"]
-            .as_str()
-            .filter(|t| !t.is_empty())
-            .ok_or(("InvalidParameterException", "token is required".to_owned()))?;
-        let subject = self.issuer.verify(token).map_err(|r| match r {
-            Rejection::Expired => ("ExpiredTokenException", r.to_string()),
-            Rejection::Invalid(m) => ("InvalidTokenException", m),
-        })?;
-        let association = self.associations.lookup(&subject.namespace, &subject.service_account).ok_or_else(|| {
-            (
-                "ResourceNotFoundException",
-                format!(
-                    "No Pod Identity Association found for service account {}/{} in cluster {cluster}",
-                    subject.namespace, subject.service_account
-                ),
-            )
-        })?;
-        let cluster_arn = format!(
-            "arn:aws:eks:{}:{}:cluster/{cluster}",
-            self.region, self.account
-        );
-        let ctx = Context {
-            cluster,
-            cluster_arn: &cluster_arn,
-            subject: &subject,
-            association: &association,
-        };
-        let mut issued = self.minting.issue(&ctx).await?;
-        if matches!(self.minting, Minting::Fake) {
-            // So the pod's credentials can sign STS requests here: GetCallerIdentity, chaining.
-            self.sessions.seal(&mut issued);
-        }
-        let association_id = association.id();
-        let association_arn = format!(
-            "arn:aws:eks:{}:{}:podidentityassociation/{cluster}/{association_id}",
-            self.region, self.account
-        );
-        tracing::info!(%cluster, namespace = %subject.namespace, service_account = %subject.service_account,
-            role = %association.role_arn, access_key_id = %issued.access_key_id, "emulated EKS Auth issued credentials");
-        Ok(wire::success(
-            &wire::Success {
-                namespace: &subject.namespace,
-                service_account: &subject.service_account,
-                association_arn: &association_arn,
-                association_id: &association_id,
-                assumed_role_arn: &issued.assumed_role_arn,
-                assume_role_id: &issued.assume_role_id,
-                access_key_id: &issued.access_key_id,
-                secret_access_key: &issued.secret_access_key,
-                session_token: &issued.session_token,
-                expiration: issued.expiration,
-            },
-            &issuer::uuid_like(),
-        ))
+/// What a new cluster is made from.
+pub fn seed(c: &ClusterConfig, region: &str, account: &str) -> cluster::Seed {
+    cluster::Seed {
+        name: c.name.clone(),
+        region: region.to_owned(),
+        account: account.to_owned(),
+        mode: c
+            .authentication_mode
+            .clone()
+            .unwrap_or_else(|| DEFAULT_MODE.to_owned()),
+        creator: c.creator.clone(),
     }
 }
 
@@ -326,52 +418,4 @@ fn to_response(wire: wire::WireResponse) -> Response<Full<Bytes>> {
         }
     }
     res
-}
-
-/// The form of a SigV4 `Authorization` header for `eks-auth`, and an `x-amz-date`. The
-/// signature itself is not checked: the emulator has no secret to check it against.
-fn check_sigv4<B>(req: &Request<B>) -> Result<(), minting::Refusal> {
-    let denied = |why: &str| {
-        (
-            "AccessDeniedException",
-            format!("the request is not signed for eks-auth: {why}"),
-        )
-    };
-    let auth = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| denied("no Authorization header"))?;
-    let rest = auth
-        .strip_prefix("AWS4-HMAC-SHA256 ")
-        .ok_or_else(|| denied("not AWS4-HMAC-SHA256"))?;
-    let field = |name: &str| {
-        rest.split(',')
-            .map(str::trim)
-            .find_map(|p| p.strip_prefix(name))
-    };
-    let scope: Vec<&str> = field("Credential=")
-        .ok_or_else(|| denied("no Credential"))?
-        .split('/')
-        .collect();
-    if scope.len() != 5
-        || scope[0].is_empty()
-        || scope[3] != "eks-auth"
-        || scope[4] != "aws4_request"
-    {
-        return Err(denied(
-            "credential scope is not <key>/<date>/<region>/eks-auth/aws4_request",
-        ));
-    }
-    field("SignedHeaders=")
-        .filter(|h| h.contains("host"))
-        .ok_or_else(|| denied("SignedHeaders must include host"))?;
-    let sig = field("Signature=").ok_or_else(|| denied("no Signature"))?;
-    if sig.len() != 64 || !sig.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(denied("Signature is not 64 hex digits"));
-    }
-    if !req.headers().contains_key("x-amz-date") {
-        return Err(denied("no x-amz-date"));
-    }
-    Ok(())
 }

@@ -146,7 +146,7 @@ fn canonical_query(query: &str) -> String {
         .join("&")
 }
 
-fn parse_amz_date(s: &str) -> Option<SystemTime> {
+pub fn parse_amz_date(s: &str) -> Option<SystemTime> {
     // YYYYMMDDTHHMMSSZ
     let t = aws_smithy_types::DateTime::from_str(
         &format!(

@@ -75,6 +75,39 @@ pub fn chained_profiles(irsa_role: &str, irsa_token: &Path, cross_role: &str) ->
     )
 }
 
+/// A kubeconfig for the emulated cluster at `server`, whose user runs `aws eks get-token`
+/// with STS pointed at the emulator (`AWS_ENDPOINT_URL_STS`, which the AWS CLI honours for
+/// the presigned URL and for `--role-arn`'s `AssumeRole`), as `aws eks update-kubeconfig`
+/// writes one for a real cluster.
+pub fn kubeconfig(cluster: &str, server: &str) -> String {
+    format!(
+        "# Written by pod-identity-agent dev: the emulated cluster {cluster}.\n\
+         apiVersion: v1\n\
+         kind: Config\n\
+         clusters:\n\
+         - name: {cluster}\n\
+         \x20 cluster:\n\
+         \x20   server: {server}\n\
+         contexts:\n\
+         - name: {cluster}\n\
+         \x20 context:\n\
+         \x20   cluster: {cluster}\n\
+         \x20   user: {cluster}\n\
+         current-context: {cluster}\n\
+         users:\n\
+         - name: {cluster}\n\
+         \x20 user:\n\
+         \x20   exec:\n\
+         \x20     apiVersion: client.authentication.k8s.io/v1beta1\n\
+         \x20     command: aws\n\
+         \x20     args: [eks, get-token, --cluster-name, {cluster}, --output, json]\n\
+         \x20     env:\n\
+         \x20     - name: AWS_ENDPOINT_URL_STS\n\
+         \x20       value: {server}\n\
+         \x20     interactiveMode: Never\n"
+    )
+}
+
 /// Mint a token and write it to `path`.
 pub fn mint_to(issuer: &Issuer, req: &MintRequest, path: &Path) -> Result<(), String> {
     let token = issuer.mint(req).map_err(|e| e.to_string())?;

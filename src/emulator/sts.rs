@@ -25,8 +25,8 @@ use super::associations::{
 };
 use super::issuer::{uuid_like, Issuer, Rejection};
 use super::minting::{fake_session, Issued};
-use super::sessions::{Session, Sessions};
-use super::sigv4::{self, Authorization, Mismatch};
+use super::sessions::{Session, Sessions, Unsigned};
+use super::sigv4::{self, Mismatch};
 use super::wire::WireResponse;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -82,6 +82,9 @@ const FIXTURES: &[(&str, &str)] = &[
         include_str!("../../proto-fixtures/sts/error-validation.json"),
     ),
 ];
+
+/// What AWS says when a signature does not verify.
+pub const SIGNATURE_MISMATCH: &str = "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method. Consult the service documentation for details.";
 
 /// Session lengths STS accepts at all.
 const DURATION: std::ops::RangeInclusive<u32> = 900..=43_200;
@@ -392,54 +395,32 @@ impl Sts<'_> {
 
     /// The session that signed `req`, its signature checked.
     fn caller(&self, req: &Incoming<'_>) -> Result<Session, StsError> {
-        let header = req
-            .headers
-            .get(hyper::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                fail(
+        self.sessions
+            .signed_by(req, "sts", SystemTime::now())
+            .map_err(|u| match u {
+                Unsigned::Missing => fail(
                     "MissingAuthenticationToken",
                     "Request is missing Authentication Token",
-                )
-            })?;
-        let invalid_token = || {
-            fail(
-                "InvalidClientTokenId",
-                "The security token included in the request is invalid.",
-            )
-        };
-        let auth = Authorization::parse(header)
-            .map_err(|e| fail("SignatureDoesNotMatch", e.to_string()))?;
-        let token = req
-            .headers
-            .get("x-amz-security-token")
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(invalid_token)?;
-        let session = self
-            .sessions
-            .open(&auth.access_key_id, token)
-            .ok_or_else(invalid_token)?;
-        if SystemTime::now() >= session.expiration {
-            return Err(fail(
-                "ExpiredToken",
-                "The security token included in the request is expired",
-            ));
-        }
-        if auth.service != "sts" {
-            return Err(fail(
-                "SignatureDoesNotMatch",
-                "Credential should be scoped to correct service: 'sts'.",
-            ));
-        }
-        sigv4::verify(req, &auth, &session.secret_access_key, SystemTime::now())
-        .map_err(|m| match m {
-            Mismatch::Signature => fail(
-                "SignatureDoesNotMatch",
-                "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method. Consult the service documentation for details.",
-            ),
-            other => fail("SignatureDoesNotMatch", other.to_string()),
-        })?;
-        Ok(session)
+                ),
+                Unsigned::Unknown => fail(
+                    "InvalidClientTokenId",
+                    "The security token included in the request is invalid.",
+                ),
+                Unsigned::Expired => fail(
+                    "ExpiredToken",
+                    "The security token included in the request is expired",
+                ),
+                Unsigned::WrongService => fail(
+                    "SignatureDoesNotMatch",
+                    "Credential should be scoped to correct service: 'sts'.",
+                ),
+                Unsigned::Mismatch(Mismatch::Signature) => {
+                    fail("SignatureDoesNotMatch", SIGNATURE_MISMATCH)
+                }
+                Unsigned::Malformed(m) | Unsigned::Mismatch(m) => {
+                    fail("SignatureDoesNotMatch", m.to_string())
+                }
+            })
     }
 
     fn assume_role(
