@@ -13,6 +13,7 @@ use crate::eks_auth::{EksAuthClient, ExchangeSettings};
 use crate::emulator::associations::STS_AUDIENCE;
 use crate::emulator::issuer::write_private;
 use crate::emulator::issuer::{Issuer, MintRequest, AUDIENCE};
+use crate::emulator::kube_tls::KubeTls;
 use crate::emulator::state::{chained_profiles, kubeconfig, mint_to, token_path, token_path_for};
 use crate::emulator::{cluster, explain, Emulator};
 use crate::metrics::Metrics;
@@ -34,9 +35,13 @@ const EMULATOR_GRACE: Duration = Duration::from_secs(2);
 /// A running emulator and how to stop it.
 struct RunningEmulator {
     addr: SocketAddr,
+    /// The Kubernetes API (HTTPS) and its certificate.
+    kube_addr: SocketAddr,
+    kube_ca: String,
     stop: CancellationToken,
     connections: Connections,
     task: tokio::task::JoinHandle<()>,
+    kube_task: tokio::task::JoinHandle<()>,
 }
 
 impl RunningEmulator {
@@ -45,17 +50,41 @@ impl RunningEmulator {
         let addr = bound.addr;
         let stop = CancellationToken::new();
         let connections = Connections::default();
+        let kube = tokio::net::TcpListener::bind(SocketAddr::new(at.ip(), 0))
+            .await
+            .map_err(|e| format!("cannot bind the emulated Kubernetes API: {e}"))?;
+        let kube_addr = kube.local_addr().map_err(|e| e.to_string())?;
+        let tls = KubeTls::new()?;
+        let kube_ca = tls.cert_pem.clone();
+        let kube_task = tls.serve(emulator.clone(), kube, stop.clone());
         let task = emulator.serve(bound, stop.clone(), connections.clone());
         Ok(RunningEmulator {
             addr,
+            kube_addr,
+            kube_ca,
             stop,
             connections,
             task,
+            kube_task,
         })
+    }
+
+    /// Write the kubeconfig whose user runs `aws eks get-token` against this emulator.
+    fn write_kubeconfig(&self, dir: &Path, cluster: &str) -> Result<std::path::PathBuf, String> {
+        let path = dir.join(format!("kubeconfig-{cluster}"));
+        let text = kubeconfig(
+            cluster,
+            &format!("https://{}", self.kube_addr),
+            &format!("http://{}", self.addr),
+            &self.kube_ca,
+        );
+        write_private(&path, &text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(path)
     }
 
     async fn shutdown(self) {
         self.stop.cancel();
+        let _ = self.kube_task.await;
         if tokio::time::timeout(EMULATOR_GRACE, self.connections.wait())
             .await
             .is_err()
@@ -123,18 +152,6 @@ pub fn run_explain(args: ExplainArgs) -> Result<bool, String> {
     Ok(mapped)
 }
 
-/// Write the kubeconfig whose user runs `aws eks get-token` against the emulator.
-fn write_kubeconfig(
-    dir: &Path,
-    cluster: &str,
-    emulator: SocketAddr,
-) -> Result<std::path::PathBuf, String> {
-    let path = dir.join(format!("kubeconfig-{cluster}"));
-    write_private(&path, &kubeconfig(cluster, &format!("http://{emulator}")))
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    Ok(path)
-}
-
 pub async fn run_emulate(args: EmulateArgs) -> Result<(), String> {
     crate::logging::init(&args.log, LogFormat::Text);
     let config = args.emulator.config()?;
@@ -144,7 +161,7 @@ pub async fn run_emulate(args: EmulateArgs) -> Result<(), String> {
     println!("export AWS_ENDPOINT_URL_EKS_AUTH=http://{}", running.addr);
     println!("export AWS_ENDPOINT_URL_STS=http://{}", running.addr);
     println!("export AWS_ENDPOINT_URL_EKS=http://{}", running.addr);
-    let kube = write_kubeconfig(&config.state_dir, &config.cluster.name, running.addr)?;
+    let kube = running.write_kubeconfig(&config.state_dir, &config.cluster.name)?;
     println!("export KUBECONFIG={}", kube.display());
     let _ = std::io::stdout().flush();
     tracing::info!(addr = %running.addr, state_dir = %config.state_dir.display(), "EKS Auth emulator ready");
@@ -266,7 +283,7 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
         irsa_token.display()
     );
     // The fourth identity: who an IAM principal is in the cluster (kubectl, aws eks get-token).
-    let kube = write_kubeconfig(&dir, &cluster_name, emu_addr)?;
+    let kube = emu.write_kubeconfig(&dir, &cluster_name)?;
     println!("# The cluster's API (kubectl auth whoami, kubectl auth can-i) and the EKS API (access entries):");
     println!("export KUBECONFIG={}", kube.display());
     println!("export AWS_ENDPOINT_URL_EKS=http://{emu_addr}");

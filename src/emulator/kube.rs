@@ -136,10 +136,13 @@ fn attributes(spec: &Value) -> Attributes {
 }
 
 fn access_review(req: &KubeRequest<'_>, id: &Identity) -> WireResponse {
-    let Ok(review) = serde_json::from_slice::<Value>(req.body) else {
-        return status("status-not-found");
+    let spec = match serde_json::from_slice::<Value>(req.body) {
+        Ok(review) => review["spec"].clone(),
+        Err(_) => match super::kube_proto::access_review_spec(req.body) {
+            Some(spec) => spec,
+            None => return status("status-bad-request"),
+        },
     };
-    let spec = review["spec"].clone();
     let decision = authorize(id, &attributes(&spec));
     render(
         "kube/reviews/self-subject-access-review",

@@ -31,6 +31,8 @@ pub mod identity;
 pub mod import;
 pub mod issuer;
 pub mod kube;
+pub mod kube_proto;
+pub mod kube_tls;
 pub mod minting;
 pub mod pod_associations;
 mod pod_identity;

@@ -75,11 +75,13 @@ pub fn chained_profiles(irsa_role: &str, irsa_token: &Path, cross_role: &str) ->
     )
 }
 
-/// A kubeconfig for the emulated cluster at `server`, whose user runs `aws eks get-token`
-/// with STS pointed at the emulator (`AWS_ENDPOINT_URL_STS`, which the AWS CLI honours for
+/// A kubeconfig for the emulated cluster's API at `server` (HTTPS, its certificate `ca_pem`),
+/// whose user runs `aws eks get-token` with STS pointed at the emulator (`sts`) (`AWS_ENDPOINT_URL_STS`, which the AWS CLI honours for
 /// the presigned URL and for `--role-arn`'s `AssumeRole`), as `aws eks update-kubeconfig`
 /// writes one for a real cluster.
-pub fn kubeconfig(cluster: &str, server: &str) -> String {
+pub fn kubeconfig(cluster: &str, server: &str, sts: &str, ca_pem: &str) -> String {
+    use base64::Engine;
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
     format!(
         "# Written by pod-identity-agent dev: the emulated cluster {cluster}.\n\
          apiVersion: v1\n\
@@ -88,6 +90,7 @@ pub fn kubeconfig(cluster: &str, server: &str) -> String {
          - name: {cluster}\n\
          \x20 cluster:\n\
          \x20   server: {server}\n\
+         \x20   certificate-authority-data: {ca}\n\
          contexts:\n\
          - name: {cluster}\n\
          \x20 context:\n\
@@ -103,7 +106,7 @@ pub fn kubeconfig(cluster: &str, server: &str) -> String {
          \x20     args: [eks, get-token, --cluster-name, {cluster}, --output, json]\n\
          \x20     env:\n\
          \x20     - name: AWS_ENDPOINT_URL_STS\n\
-         \x20       value: {server}\n\
+         \x20       value: {sts}\n\
          \x20     interactiveMode: Never\n"
     )
 }
