@@ -170,6 +170,80 @@ pub async fn run_emulate(args: EmulateArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// What `dev` prints for a person to paste.
+struct Exports<'a> {
+    args: &'a DevArgs,
+    dir: &'a Path,
+    emulator: SocketAddr,
+    agent: SocketAddr,
+    metrics: Option<SocketAddr>,
+    token_file: &'a Path,
+    irsa_token: &'a Path,
+    irsa_role: &'a str,
+    kubeconfig: &'a Path,
+}
+
+fn print_exports(e: &Exports<'_>) {
+    let Exports {
+        args,
+        dir,
+        emulator: emu_addr,
+        agent: agent_addr,
+        token_file,
+        irsa_token,
+        irsa_role,
+        ..
+    } = *e;
+    let metrics_url = e
+        .metrics
+        .map(|a| format!("http://{a}/metrics"))
+        .unwrap_or_default();
+    println!("# pod-identity-agent dev: credentials for default/default from a local EKS Auth emulator (http://{emu_addr}).");
+    println!("# Paste into a shell; environment keys and AWS_PROFILE take precedence in SDK default chains.");
+    println!(
+        "# Other service accounts: pod-identity-agent dev token -n NS -s SA --state-dir {}",
+        dir.display()
+    );
+    println!("# Metrics: {metrics_url}");
+    println!("export AWS_CONTAINER_CREDENTIALS_FULL_URI=http://{agent_addr}/v1/credentials");
+    println!(
+        "export AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={}",
+        token_file.display()
+    );
+    if args.emulator.credential_source == crate::cli::EmulatedCredentials::Sts {
+        // The emulator's STS knows only sessions it issued; real credentials must reach real STS.
+        println!(
+            "# --credential-source sts: Pod Identity credentials are real, so STS stays AWS's."
+        );
+        println!("# For IRSA or chaining against the emulator's STS (fake credentials):");
+        println!("#   export AWS_ENDPOINT_URL_STS=http://{emu_addr}");
+    } else {
+        println!("# STS and the OIDC issuer are the emulator too (IRSA, role chaining, get-caller-identity):");
+        println!("export AWS_ENDPOINT_URL_STS=http://{emu_addr}");
+    }
+    // SDKs refuse to sign without a region even when every endpoint is overridden; EKS's webhook
+    // sets both in pods (boto3 and the AWS CLI read only the second). Keep the developer's own.
+    println!("export AWS_REGION=${{AWS_REGION:-us-east-1}}");
+    println!("export AWS_DEFAULT_REGION=${{AWS_DEFAULT_REGION:-$AWS_REGION}}");
+    println!("# IRSA instead of Pod Identity: unset the two AWS_CONTAINER_* above, then");
+    println!("#   export AWS_ROLE_ARN={irsa_role}");
+    println!(
+        "#   export AWS_WEB_IDENTITY_TOKEN_FILE={}",
+        irsa_token.display()
+    );
+    // The fourth identity: who an IAM principal is in the cluster (kubectl, aws eks get-token).
+    println!("# The cluster's API (kubectl auth whoami, kubectl auth can-i) and the EKS API (access entries):");
+    println!("export KUBECONFIG={}", e.kubeconfig.display());
+    println!("export AWS_ENDPOINT_URL_EKS=http://{emu_addr}");
+    if let Some(path) = &args.aws_config {
+        println!("# A cross-account chain ({}):", args.cross_account_role);
+        println!(
+            "#   export AWS_CONFIG_FILE={} AWS_PROFILE=pod-identity-dev-cross",
+            path.display()
+        );
+    }
+}
+
 pub async fn run_dev(args: DevArgs) -> Result<(), String> {
     match args.command {
         Some(crate::cli::DevCommand::Token(t)) => return run_token(t).await,
@@ -245,55 +319,18 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
 
-    let metrics_url = agent
-        .metrics_addr
-        .map(|a| format!("http://{a}/metrics"))
-        .unwrap_or_default();
-    println!("# pod-identity-agent dev: credentials for default/default from a local EKS Auth emulator (http://{emu_addr}).");
-    println!("# Paste into a shell; environment keys and AWS_PROFILE take precedence in SDK default chains.");
-    println!(
-        "# Other service accounts: pod-identity-agent dev token -n NS -s SA --state-dir {}",
-        dir.display()
-    );
-    println!("# Metrics: {metrics_url}");
-    println!("export AWS_CONTAINER_CREDENTIALS_FULL_URI=http://{agent_addr}/v1/credentials");
-    println!(
-        "export AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={}",
-        token_file.display()
-    );
-    if args.emulator.credential_source == crate::cli::EmulatedCredentials::Sts {
-        // The emulator's STS knows only sessions it issued; real credentials must reach real STS.
-        println!(
-            "# --credential-source sts: Pod Identity credentials are real, so STS stays AWS's."
-        );
-        println!("# For IRSA or chaining against the emulator's STS (fake credentials):");
-        println!("#   export AWS_ENDPOINT_URL_STS=http://{emu_addr}");
-    } else {
-        println!("# STS and the OIDC issuer are the emulator too (IRSA, role chaining, get-caller-identity):");
-        println!("export AWS_ENDPOINT_URL_STS=http://{emu_addr}");
-    }
-    // SDKs refuse to sign without a region even when every endpoint is overridden; EKS's webhook
-    // sets both in pods (boto3 and the AWS CLI read only the second). Keep the developer's own.
-    println!("export AWS_REGION=${{AWS_REGION:-us-east-1}}");
-    println!("export AWS_DEFAULT_REGION=${{AWS_DEFAULT_REGION:-$AWS_REGION}}");
-    println!("# IRSA instead of Pod Identity: unset the two AWS_CONTAINER_* above, then");
-    println!("#   export AWS_ROLE_ARN={irsa_role}");
-    println!(
-        "#   export AWS_WEB_IDENTITY_TOKEN_FILE={}",
-        irsa_token.display()
-    );
-    // The fourth identity: who an IAM principal is in the cluster (kubectl, aws eks get-token).
     let kube = emu.write_kubeconfig(&dir, &cluster_name)?;
-    println!("# The cluster's API (kubectl auth whoami, kubectl auth can-i) and the EKS API (access entries):");
-    println!("export KUBECONFIG={}", kube.display());
-    println!("export AWS_ENDPOINT_URL_EKS=http://{emu_addr}");
-    if let Some(path) = &args.aws_config {
-        println!("# A cross-account chain ({}):", args.cross_account_role);
-        println!(
-            "#   export AWS_CONFIG_FILE={} AWS_PROFILE=pod-identity-dev-cross",
-            path.display()
-        );
-    }
+    print_exports(&Exports {
+        args: &args,
+        dir: &dir,
+        emulator: emu_addr,
+        agent: agent_addr,
+        metrics: agent.metrics_addr,
+        token_file: &token_file,
+        irsa_token: &irsa_token,
+        irsa_role,
+        kubeconfig: &kube,
+    });
     let _ = std::io::stdout().flush();
     tracing::info!(agent = %agent_addr, emulator = %emu_addr, state_dir = %dir.display(), "dev mode ready");
 

@@ -13,8 +13,9 @@
 //! another cluster fails its signature. The caller's ARN is canonicalised ([`canonicalize`]:
 //! an assumed role becomes its role, without path). Nothing here logs the token.
 
+use super::presigned::{self, Presigned};
 use super::sessions::Sessions;
-use super::sigv4::{self, Mismatch, Presigned};
+use super::sigv4::{self, Mismatch};
 use super::sts::role_of;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -90,8 +91,11 @@ pub fn canonicalize(arn: &str) -> Result<String, String> {
     }
 }
 
-/// Split a token into its presigned URL's parts: host, path and decoded query pairs.
-fn decode(token: &str) -> Result<(String, String, Vec<(String, String)>), TokenError> {
+/// A presigned URL's parts: host, path and decoded query pairs.
+type UrlParts = (String, String, Vec<(String, String)>);
+
+/// Split a token into its presigned URL's parts.
+fn decode(token: &str) -> Result<UrlParts, TokenError> {
     if token.len() > MAX_TOKEN {
         return Err(format("token is too large"));
     }
@@ -208,12 +212,12 @@ fn sts_answer(
     };
     headers.insert(hyper::header::HOST, h);
     headers.insert(CLUSTER_ID_HEADER, c);
-    sigv4::verify_presigned(path, &p, &headers, &session.secret_access_key, now).map_err(|m| {
-        match m {
+    presigned::verify_presigned(path, &p, &headers, &session.secret_access_key, now).map_err(
+        |m| match m {
             Mismatch::Signature => sts("SignatureDoesNotMatch", super::sts::SIGNATURE_MISMATCH),
             other => sts("SignatureDoesNotMatch", &other.to_string()),
-        }
-    })?;
+        },
+    )?;
     let (user_id, session_name) = session
         .user_id
         .split_once(':')

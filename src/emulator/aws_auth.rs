@@ -162,7 +162,7 @@ impl AwsAuth {
         if let Some(m) = find(&self.users) {
             return Some((m, Section::MapUsers));
         }
-        self.accounts.iter().any(|a| *a == caller.account).then(|| {
+        self.accounts.contains(&caller.account).then(|| {
             (
                 Mapping {
                     arn: caller.canonical_arn.clone(),

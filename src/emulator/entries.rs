@@ -317,6 +317,15 @@ mod tests {
             create_req("arn:aws:sts::111122223333:assumed-role/a/s", None)
         )
         .is_err());
+    }
+
+    #[test]
+    fn policies_associate_within_eks_rules() {
+        let mut c = cluster("API_AND_CONFIG_MAP");
+        let viewer = "arn:aws:iam::111122223333:role/team/viewer";
+        create(&mut c, create_req(viewer, None)).expect("create");
+        let node_role = "arn:aws:iam::111122223333:role/node";
+        let node = create(&mut c, create_req(node_role, Some("EC2_LINUX"))).expect("node");
         let scope = Scope {
             kind: "namespace".into(),
             namespaces: vec!["team-a".into()],

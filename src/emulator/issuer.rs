@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use super::state::write_private;
 pub use crate::issuer::AUDIENCE;
 pub const KEY_FILE: &str = "issuer-key.pem";
 const PEM_BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
@@ -331,59 +332,6 @@ fn to_pem(der: &[u8]) -> String {
     out.push_str(PEM_END);
     out.push('\n');
     out
-}
-
-/// Write a file only its owner can read, atomically (a crash leaves no half-written key), safely
-/// in a directory others can write to: the bytes go to a fresh temporary file that this call
-/// creates itself (a unique name, `O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600 from the start), so a
-/// file or symlink planted in advance can neither receive them nor redirect them; then it is
-/// renamed over `path`. Every state file of the emulator is written through here.
-pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let (tmp, mut file) = create_private_temp(path)?;
-    let written = file
-        .write_all(contents.as_bytes())
-        .and_then(|_| file.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
-}
-
-/// A new, empty, owner-only file beside `path`, under a name no one could have chosen for us.
-fn create_private_temp(path: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut last = None;
-    for _ in 0..8 {
-        let tmp = path.with_file_name(format!(
-            ".{name}.{}.{}.tmp",
-            std::process::id(),
-            short_id(12)
-        ));
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.custom_flags(libc::O_NOFOLLOW);
-        }
-        match opts.open(&tmp) {
-            Ok(f) => return Ok((tmp, f)),
-            // Someone holds that name (by chance or not): never reuse it, pick another.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| std::io::Error::other("no free temporary name")))
 }
 
 /// Random lowercase alphanumerics.

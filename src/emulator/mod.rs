@@ -23,6 +23,7 @@ pub mod associations;
 pub mod authenticator;
 pub mod aws_auth;
 pub mod cluster;
+mod config;
 pub mod discovery;
 pub mod eks_api;
 pub mod entries;
@@ -36,11 +37,13 @@ pub mod kube_tls;
 pub mod minting;
 pub mod pod_associations;
 mod pod_identity;
+pub mod presigned;
 pub mod recorded;
 pub mod sessions;
 pub mod sigv4;
 pub mod state;
 pub mod sts;
+mod sts_wire;
 pub mod wire;
 
 use crate::server::limits::{ConnectionLimiter, ConnectionLimits};
@@ -48,6 +51,10 @@ use crate::server::listener::{self, Connections};
 use crate::server::response::json_response;
 use associations::{Associations, Trust};
 use bytes::Bytes;
+pub use config::{
+    AssociationsFrom, ClusterConfig, CredentialsFrom, EmulatorConfig, DEFAULT_CLUSTER,
+    DEFAULT_CREATOR, DEFAULT_MODE,
+};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -59,63 +66,6 @@ use std::sync::{Arc, RwLock};
 use tokio_util::sync::CancellationToken;
 
 const MAX_BODY: usize = 64 * 1024;
-
-/// Where the association table comes from.
-#[derive(Debug, Clone)]
-pub enum AssociationsFrom {
-    /// Every service account maps to a role named after it.
-    Default,
-    File(PathBuf),
-    /// A real cluster's table, read with the caller's AWS credentials.
-    Cluster(String),
-}
-
-/// Where emulated credentials come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CredentialsFrom {
-    Fake,
-    Sts,
-}
-
-/// Everything an emulator is built from.
-#[derive(Debug, Clone)]
-pub struct EmulatorConfig {
-    pub state_dir: PathBuf,
-    pub associations: AssociationsFrom,
-    pub credentials: CredentialsFrom,
-    /// The emulated cluster: its name, and its authentication mode and creator when new.
-    pub cluster: ClusterConfig,
-    /// The `aws-auth` ConfigMap, re-read at every authentication (as the authenticator
-    /// watches the real one).
-    pub aws_auth: Option<PathBuf>,
-}
-
-/// The emulated cluster's name, and what a new one is made with.
-#[derive(Debug, Clone)]
-pub struct ClusterConfig {
-    pub name: String,
-    /// Applied at start, as `UpdateClusterConfig` would (one-way); a new cluster's mode when
-    /// `None` is `API_AND_CONFIG_MAP`.
-    pub authentication_mode: Option<String>,
-    pub creator: String,
-}
-
-/// The cluster name `dev` and the emulator use by default.
-pub const DEFAULT_CLUSTER: &str = "dev";
-/// The principal that created the emulated cluster by default: `dev`'s own role, so the
-/// developer who pastes `dev`'s exports is the cluster's bootstrap admin.
-pub const DEFAULT_CREATOR: &str = "arn:aws:iam::000000000000:role/default-default";
-pub const DEFAULT_MODE: &str = "API_AND_CONFIG_MAP";
-
-impl Default for ClusterConfig {
-    fn default() -> Self {
-        ClusterConfig {
-            name: DEFAULT_CLUSTER.into(),
-            authentication_mode: None,
-            creator: DEFAULT_CREATOR.into(),
-        }
-    }
-}
 
 pub struct Emulator {
     pub issuer: Arc<Issuer>,
@@ -154,7 +104,7 @@ impl Emulator {
             calls: AtomicU64::new(0),
             key_fetches: AtomicU64::new(0),
             cluster: cluster::Store::in_memory(
-                cluster::Cluster::new(&seed(
+                cluster::Cluster::new(&config::seed(
                     &ClusterConfig::default(),
                     "us-east-1",
                     "000000000000",
@@ -197,7 +147,7 @@ impl Emulator {
         let c = &config.cluster;
         let store = cluster::Store::open(
             &config.state_dir,
-            &seed(c, &emulator.region, &emulator.account),
+            &config::seed(c, &emulator.region, &emulator.account),
         )?;
         if let Some(mode) = &c.authentication_mode {
             if store.snapshot().authentication_mode != *mode {
@@ -390,20 +340,6 @@ impl Emulator {
             sts::error(&e, &request_id)
         });
         to_response(wire)
-    }
-}
-
-/// What a new cluster is made from.
-pub fn seed(c: &ClusterConfig, region: &str, account: &str) -> cluster::Seed {
-    cluster::Seed {
-        name: c.name.clone(),
-        region: region.to_owned(),
-        account: account.to_owned(),
-        mode: c
-            .authentication_mode
-            .clone()
-            .unwrap_or_else(|| DEFAULT_MODE.to_owned()),
-        creator: c.creator.clone(),
     }
 }
 

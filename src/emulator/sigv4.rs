@@ -8,8 +8,8 @@
 //! an `x-amz-content-sha256` header must equal it, `UNSIGNED-PAYLOAD` is refused), derives the
 //! signing key from the secret, and compares signatures in constant time. `host` and
 //! `x-amz-date` must be signed; the request time must agree with the credential scope's date
-//! (`YYYYMMDD`) and be within 15 minutes of now. [`verify_presigned`] does the same for a
-//! presigned URL (SigV4 in the query string, `X-Amz-*` parameters), for the EKS authenticator.
+//! (`YYYYMMDD`) and be within 15 minutes of now. [`presigned`](super::presigned) does the same
+//! for a presigned URL (SigV4 in the query string), for the EKS authenticator.
 //! Every way it can fail is a [`Mismatch`] with a reason; nothing panics.
 
 use aws_lc_rs::hmac;
@@ -86,12 +86,12 @@ impl Authorization {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// AWS's URI encoding: everything but unreserved characters, uppercase hex.
-fn uri_encode(s: &str, keep_slash: bool) -> String {
+pub(super) fn uri_encode(s: &str, keep_slash: bool) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
@@ -126,7 +126,7 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn canonical_query(query: &str) -> String {
+pub(super) fn canonical_query(query: &str) -> String {
     let mut pairs: Vec<(String, String)> = query
         .split('&')
         .filter(|p| !p.is_empty())
@@ -175,15 +175,18 @@ pub struct Request<'a> {
 
 /// What a signature covers besides the request itself: the time, the scope and the headers
 /// the signer listed.
-struct Signed<'a> {
-    amz_date: &'a str,
-    auth: &'a Authorization,
+pub(super) struct Signed<'a> {
+    pub amz_date: &'a str,
+    pub auth: &'a Authorization,
 }
 
 /// The canonical headers of `signed`, each of which must have arrived: a signed header that
 /// is absent would otherwise canonicalise as empty, letting a signer claim headers it never
 /// sent.
-fn canonical_headers(headers: &HeaderMap, signed: &[String]) -> Result<String, Mismatch> {
+pub(super) fn canonical_headers(
+    headers: &HeaderMap,
+    signed: &[String],
+) -> Result<String, Mismatch> {
     let mut out = String::new();
     for name in signed {
         let values: Vec<String> = headers
@@ -207,7 +210,7 @@ fn canonical_headers(headers: &HeaderMap, signed: &[String]) -> Result<String, M
 }
 
 /// Whether every one of `names` is in the signed headers.
-fn signs(auth: &Authorization, names: &[&str]) -> bool {
+pub(super) fn signs(auth: &Authorization, names: &[&str]) -> bool {
     names
         .iter()
         .all(|n| auth.signed_headers.iter().any(|h| h == n))
@@ -215,7 +218,7 @@ fn signs(auth: &Authorization, names: &[&str]) -> bool {
 
 /// The scope date must be the request's date (eight digits, so an empty one cannot match
 /// everything), and the time must be within 15 minutes of `now`.
-fn check_scope(
+pub(super) fn check_scope(
     auth: &Authorization,
     amz_date: &str,
     now: SystemTime,
@@ -259,7 +262,7 @@ fn payload_hash(headers: &HeaderMap, body: &[u8]) -> Result<String, Mismatch> {
 
 /// HMAC the canonical request with the key derived from `secret` and compare with the
 /// claimed signature in constant time.
-fn compare(canonical: &str, signed: &Signed<'_>, secret: &str) -> Result<(), Mismatch> {
+pub(super) fn compare(canonical: &str, signed: &Signed<'_>, secret: &str) -> Result<(), Mismatch> {
     let auth = signed.auth;
     let scope = format!(
         "{}/{}/{}/aws4_request",
@@ -289,7 +292,7 @@ fn compare(canonical: &str, signed: &Signed<'_>, secret: &str) -> Result<(), Mis
     }
 }
 
-fn canonical_uri(path: &str) -> String {
+pub(super) fn canonical_uri(path: &str) -> String {
     if path.is_empty() {
         "/".to_owned()
     } else {
@@ -328,96 +331,9 @@ pub fn verify(
     compare(&canonical, &Signed { amz_date, auth }, secret)
 }
 
-/// A presigned URL's query (SigV4 in the query string, as `aws eks get-token` makes it):
-/// the parameters, each once, keys as sent.
-pub struct Presigned {
-    pub auth: Authorization,
-    pub amz_date: String,
-    /// `X-Amz-Expires`, seconds.
-    pub expires: u64,
-    pub security_token: Option<String>,
-    /// Every other parameter, for the canonical query and the caller's own checks.
-    pub params: Vec<(String, String)>,
-}
-
-impl Presigned {
-    /// Read the `X-Amz-*` parameters of a presigned URL's decoded query pairs.
-    pub fn parse(pairs: &[(String, String)]) -> Result<Presigned, Mismatch> {
-        let get = |name: &str| {
-            pairs
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        };
-        if get("X-Amz-Algorithm") != Some("AWS4-HMAC-SHA256") {
-            return Err(Mismatch::Malformed(
-                "X-Amz-Algorithm is not AWS4-HMAC-SHA256",
-            ));
-        }
-        let header = format!(
-            "AWS4-HMAC-SHA256 Credential={}, SignedHeaders={}, Signature={}",
-            get("X-Amz-Credential").unwrap_or_default(),
-            get("X-Amz-SignedHeaders").unwrap_or_default(),
-            get("X-Amz-Signature").unwrap_or_default()
-        );
-        let auth = Authorization::parse(&header)?;
-        let expires = get("X-Amz-Expires")
-            .and_then(|v| v.parse().ok())
-            .ok_or(Mismatch::Malformed("X-Amz-Expires is not a number"))?;
-        Ok(Presigned {
-            auth,
-            amz_date: get("X-Amz-Date").unwrap_or_default().to_owned(),
-            expires,
-            security_token: get("X-Amz-Security-Token").map(str::to_owned),
-            params: pairs.to_vec(),
-        })
-    }
-}
-
-/// Check a presigned GET of `path` whose query is `p`, as it would arrive with `headers`
-/// (`host` and whatever else the signer listed: the verifier supplies those, as the EKS
-/// authenticator supplies `x-k8s-aws-id`). `host` must be signed; the time window is the
-/// caller's to enforce (STS ignores `X-Amz-Expires`), beyond the 15-minute skew checked here.
-pub fn verify_presigned(
-    path: &str,
-    p: &Presigned,
-    headers: &HeaderMap,
-    secret: &str,
-    now: SystemTime,
-) -> Result<SystemTime, Mismatch> {
-    let auth = &p.auth;
-    // The time is a signed query parameter here, not a header; host must still be signed.
-    if !signs(auth, &["host"]) {
-        return Err(Mismatch::Malformed("X-Amz-SignedHeaders must include host"));
-    }
-    let when = check_scope(auth, &p.amz_date, now)?;
-    let query: Vec<String> = p
-        .params
-        .iter()
-        .filter(|(k, _)| !k.eq_ignore_ascii_case("X-Amz-Signature"))
-        .map(|(k, v)| format!("{}={}", uri_encode(k, false), uri_encode(v, false)))
-        .collect();
-    let canonical = format!(
-        "GET\n{}\n{}\n{}\n{}\n{}",
-        canonical_uri(path),
-        canonical_query(&query.join("&")),
-        canonical_headers(headers, &auth.signed_headers)?,
-        auth.signed_headers.join(";"),
-        hex(&Sha256::digest(b""))
-    );
-    compare(
-        &canonical,
-        &Signed {
-            amz_date: &p.amz_date,
-            auth,
-        },
-        secret,
-    )?;
-    Ok(when)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::presigned::{verify_presigned, Presigned};
     use super::*;
 
     const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
