@@ -244,6 +244,47 @@ fn print_exports(e: &Exports<'_>) {
     }
 }
 
+/// The agent, exactly as `server` builds it, pointed at the emulator on `emu_addr`.
+async fn start_agent(
+    cluster_name: &str,
+    emu_addr: SocketAddr,
+    port: u16,
+) -> Result<crate::server::RunningServer, String> {
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_credential_types::Credentials::new(
+            DEV_NODE_KEY_ID,
+            "dev-node-secret",
+            None,
+            None,
+            "dev",
+        ))
+        .load()
+        .await;
+    let mut exchange = ExchangeSettings::new(cluster_name);
+    exchange.endpoint = Some(format!("http://{emu_addr}"));
+    let settings = ServerSettings {
+        bind_hosts: vec![Ipv4Addr::LOCALHOST.into()],
+        port,
+        probe_addr: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)),
+        metrics_addr: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)),
+        cache: CacheSettings::default(),
+        leeway: Duration::from_secs(60),
+        shutdown_grace: Duration::from_secs(2),
+        admission: AdmissionSettings::default(),
+        token_issuer: None,
+        connections: ConnectionLimits::default(),
+    };
+    let metrics = Arc::new(Metrics::new().map_err(|e| e.to_string())?);
+    Server::start(
+        &settings,
+        Arc::new(EksAuthClient::new(&sdk, &exchange)),
+        metrics,
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
 pub async fn run_dev(args: DevArgs) -> Result<(), String> {
     match args.command {
         Some(crate::cli::DevCommand::Token(t)) => return run_token(t).await,
@@ -258,41 +299,8 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
         RunningEmulator::start(emulator, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)).await?;
     let emu_addr = emu.addr;
 
-    // The agent, exactly as `server` builds it, pointed at the emulator.
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_credential_types::Credentials::new(
-            DEV_NODE_KEY_ID,
-            "dev-node-secret",
-            None,
-            None,
-            "dev",
-        ))
-        .load()
-        .await;
     let cluster_name = config.cluster.name.clone();
-    let mut exchange = ExchangeSettings::new(&cluster_name);
-    exchange.endpoint = Some(format!("http://{emu_addr}"));
-    let settings = ServerSettings {
-        bind_hosts: vec![Ipv4Addr::LOCALHOST.into()],
-        port: args.port,
-        probe_addr: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)),
-        metrics_addr: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)),
-        cache: CacheSettings::default(),
-        leeway: Duration::from_secs(60),
-        shutdown_grace: Duration::from_secs(2),
-        admission: AdmissionSettings::default(),
-        token_issuer: None,
-        connections: ConnectionLimits::default(),
-    };
-    let metrics = Arc::new(Metrics::new().map_err(|e| e.to_string())?);
-    let agent = Server::start(
-        &settings,
-        Arc::new(EksAuthClient::new(&sdk, &exchange)),
-        metrics,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let agent = start_agent(&cluster_name, emu_addr, args.port).await?;
     let agent_addr = agent
         .credential_addrs
         .first()
