@@ -184,6 +184,9 @@ impl Emulator {
         if let Ok(mut a) = self.addresses.write() {
             let port = bound.addr.port();
             a.extend([bound.addr.to_string(), format!("localhost:{port}")]);
+            if bound.addr.ip().is_unspecified() {
+                a.extend([format!("127.0.0.1:{port}"), format!("[::1]:{port}")]);
+            }
         }
         tokio::spawn(listener::serve(
             bound,
