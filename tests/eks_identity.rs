@@ -58,6 +58,12 @@ fn have_kubectl() -> bool {
     ok
 }
 
+/// A state directory and a home for the clients (kubectl's cache, the AWS CLI's).
+fn dirs() -> (tempfile::TempDir, tempfile::TempDir) {
+    let dir = || tempfile::tempdir().expect("tempdir");
+    (dir(), dir())
+}
+
 struct Dev {
     process: Spawned,
     /// What a person pastes: dev's exports, plus a hermetic home and a region.
@@ -223,10 +229,7 @@ async fn kubectl_sees_what_the_access_entries_made_with_the_aws_cli_grant() {
     if !have_aws() || !have_kubectl() {
         return;
     }
-    let (state, home) = (
-        tempfile::tempdir().expect("d"),
-        tempfile::tempdir().expect("d"),
-    );
+    let (state, home) = dirs();
     let admin = "arn:aws:iam::000000000000:role/platform-admin";
     let mut dev = start_dev(state.path(), home.path(), &["--cluster-creator", admin]).await;
     let viewer = "arn:aws:iam::000000000000:role/viewer";
@@ -339,12 +342,16 @@ async fn kubectl_sees_what_the_access_entries_made_with_the_aws_cli_grant() {
     let _ = dev.process.child.kill().await;
 }
 
-fn agent_addr(dev: &Dev) -> std::net::SocketAddr {
-    dev.env["AWS_CONTAINER_CREDENTIALS_FULL_URI"]
+/// The agent's answer to a pod with `token`, which must be credentials.
+async fn credentials(dev: &Dev, token: &str) -> Value {
+    let agent: std::net::SocketAddr = dev.env["AWS_CONTAINER_CREDENTIALS_FULL_URI"]
         .trim_start_matches("http://")
         .trim_end_matches("/v1/credentials")
         .parse()
-        .expect("addr")
+        .expect("addr");
+    let reply = get(agent, "/v1/credentials", &[("authorization", token)]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()
 }
 
 /// `aws eks get-token` for `role` (through `--role-arn`), as the control plane's webhook sees it.
@@ -369,6 +376,22 @@ async fn token_for(dev: &Dev, role: &str) -> String {
         .as_str()
         .expect("token")
         .to_owned()
+}
+
+/// `aws eks update-cluster-config` of the authentication mode.
+async fn set_mode(dev: &Dev, mode: &str) -> Ran {
+    let config = format!("authenticationMode={mode}");
+    let args = [
+        "eks",
+        "update-cluster-config",
+        "--name",
+        "dev",
+        "--access-config",
+        &config,
+        "--output",
+        "json",
+    ];
+    run(dev, "aws", &args).await
 }
 
 async fn review(dev: &Dev, token: &str) -> (u16, Value) {
@@ -426,10 +449,7 @@ async fn each_authentication_mode_maps_as_eks_does_and_survives_a_restart() {
     if !have_aws() {
         return;
     }
-    let (state, home) = (
-        tempfile::tempdir().expect("d"),
-        tempfile::tempdir().expect("d"),
-    );
+    let (state, home) = dirs();
     let aws_auth = home.path().join("aws-auth.yaml");
     std::fs::write(&aws_auth, AWS_AUTH).expect("write");
     let aws_auth_arg = aws_auth.display().to_string();
@@ -468,19 +488,7 @@ async fn each_authentication_mode_maps_as_eks_does_and_survives_a_restart() {
         "{}",
         refused.stderr
     );
-    let skip = run(
-        &dev,
-        "aws",
-        &[
-            "eks",
-            "update-cluster-config",
-            "--name",
-            "dev",
-            "--access-config",
-            "authenticationMode=API",
-        ],
-    )
-    .await;
+    let skip = set_mode(&dev, "API").await;
     assert!(
         skip.stderr
             .contains("Unsupported authentication mode update from CONFIG_MAP to API"),
@@ -489,21 +497,7 @@ async fn each_authentication_mode_maps_as_eks_does_and_survives_a_restart() {
     );
 
     // API_AND_CONFIG_MAP: both are read; with both, the access entry wins.
-    let update = run(
-        &dev,
-        "aws",
-        &[
-            "eks",
-            "update-cluster-config",
-            "--name",
-            "dev",
-            "--access-config",
-            "authenticationMode=API_AND_CONFIG_MAP",
-            "--output",
-            "json",
-        ],
-    )
-    .await;
+    let update = set_mode(&dev, "API_AND_CONFIG_MAP").await;
     assert!(update.ok, "{}", update.stderr);
     recorded_shape(
         &recording("update-cluster-config"),
@@ -526,19 +520,7 @@ async fn each_authentication_mode_maps_as_eks_does_and_survives_a_restart() {
     assert_eq!(r["status"]["user"]["username"], "from-the-entry", "{r}");
 
     // API: aws-auth is not read any more.
-    let update = run(
-        &dev,
-        "aws",
-        &[
-            "eks",
-            "update-cluster-config",
-            "--name",
-            "dev",
-            "--access-config",
-            "authenticationMode=API",
-        ],
-    )
-    .await;
+    let update = set_mode(&dev, "API").await;
     assert!(update.ok, "{}", update.stderr);
     let (status, r) = review(&dev, &token_for(&dev, legacy).await).await;
     assert_eq!(
@@ -561,19 +543,7 @@ async fn each_authentication_mode_maps_as_eks_does_and_survives_a_restart() {
     dev = start_dev(state.path(), home.path(), &["--aws-auth", &aws_auth_arg]).await;
     let described = eks(&dev, &["describe-access-entry", "--principal-arn", both]).await;
     assert_eq!(described["accessEntry"]["username"], "from-the-entry");
-    let back = run(
-        &dev,
-        "aws",
-        &[
-            "eks",
-            "update-cluster-config",
-            "--name",
-            "dev",
-            "--access-config",
-            "authenticationMode=API_AND_CONFIG_MAP",
-        ],
-    )
-    .await;
+    let back = set_mode(&dev, "API_AND_CONFIG_MAP").await;
     assert!(!back.ok, "moving back from API must be refused");
     assert!(
         back.stderr.contains("(InvalidParameterException)")
@@ -637,10 +607,7 @@ async fn tokens_the_control_plane_would_refuse_are_refused() {
     let Some(python) = python_with(&["awscli", "botocore"]) else {
         return;
     };
-    let (state, home) = (
-        tempfile::tempdir().expect("d"),
-        tempfile::tempdir().expect("d"),
-    );
+    let (state, home) = dirs();
     let mut dev = start_dev(state.path(), home.path(), &[]).await;
     let cases = json!({
         "good": {"cluster": "dev"},
@@ -690,7 +657,6 @@ async fn tokens_the_control_plane_would_refuse_are_refused() {
     let logs = dev.process.stderr.joined();
     assert!(!logs.contains(&secret[20..60]), "a token in the logs");
     let _ = dev.process.child.kill().await;
-    let _ = &mut dev;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -698,10 +664,7 @@ async fn pod_identity_associations_made_with_the_aws_cli_take_effect_at_once() {
     if !have_aws() {
         return;
     }
-    let (state, home) = (
-        tempfile::tempdir().expect("d"),
-        tempfile::tempdir().expect("d"),
-    );
+    let (state, home) = dirs();
     let dev = start_dev(state.path(), home.path(), &[]).await;
     let created = eks(
         &dev,
@@ -757,14 +720,7 @@ async fn pod_identity_associations_made_with_the_aws_cli_take_effect_at_once() {
     // The agent, through the emulator's EKS Auth, now gets that role for team/api.
     let issuer = Issuer::load_or_create(state.path()).expect("issuer");
     let token = issuer.mint(&MintRequest::new("team", "api")).expect("mint");
-    let reply = get(
-        agent_addr(&dev),
-        "/v1/credentials",
-        &[("authorization", &token)],
-    )
-    .await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!(reply.json()["AccountId"], "111122223333");
+    assert_eq!(credentials(&dev, &token).await["AccountId"], "111122223333");
     eks(
         &dev,
         &[
@@ -803,22 +759,12 @@ async fn pod_identity_associations_made_with_the_aws_cli_take_effect_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rust_sdk_signs_for_the_eks_api_and_strangers_are_refused() {
-    let (state, home) = (
-        tempfile::tempdir().expect("d"),
-        tempfile::tempdir().expect("d"),
-    );
+    let (state, home) = dirs();
     let dev = start_dev(state.path(), home.path(), &[]).await;
     // Pod Identity credentials from dev's agent, as a pod's SDK gets them.
     let token =
         std::fs::read_to_string(&dev.env["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"]).expect("token");
-    let reply = get(
-        agent_addr(&dev),
-        "/v1/credentials",
-        &[("authorization", &token)],
-    )
-    .await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    let body = reply.json();
+    let body = credentials(&dev, &token).await;
     let text = |k: &str| body[k].as_str().unwrap_or_default().to_owned();
     let issued = aws_credential_types::Credentials::new(
         text("AccessKeyId"),
