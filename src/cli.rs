@@ -12,7 +12,10 @@ use crate::cache::policy::RefreshPolicy;
 use crate::cache::{CacheSettings, NegativeSettings};
 use crate::eks_auth::ExchangeSettings;
 use crate::emulator::state::state_dir;
-use crate::emulator::{AssociationsFrom, CredentialsFrom, EmulatorConfig};
+use crate::emulator::{
+    AssociationsFrom, ClusterConfig, CredentialsFrom, EmulatorConfig, DEFAULT_CLUSTER,
+    DEFAULT_CREATOR,
+};
 use crate::kube::KubeSettings;
 use crate::server::limits::ConnectionLimits;
 use crate::server::ServerSettings;
@@ -115,6 +118,21 @@ pub struct EmulatorArgs {
     /// Where credentials come from.
     #[arg(long, value_enum, default_value = "fake")]
     pub credential_source: EmulatedCredentials,
+    /// The emulated cluster's name (the agent sends it; tokens must be for it).
+    #[arg(long, default_value = DEFAULT_CLUSTER)]
+    pub cluster_name: String,
+    /// The cluster's authentication mode; a new cluster's is API_AND_CONFIG_MAP. Changing it is
+    /// one-way, as on EKS (CONFIG_MAP -> API_AND_CONFIG_MAP -> API).
+    #[arg(long, value_parser = ["CONFIG_MAP", "API_AND_CONFIG_MAP", "API"])]
+    pub authentication_mode: Option<String>,
+    /// The IAM principal that created the cluster (its bootstrap admin) [default: dev's own
+    /// role, arn:aws:iam::000000000000:role/default-default]. Used when the cluster is new.
+    #[arg(long, default_value = DEFAULT_CREATOR, hide_default_value = true)]
+    pub cluster_creator: String,
+    /// The aws-auth ConfigMap (YAML, as `kubectl get configmap aws-auth -n kube-system -o
+    /// yaml` prints it); re-read at every authentication.
+    #[arg(long)]
+    pub aws_auth: Option<PathBuf>,
 }
 
 impl EmulatorArgs {
@@ -130,6 +148,12 @@ impl EmulatorArgs {
                 EmulatedCredentials::Fake => CredentialsFrom::Fake,
                 EmulatedCredentials::Sts => CredentialsFrom::Sts,
             },
+            cluster: ClusterConfig {
+                name: self.cluster_name.clone(),
+                authentication_mode: self.authentication_mode.clone(),
+                creator: self.cluster_creator.clone(),
+            },
+            aws_auth: self.aws_auth.clone(),
         })
     }
 }
@@ -142,9 +166,6 @@ pub struct DevArgs {
     /// Port of the credential listener on 127.0.0.1 (0 picks a free one).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Cluster name the agent sends.
-    #[arg(long, default_value = "dev")]
-    pub cluster_name: String,
     /// Also write an AWS config file with an IRSA profile (`pod-identity-dev-irsa`) and a
     /// profile chained from it to another account's role (`pod-identity-dev-cross`).
     #[arg(long)]
@@ -162,6 +183,25 @@ pub struct DevArgs {
 pub enum DevCommand {
     /// Mint a projected-service-account-shaped token signed by the emulator's issuer.
     Token(TokenArgs),
+    /// Who an IAM principal is in the emulated cluster (username, groups, from which mapping,
+    /// under which mode) and what it may do, or why it is refused. Exits 1 when refused.
+    ExplainAccess(ExplainArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    /// An IAM role or user ARN, or an assumed-role session ARN.
+    pub principal_arn: String,
+    /// The session name templates see ({{SessionName}}) when the ARN is not a session's.
+    #[arg(long, default_value = "explain-access")]
+    pub session_name: String,
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    #[arg(long, default_value = DEFAULT_CLUSTER)]
+    pub cluster_name: String,
+    /// The aws-auth ConfigMap to read, as `dev --aws-auth`.
+    #[arg(long)]
+    pub aws_auth: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

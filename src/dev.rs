@@ -8,12 +8,14 @@
 
 use crate::admission::AdmissionSettings;
 use crate::cache::CacheSettings;
-use crate::cli::{DevArgs, EmulateArgs, LogFormat, TokenArgs};
+use crate::cli::{DevArgs, EmulateArgs, ExplainArgs, LogFormat, TokenArgs};
 use crate::eks_auth::{EksAuthClient, ExchangeSettings};
 use crate::emulator::associations::STS_AUDIENCE;
+use crate::emulator::issuer::write_private;
 use crate::emulator::issuer::{Issuer, MintRequest, AUDIENCE};
-use crate::emulator::state::{chained_profiles, mint_to, token_path, token_path_for};
-use crate::emulator::Emulator;
+use crate::emulator::kube_tls::KubeTls;
+use crate::emulator::state::{chained_profiles, kubeconfig, mint_to, token_path, token_path_for};
+use crate::emulator::{cluster, explain, Emulator};
 use crate::metrics::Metrics;
 use crate::server::limits::ConnectionLimits;
 use crate::server::listener::{self, Connections};
@@ -33,9 +35,13 @@ const EMULATOR_GRACE: Duration = Duration::from_secs(2);
 /// A running emulator and how to stop it.
 struct RunningEmulator {
     addr: SocketAddr,
+    /// The Kubernetes API (HTTPS) and its certificate.
+    kube_addr: SocketAddr,
+    kube_ca: String,
     stop: CancellationToken,
     connections: Connections,
     task: tokio::task::JoinHandle<()>,
+    kube_task: tokio::task::JoinHandle<()>,
 }
 
 impl RunningEmulator {
@@ -44,17 +50,41 @@ impl RunningEmulator {
         let addr = bound.addr;
         let stop = CancellationToken::new();
         let connections = Connections::default();
+        let kube = tokio::net::TcpListener::bind(SocketAddr::new(at.ip(), 0))
+            .await
+            .map_err(|e| format!("cannot bind the emulated Kubernetes API: {e}"))?;
+        let kube_addr = kube.local_addr().map_err(|e| e.to_string())?;
+        let tls = KubeTls::new()?;
+        let kube_ca = tls.cert_pem.clone();
+        let kube_task = tls.serve(emulator.clone(), kube, stop.clone());
         let task = emulator.serve(bound, stop.clone(), connections.clone());
         Ok(RunningEmulator {
             addr,
+            kube_addr,
+            kube_ca,
             stop,
             connections,
             task,
+            kube_task,
         })
+    }
+
+    /// Write the kubeconfig whose user runs `aws eks get-token` against this emulator.
+    fn write_kubeconfig(&self, dir: &Path, cluster: &str) -> Result<std::path::PathBuf, String> {
+        let path = dir.join(format!("kubeconfig-{cluster}"));
+        let text = kubeconfig(
+            cluster,
+            &format!("https://{}", self.kube_addr),
+            &format!("http://{}", self.addr),
+            &self.kube_ca,
+        );
+        write_private(&path, &text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(path)
     }
 
     async fn shutdown(self) {
         self.stop.cancel();
+        let _ = self.kube_task.await;
         if tokio::time::timeout(EMULATOR_GRACE, self.connections.wait())
             .await
             .is_err()
@@ -96,6 +126,32 @@ pub async fn run_token(args: TokenArgs) -> Result<(), String> {
     }
 }
 
+/// `dev explain-access`: read the cluster's state (no emulator needs to run) and explain.
+pub fn run_explain(args: ExplainArgs) -> Result<bool, String> {
+    let dir = crate::emulator::state::state_dir(args.state_dir.as_deref())?;
+    let path = cluster::state_file(&dir, &args.cluster_name);
+    let state = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str::<cluster::Cluster>(&text)
+            .map_err(|e| format!("{} is not the emulator's cluster state: {e}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "no cluster {} in {}: start `pod-identity-agent dev` (or emulate-eks-auth) with this state dir first",
+                args.cluster_name,
+                dir.display()
+            ))
+        }
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let aws_auth = match &args.aws_auth {
+        Some(p) => crate::emulator::aws_auth::AwsAuth::load(p),
+        None => Ok(Default::default()),
+    };
+    let (mapped, text) =
+        explain::explain(&state, &aws_auth, &args.principal_arn, &args.session_name);
+    print!("{text}");
+    Ok(mapped)
+}
+
 pub async fn run_emulate(args: EmulateArgs) -> Result<(), String> {
     crate::logging::init(&args.log, LogFormat::Text);
     let config = args.emulator.config()?;
@@ -104,6 +160,9 @@ pub async fn run_emulate(args: EmulateArgs) -> Result<(), String> {
     println!("# EKS Auth, STS and OIDC issuer emulator listening; point clients at it with:");
     println!("export AWS_ENDPOINT_URL_EKS_AUTH=http://{}", running.addr);
     println!("export AWS_ENDPOINT_URL_STS=http://{}", running.addr);
+    println!("export AWS_ENDPOINT_URL_EKS=http://{}", running.addr);
+    let kube = running.write_kubeconfig(&config.state_dir, &config.cluster.name)?;
+    println!("export KUBECONFIG={}", kube.display());
     let _ = std::io::stdout().flush();
     tracing::info!(addr = %running.addr, state_dir = %config.state_dir.display(), "EKS Auth emulator ready");
     crate::signal::shutdown().await;
@@ -111,83 +170,32 @@ pub async fn run_emulate(args: EmulateArgs) -> Result<(), String> {
     Ok(())
 }
 
-pub async fn run_dev(args: DevArgs) -> Result<(), String> {
-    if let Some(crate::cli::DevCommand::Token(t)) = args.command {
-        return run_token(t).await;
-    }
-    crate::logging::init(&args.log, LogFormat::Text);
-    let config = args.emulator.config()?;
-    let dir = config.state_dir.clone();
-    let emulator = Arc::new(Emulator::build(&config).await?);
-    let issuer = emulator.issuer.clone();
-    let emu =
-        RunningEmulator::start(emulator, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)).await?;
-    let emu_addr = emu.addr;
+/// What `dev` prints for a person to paste.
+struct Exports<'a> {
+    args: &'a DevArgs,
+    dir: &'a Path,
+    emulator: SocketAddr,
+    agent: SocketAddr,
+    metrics: Option<SocketAddr>,
+    token_file: &'a Path,
+    irsa_token: &'a Path,
+    irsa_role: &'a str,
+    kubeconfig: &'a Path,
+}
 
-    // The agent, exactly as `server` builds it, pointed at the emulator.
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_credential_types::Credentials::new(
-            DEV_NODE_KEY_ID,
-            "dev-node-secret",
-            None,
-            None,
-            "dev",
-        ))
-        .load()
-        .await;
-    let mut exchange = ExchangeSettings::new(&args.cluster_name);
-    exchange.endpoint = Some(format!("http://{emu_addr}"));
-    let settings = ServerSettings {
-        bind_hosts: vec![Ipv4Addr::LOCALHOST.into()],
-        port: args.port,
-        probe_addr: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)),
-        metrics_addr: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)),
-        cache: CacheSettings::default(),
-        leeway: Duration::from_secs(60),
-        shutdown_grace: Duration::from_secs(2),
-        admission: AdmissionSettings::default(),
-        verification: None,
-        node_name: None,
-        client_ipv6_prefix: 128,
-        connections: ConnectionLimits::default(),
-    };
-    let metrics = Arc::new(Metrics::new().map_err(|e| e.to_string())?);
-    let agent = Server::start(
-        &settings,
-        Arc::new(EksAuthClient::new(&sdk, &exchange)),
-        metrics,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let agent_addr = agent
-        .credential_addrs
-        .first()
-        .copied()
-        .ok_or("no credential listener")?;
-
-    let token_file = token_path(&dir, "default", "default");
-    mint_to(
-        &issuer,
-        &MintRequest::new("default", "default"),
-        &token_file,
-    )?;
-    // IRSA: the same service account's token for STS, and the role its default grant names.
-    let irsa_token = token_path_for(&dir, "default", "default", STS_AUDIENCE);
-    let mut irsa_req = MintRequest::new("default", "default");
-    irsa_req.audience = STS_AUDIENCE.to_owned();
-    mint_to(&issuer, &irsa_req, &irsa_token)?;
-    let irsa_role = "arn:aws:iam::000000000000:role/default-default";
-    if let Some(path) = &args.aws_config {
-        std::fs::write(
-            path,
-            chained_profiles(irsa_role, &irsa_token, &args.cross_account_role),
-        )
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
-
-    let metrics_url = agent
-        .metrics_addr
+fn print_exports(e: &Exports<'_>) {
+    let Exports {
+        args,
+        dir,
+        emulator: emu_addr,
+        agent: agent_addr,
+        token_file,
+        irsa_token,
+        irsa_role,
+        ..
+    } = *e;
+    let metrics_url = e
+        .metrics
         .map(|a| format!("http://{a}/metrics"))
         .unwrap_or_default();
     println!("# pod-identity-agent dev: credentials for default/default from a local EKS Auth emulator (http://{emu_addr}).");
@@ -223,6 +231,10 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
         "#   export AWS_WEB_IDENTITY_TOKEN_FILE={}",
         irsa_token.display()
     );
+    // The fourth identity: who an IAM principal is in the cluster (kubectl, aws eks get-token).
+    println!("# The cluster's API (kubectl auth whoami, kubectl auth can-i) and the EKS API (access entries):");
+    println!("export KUBECONFIG={}", e.kubeconfig.display());
+    println!("export AWS_ENDPOINT_URL_EKS=http://{emu_addr}");
     if let Some(path) = &args.aws_config {
         println!("# A cross-account chain ({}):", args.cross_account_role);
         println!(
@@ -230,6 +242,105 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
             path.display()
         );
     }
+}
+
+/// The agent, exactly as `server` builds it, pointed at the emulator on `emu_addr`.
+async fn start_agent(
+    cluster_name: &str,
+    emu_addr: SocketAddr,
+    port: u16,
+) -> Result<crate::server::RunningServer, String> {
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_credential_types::Credentials::new(
+            DEV_NODE_KEY_ID,
+            "dev-node-secret",
+            None,
+            None,
+            "dev",
+        ))
+        .load()
+        .await;
+    let mut exchange = ExchangeSettings::new(cluster_name);
+    exchange.endpoint = Some(format!("http://{emu_addr}"));
+    let settings = ServerSettings {
+        bind_hosts: vec![Ipv4Addr::LOCALHOST.into()],
+        port,
+        probe_addr: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)),
+        metrics_addr: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)),
+        cache: CacheSettings::default(),
+        leeway: Duration::from_secs(60),
+        shutdown_grace: Duration::from_secs(2),
+        admission: AdmissionSettings::default(),
+        verification: None,
+        node_name: None,
+        client_ipv6_prefix: 128,
+        connections: ConnectionLimits::default(),
+    };
+    let metrics = Arc::new(Metrics::new().map_err(|e| e.to_string())?);
+    Server::start(
+        &settings,
+        Arc::new(EksAuthClient::new(&sdk, &exchange)),
+        metrics,
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+pub async fn run_dev(args: DevArgs) -> Result<(), String> {
+    match args.command {
+        Some(crate::cli::DevCommand::Token(t)) => return run_token(t).await,
+        Some(crate::cli::DevCommand::ExplainAccess(_)) | None => {}
+    }
+    crate::logging::init(&args.log, LogFormat::Text);
+    let config = args.emulator.config()?;
+    let dir = config.state_dir.clone();
+    let emulator = Arc::new(Emulator::build(&config).await?);
+    let issuer = emulator.issuer.clone();
+    let emu =
+        RunningEmulator::start(emulator, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)).await?;
+    let emu_addr = emu.addr;
+
+    let cluster_name = config.cluster.name.clone();
+    let agent = start_agent(&cluster_name, emu_addr, args.port).await?;
+    let agent_addr = agent
+        .credential_addrs
+        .first()
+        .copied()
+        .ok_or("no credential listener")?;
+
+    let token_file = token_path(&dir, "default", "default");
+    mint_to(
+        &issuer,
+        &MintRequest::new("default", "default"),
+        &token_file,
+    )?;
+    // IRSA: the same service account's token for STS, and the role its default grant names.
+    let irsa_token = token_path_for(&dir, "default", "default", STS_AUDIENCE);
+    let mut irsa_req = MintRequest::new("default", "default");
+    irsa_req.audience = STS_AUDIENCE.to_owned();
+    mint_to(&issuer, &irsa_req, &irsa_token)?;
+    let irsa_role = "arn:aws:iam::000000000000:role/default-default";
+    if let Some(path) = &args.aws_config {
+        std::fs::write(
+            path,
+            chained_profiles(irsa_role, &irsa_token, &args.cross_account_role),
+        )
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+
+    let kube = emu.write_kubeconfig(&dir, &cluster_name)?;
+    print_exports(&Exports {
+        args: &args,
+        dir: &dir,
+        emulator: emu_addr,
+        agent: agent_addr,
+        metrics: agent.metrics_addr,
+        token_file: &token_file,
+        irsa_token: &irsa_token,
+        irsa_role,
+        kubeconfig: &kube,
+    });
     let _ = std::io::stdout().flush();
     tracing::info!(agent = %agent_addr, emulator = %emu_addr, state_dir = %dir.display(), "dev mode ready");
 

@@ -15,6 +15,17 @@ fn main() -> ExitCode {
         }
         Command::Server(args) => run(|| server(*args)),
         Command::Init(args) => run(|| init(args)),
+        Command::Dev(pod_identity_agent::cli::DevArgs {
+            command: Some(pod_identity_agent::cli::DevCommand::ExplainAccess(args)),
+            ..
+        }) => match pod_identity_agent::dev::run_explain(args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("pod-identity-agent: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Dev(args) => run(|| async {
             pod_identity_agent::dev::run_dev(args)
                 .await

@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use super::state::write_private;
 pub use crate::token::AUDIENCE;
 pub const KEY_FILE: &str = "issuer-key.pem";
 const PEM_BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
@@ -333,23 +334,6 @@ fn to_pem(der: &[u8]) -> String {
     out
 }
 
-/// Write a file only its owner can read, atomically (a crash leaves no half-written key).
-pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp)?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 /// Random lowercase alphanumerics.
 pub fn short_id(len: usize) -> String {
     (0..len)
@@ -437,6 +421,46 @@ mod tests {
             )
             .expect("sign");
         assert_eq!(a.verify(&expired), Err(Rejection::Expired));
+    }
+
+    /// L9: in a shared state directory, a file or symlink planted where the old code put its
+    /// temporary file (`issuer-key.tmp`) receives nothing, and the key ends up owner-only.
+    #[cfg(unix)]
+    #[test]
+    fn a_planted_temporary_file_or_symlink_gets_nothing() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        let target = elsewhere.path().join("stolen");
+        std::fs::write(&target, "").expect("write");
+        std::os::unix::fs::symlink(&target, dir.path().join("issuer-key.tmp")).expect("symlink");
+        let planted = dir.path().join("tokens.tmp");
+        std::fs::write(&planted, "").expect("write");
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        Issuer::load_or_create(dir.path()).expect("issuer");
+        write_private(&dir.path().join("tokens"), "secret").expect("write");
+        assert_eq!(
+            std::fs::read_to_string(&target).expect("read"),
+            "",
+            "written through a symlink"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&planted).expect("read"),
+            "",
+            "written into a planted file"
+        );
+        for file in [KEY_FILE, "tokens"] {
+            let meta = std::fs::symlink_metadata(dir.path().join(file)).expect("meta");
+            assert!(meta.is_file(), "{file}");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{file}");
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
     }
 
     #[test]

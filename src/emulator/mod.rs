@@ -18,14 +18,32 @@
 //! [`Emulator::build`] makes one from its [`EmulatorConfig`] (state directory, association
 //! table, credential source); [`Emulator::serve`] runs it on a listener.
 
+pub mod access;
 pub mod associations;
+pub mod authenticator;
+pub mod aws_auth;
+pub mod cluster;
+mod config;
+pub mod discovery;
+pub mod eks_api;
+pub mod entries;
+pub mod explain;
+pub mod identity;
 pub mod import;
 pub mod issuer;
+pub mod kube;
+pub mod kube_proto;
+pub mod kube_tls;
 pub mod minting;
+pub mod pod_associations;
+mod pod_identity;
+pub mod presigned;
+pub mod recorded;
 pub mod sessions;
 pub mod sigv4;
 pub mod state;
 pub mod sts;
+mod sts_wire;
 pub mod wire;
 
 use crate::server::limits::{ConnectionLimiter, ConnectionLimits};
@@ -33,42 +51,21 @@ use crate::server::listener::{self, Connections};
 use crate::server::response::json_response;
 use associations::{Associations, Trust};
 use bytes::Bytes;
+pub use config::{
+    AssociationsFrom, ClusterConfig, CredentialsFrom, EmulatorConfig, DEFAULT_CLUSTER,
+    DEFAULT_CREATOR, DEFAULT_MODE,
+};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use issuer::{Issuer, Rejection};
-use minting::{Context, Minting};
+use issuer::Issuer;
+use minting::Minting;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio_util::sync::CancellationToken;
 
 const MAX_BODY: usize = 64 * 1024;
-
-/// Where the association table comes from.
-#[derive(Debug, Clone)]
-pub enum AssociationsFrom {
-    /// Every service account maps to a role named after it.
-    Default,
-    File(PathBuf),
-    /// A real cluster's table, read with the caller's AWS credentials.
-    Cluster(String),
-}
-
-/// Where emulated credentials come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CredentialsFrom {
-    Fake,
-    Sts,
-}
-
-/// Everything an emulator is built from.
-#[derive(Debug, Clone)]
-pub struct EmulatorConfig {
-    pub state_dir: PathBuf,
-    pub associations: AssociationsFrom,
-    pub credentials: CredentialsFrom,
-}
 
 pub struct Emulator {
     pub issuer: Arc<Issuer>,
@@ -85,6 +82,12 @@ pub struct Emulator {
     pub calls: AtomicU64,
     /// Discovery documents and key sets served (tests of how often verifiers fetch them).
     pub key_fetches: AtomicU64,
+    /// The emulated cluster's identity state (access entries, mode, associations made through
+    /// the EKS API).
+    pub cluster: cluster::Store,
+    pub aws_auth: Option<PathBuf>,
+    /// `host:port`s this emulator serves on: the only STS hosts tokens may name.
+    pub addresses: RwLock<Vec<String>>,
 }
 
 impl Emulator {
@@ -100,6 +103,16 @@ impl Emulator {
             account: "000000000000".into(),
             calls: AtomicU64::new(0),
             key_fetches: AtomicU64::new(0),
+            cluster: cluster::Store::in_memory(
+                cluster::Cluster::new(&config::seed(
+                    &ClusterConfig::default(),
+                    "us-east-1",
+                    "000000000000",
+                ))
+                .unwrap_or_else(|e| unreachable!("the default cluster is valid: {e}")),
+            ),
+            aws_auth: None,
+            addresses: RwLock::new(Vec::new()),
         }
     }
 
@@ -131,6 +144,23 @@ impl Emulator {
         };
         let mut emulator = Emulator::new(issuer, associations, minting);
         emulator.trust = trust;
+        let c = &config.cluster;
+        let store = cluster::Store::open(
+            &config.state_dir,
+            &config::seed(c, &emulator.region, &emulator.account),
+        )?;
+        if let Some(mode) = &c.authentication_mode {
+            if store.snapshot().authentication_mode != *mode {
+                store.change(|cl| cl.update_mode(mode)).map_err(|e| {
+                    format!("--authentication-mode {mode}: {} ({})", e.message, e.code)
+                })?;
+            }
+        }
+        emulator.cluster = store;
+        if let Some(path) = &config.aws_auth {
+            aws_auth::AwsAuth::load(path)?;
+        }
+        emulator.aws_auth = config.aws_auth.clone();
         Ok(emulator)
     }
 
@@ -151,6 +181,13 @@ impl Emulator {
         stop: CancellationToken,
         connections: Connections,
     ) -> tokio::task::JoinHandle<()> {
+        if let Ok(mut a) = self.addresses.write() {
+            let port = bound.addr.port();
+            a.extend([bound.addr.to_string(), format!("localhost:{port}")]);
+            if bound.addr.ip().is_unspecified() {
+                a.extend([format!("127.0.0.1:{port}"), format!("[::1]:{port}")]);
+            }
+        }
         tokio::spawn(listener::serve(
             bound,
             move |req, _peer| {
@@ -184,6 +221,11 @@ impl Emulator {
         if path == "/" {
             return self.handle_sts(req).await;
         }
+        if !path.ends_with("/assume-role-for-pod-identity")
+            && (eks_api::serves(&path) || kube::serves(&path))
+        {
+            return self.handle_identity(req).await;
+        }
         let cluster = path
             .strip_prefix("/clusters/")
             .and_then(|rest| rest.strip_suffix("/assume-role-for-pod-identity"))
@@ -212,6 +254,75 @@ impl Emulator {
         to_response(wire)
     }
 
+    /// The EKS API for identity and the Kubernetes API.
+    async fn handle_identity(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let (parts, body) = req.into_parts();
+        let body = match Limited::new(body, MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => Bytes::new(),
+        };
+        let path = parts.uri.path();
+        if kube::serves(path) {
+            let kreq = kube::KubeRequest {
+                method: parts.method.as_str(),
+                path,
+                headers: &parts.headers,
+                body: &body,
+            };
+            return to_response(kube::handle(&kreq, &|token| self.authenticate(token)));
+        }
+        let incoming = sigv4::Request {
+            method: parts.method.as_str(),
+            path,
+            query: parts.uri.query().unwrap_or(""),
+            headers: &parts.headers,
+            body: &body,
+        };
+        let api = eks_api::EksApi {
+            sessions: &self.sessions,
+            store: &self.cluster,
+            file: &self.associations,
+        };
+        to_response(api.handle(&incoming, &issuer::uuid_like()))
+    }
+
+    /// Who a `k8s-aws-v1.` token's bearer is in the cluster, or why no one.
+    pub fn authenticate(&self, token: &str) -> Result<identity::Identity, String> {
+        let c = self.cluster.snapshot();
+        let hosts = self.addresses.read().map(|a| a.clone()).unwrap_or_default();
+        let caller = authenticator::verify(
+            token,
+            &c.name,
+            &hosts,
+            &self.sessions,
+            std::time::SystemTime::now(),
+        )
+        .map_err(|e| e.to_string())?;
+        identity::resolve(&c, &self.read_aws_auth(), &caller)
+    }
+
+    /// The `aws-auth` ConfigMap as it is now (none: an empty one).
+    pub fn read_aws_auth(&self) -> Result<aws_auth::AwsAuth, String> {
+        match &self.aws_auth {
+            Some(path) => aws_auth::AwsAuth::load(path),
+            None => Ok(aws_auth::AwsAuth::default()),
+        }
+    }
+
+    /// The association EKS Auth uses: one made through the EKS API, else the table's.
+    pub fn association(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> Option<associations::Association> {
+        pod_associations::lookup(
+            &self.cluster.snapshot(),
+            &self.associations,
+            namespace,
+            service_account,
+        )
+    }
+
     /// STS's query API on `/`.
     async fn handle_sts(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let (parts, body) = req.into_parts();
@@ -233,84 +344,6 @@ impl Emulator {
         });
         to_response(wire)
     }
-
-    async fn exchange(
-        &self,
-        cluster: &str,
-        req: Request<Incoming>,
-    ) -> Result<wire::WireResponse, minting::Refusal> {
-        check_sigv4(&req)?;
-        let body = Limited::new(req.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|_| {
-                (
-                    "InvalidRequestException",
-                    "the request body could not be read".to_owned(),
-                )
-            })?
-            .to_bytes();
-        let json: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
-            (
-                "InvalidRequestException",
-                "the request body is not JSON".to_owned(),
-            )
-        })?;
-        let token = json["token"]
-            .as_str()
-            .filter(|t| !t.is_empty())
-            .ok_or(("InvalidParameterException", "token is required".to_owned()))?;
-        let subject = self.issuer.verify(token).map_err(|r| match r {
-            Rejection::Expired => ("ExpiredTokenException", r.to_string()),
-            Rejection::Invalid(m) => ("InvalidTokenException", m),
-        })?;
-        let association = self.associations.lookup(&subject.namespace, &subject.service_account).ok_or_else(|| {
-            (
-                "ResourceNotFoundException",
-                format!(
-                    "No Pod Identity Association found for service account {}/{} in cluster {cluster}",
-                    subject.namespace, subject.service_account
-                ),
-            )
-        })?;
-        let cluster_arn = format!(
-            "arn:aws:eks:{}:{}:cluster/{cluster}",
-            self.region, self.account
-        );
-        let ctx = Context {
-            cluster,
-            cluster_arn: &cluster_arn,
-            subject: &subject,
-            association: &association,
-        };
-        let mut issued = self.minting.issue(&ctx).await?;
-        if matches!(self.minting, Minting::Fake) {
-            // So the pod's credentials can sign STS requests here: GetCallerIdentity, chaining.
-            self.sessions.seal(&mut issued);
-        }
-        let association_id = association.id();
-        let association_arn = format!(
-            "arn:aws:eks:{}:{}:podidentityassociation/{cluster}/{association_id}",
-            self.region, self.account
-        );
-        tracing::info!(%cluster, namespace = %subject.namespace, service_account = %subject.service_account,
-            role = %association.role_arn, access_key_id = %issued.access_key_id, "emulated EKS Auth issued credentials");
-        Ok(wire::success(
-            &wire::Success {
-                namespace: &subject.namespace,
-                service_account: &subject.service_account,
-                association_arn: &association_arn,
-                association_id: &association_id,
-                assumed_role_arn: &issued.assumed_role_arn,
-                assume_role_id: &issued.assume_role_id,
-                access_key_id: &issued.access_key_id,
-                secret_access_key: &issued.secret_access_key,
-                session_token: &issued.session_token,
-                expiration: issued.expiration,
-            },
-            &issuer::uuid_like(),
-        ))
-    }
 }
 
 fn to_response(wire: wire::WireResponse) -> Response<Full<Bytes>> {
@@ -326,52 +359,4 @@ fn to_response(wire: wire::WireResponse) -> Response<Full<Bytes>> {
         }
     }
     res
-}
-
-/// The form of a SigV4 `Authorization` header for `eks-auth`, and an `x-amz-date`. The
-/// signature itself is not checked: the emulator has no secret to check it against.
-fn check_sigv4<B>(req: &Request<B>) -> Result<(), minting::Refusal> {
-    let denied = |why: &str| {
-        (
-            "AccessDeniedException",
-            format!("the request is not signed for eks-auth: {why}"),
-        )
-    };
-    let auth = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| denied("no Authorization header"))?;
-    let rest = auth
-        .strip_prefix("AWS4-HMAC-SHA256 ")
-        .ok_or_else(|| denied("not AWS4-HMAC-SHA256"))?;
-    let field = |name: &str| {
-        rest.split(',')
-            .map(str::trim)
-            .find_map(|p| p.strip_prefix(name))
-    };
-    let scope: Vec<&str> = field("Credential=")
-        .ok_or_else(|| denied("no Credential"))?
-        .split('/')
-        .collect();
-    if scope.len() != 5
-        || scope[0].is_empty()
-        || scope[3] != "eks-auth"
-        || scope[4] != "aws4_request"
-    {
-        return Err(denied(
-            "credential scope is not <key>/<date>/<region>/eks-auth/aws4_request",
-        ));
-    }
-    field("SignedHeaders=")
-        .filter(|h| h.contains("host"))
-        .ok_or_else(|| denied("SignedHeaders must include host"))?;
-    let sig = field("Signature=").ok_or_else(|| denied("no Signature"))?;
-    if sig.len() != 64 || !sig.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(denied("Signature is not 64 hex digits"));
-    }
-    if !req.headers().contains_key("x-amz-date") {
-        return Err(denied("no x-amz-date"));
-    }
-    Ok(())
 }

@@ -15,6 +15,7 @@
 
 use super::associations::role_parts;
 use super::minting::Issued;
+use super::sigv4::{self, Authorization, Mismatch};
 use super::sts::role_of;
 use aws_lc_rs::hmac;
 use base64::engine::general_purpose::STANDARD;
@@ -53,6 +54,23 @@ struct Payload {
     u: String,
     /// Expiry, Unix seconds.
     e: u64,
+}
+
+/// Why a request is not signed by a session this emulator issued; each service names these
+/// with its own error codes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unsigned {
+    /// No `Authorization` header.
+    Missing,
+    /// The header is not SigV4.
+    Malformed(Mismatch),
+    /// An access key or session token this emulator did not issue.
+    Unknown,
+    Expired,
+    /// Signed for another service.
+    WrongService,
+    /// The signature (or its time) does not verify.
+    Mismatch(Mismatch),
 }
 
 /// Seals and opens session credentials under one key.
@@ -125,6 +143,37 @@ impl Sessions {
             account,
             expiration: SystemTime::UNIX_EPOCH + Duration::from_secs(payload.e),
         })
+    }
+
+    /// The session that signed `req` (header SigV4 for `service`), its signature checked.
+    pub fn signed_by(
+        &self,
+        req: &sigv4::Request<'_>,
+        service: &str,
+        now: SystemTime,
+    ) -> Result<Session, Unsigned> {
+        let header = req
+            .headers
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(Unsigned::Missing)?;
+        let auth = Authorization::parse(header).map_err(Unsigned::Malformed)?;
+        let token = req
+            .headers
+            .get("x-amz-security-token")
+            .and_then(|v| v.to_str().ok())
+            .ok_or(Unsigned::Unknown)?;
+        let session = self
+            .open(&auth.access_key_id, token)
+            .ok_or(Unsigned::Unknown)?;
+        if now >= session.expiration {
+            return Err(Unsigned::Expired);
+        }
+        if auth.service != service {
+            return Err(Unsigned::WrongService);
+        }
+        sigv4::verify(req, &auth, &session.secret_access_key, now).map_err(Unsigned::Mismatch)?;
+        Ok(session)
     }
 
     /// 40 characters of base64, like an AWS secret key, bound to the access key id.

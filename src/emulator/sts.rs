@@ -24,164 +24,17 @@ use super::associations::{
     role_parts, valid_external_id, Trust, DEFAULT_MAX_SESSION, STS_AUDIENCE,
 };
 use super::issuer::{uuid_like, Issuer, Rejection};
-use super::minting::{fake_session, Issued};
-use super::sessions::{Session, Sessions};
-use super::sigv4::{self, Authorization, Mismatch};
+use super::minting::fake_session;
+use super::sessions::{Session, Sessions, Unsigned};
+use super::sigv4::{self, Mismatch};
+pub use super::sts_wire::{error, StsError, SIGNATURE_MISMATCH};
+use super::sts_wire::{fail, fixture, render, session_fields, validation};
 use super::wire::WireResponse;
-use serde_json::Value;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-const FIXTURES: &[(&str, &str)] = &[
-    (
-        "assume-role-with-web-identity",
-        include_str!("../../proto-fixtures/sts/assume-role-with-web-identity.json"),
-    ),
-    (
-        "assume-role",
-        include_str!("../../proto-fixtures/sts/assume-role.json"),
-    ),
-    (
-        "get-caller-identity",
-        include_str!("../../proto-fixtures/sts/get-caller-identity.json"),
-    ),
-    (
-        "error-access-denied",
-        include_str!("../../proto-fixtures/sts/error-access-denied.json"),
-    ),
-    (
-        "error-expired-credentials",
-        include_str!("../../proto-fixtures/sts/error-expired-credentials.json"),
-    ),
-    (
-        "error-expired-web-identity-token",
-        include_str!("../../proto-fixtures/sts/error-expired-web-identity-token.json"),
-    ),
-    (
-        "error-invalid-action",
-        include_str!("../../proto-fixtures/sts/error-invalid-action.json"),
-    ),
-    (
-        "error-invalid-client-token-id",
-        include_str!("../../proto-fixtures/sts/error-invalid-client-token-id.json"),
-    ),
-    (
-        "error-invalid-identity-token",
-        include_str!("../../proto-fixtures/sts/error-invalid-identity-token.json"),
-    ),
-    (
-        "error-missing-authentication-token",
-        include_str!("../../proto-fixtures/sts/error-missing-authentication-token.json"),
-    ),
-    (
-        "error-signature-does-not-match",
-        include_str!("../../proto-fixtures/sts/error-signature-does-not-match.json"),
-    ),
-    (
-        "error-validation",
-        include_str!("../../proto-fixtures/sts/error-validation.json"),
-    ),
-];
-
 /// Session lengths STS accepts at all.
 const DURATION: std::ops::RangeInclusive<u32> = 900..=43_200;
-
-fn fixture(name: &str) -> Option<Value> {
-    FIXTURES
-        .iter()
-        .find(|(n, _)| *n == name)
-        .and_then(|(_, text)| serde_json::from_str(text).ok())
-}
-
-fn xml_escape(v: &str) -> String {
-    v.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&apos;")
-}
-
-/// A recorded response with its placeholders filled (values XML-escaped).
-/// The template values every credential-issuing answer shares.
-fn session_fields<'a>(issued: &'a Issued, expiration: &'a str) -> [(&'static str, &'a str); 6] {
-    [
-        ("assumed_role_arn", &issued.assumed_role_arn),
-        ("assumed_role_id", &issued.assume_role_id),
-        ("access_key_id", &issued.access_key_id),
-        ("secret_access_key", &issued.secret_access_key),
-        ("session_token", &issued.session_token),
-        ("expiration", expiration),
-    ]
-}
-
-fn render(f: &Value, values: &[(&str, &str)], request_id: &str) -> WireResponse {
-    let r = &f["response"];
-    let mut body = r["body_text"].as_str().unwrap_or_default().to_owned();
-    for (k, v) in values.iter().chain(&[("request_id", request_id)]) {
-        body = body.replace(&format!("{{{{{k}}}}}"), &xml_escape(v));
-    }
-    let mut headers: Vec<(String, String)> = r["headers"]
-        .as_object()
-        .map(|h| {
-            h.iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        v.as_str()
-                            .unwrap_or_default()
-                            .replace("{{request_id}}", request_id),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    headers.sort();
-    WireResponse {
-        status: r["status"].as_u64().unwrap_or(500) as u16,
-        headers,
-        body,
-    }
-}
-
-/// A refusal: an STS error code and what it says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StsError {
-    pub code: &'static str,
-    pub message: String,
-}
-
-fn fail(code: &'static str, message: impl Into<String>) -> StsError {
-    StsError {
-        code,
-        message: message.into(),
-    }
-}
-
-fn validation(field: &str, constraint: &str, value: &str) -> StsError {
-    fail(
-        "ValidationError",
-        format!("1 validation error detected: Value '{value}' at '{field}' failed to satisfy constraint: {constraint}"),
-    )
-}
-
-/// STS's error for `e`, in its recorded XML.
-pub fn error(e: &StsError, request_id: &str) -> WireResponse {
-    let recorded = FIXTURES
-        .iter()
-        .filter_map(|(_, t)| serde_json::from_str::<Value>(t).ok())
-        .find(|f| f["code"] == e.code);
-    match recorded {
-        Some(f) => render(&f, &[("message", &e.message)], request_id),
-        None => WireResponse {
-            status: 500,
-            headers: vec![("content-type".into(), "text/xml".into())],
-            body: format!(
-                "<ErrorResponse><Error><Code>{}</Code></Error></ErrorResponse>",
-                e.code
-            ),
-        },
-    }
-}
 
 /// What STS needs of the emulator.
 pub struct Sts<'a> {
@@ -392,54 +245,32 @@ impl Sts<'_> {
 
     /// The session that signed `req`, its signature checked.
     fn caller(&self, req: &Incoming<'_>) -> Result<Session, StsError> {
-        let header = req
-            .headers
-            .get(hyper::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                fail(
+        self.sessions
+            .signed_by(req, "sts", SystemTime::now())
+            .map_err(|u| match u {
+                Unsigned::Missing => fail(
                     "MissingAuthenticationToken",
                     "Request is missing Authentication Token",
-                )
-            })?;
-        let invalid_token = || {
-            fail(
-                "InvalidClientTokenId",
-                "The security token included in the request is invalid.",
-            )
-        };
-        let auth = Authorization::parse(header)
-            .map_err(|e| fail("SignatureDoesNotMatch", e.to_string()))?;
-        let token = req
-            .headers
-            .get("x-amz-security-token")
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(invalid_token)?;
-        let session = self
-            .sessions
-            .open(&auth.access_key_id, token)
-            .ok_or_else(invalid_token)?;
-        if SystemTime::now() >= session.expiration {
-            return Err(fail(
-                "ExpiredToken",
-                "The security token included in the request is expired",
-            ));
-        }
-        if auth.service != "sts" {
-            return Err(fail(
-                "SignatureDoesNotMatch",
-                "Credential should be scoped to correct service: 'sts'.",
-            ));
-        }
-        sigv4::verify(req, &auth, &session.secret_access_key, SystemTime::now())
-        .map_err(|m| match m {
-            Mismatch::Signature => fail(
-                "SignatureDoesNotMatch",
-                "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method. Consult the service documentation for details.",
-            ),
-            other => fail("SignatureDoesNotMatch", other.to_string()),
-        })?;
-        Ok(session)
+                ),
+                Unsigned::Unknown => fail(
+                    "InvalidClientTokenId",
+                    "The security token included in the request is invalid.",
+                ),
+                Unsigned::Expired => fail(
+                    "ExpiredToken",
+                    "The security token included in the request is expired",
+                ),
+                Unsigned::WrongService => fail(
+                    "SignatureDoesNotMatch",
+                    "Credential should be scoped to correct service: 'sts'.",
+                ),
+                Unsigned::Mismatch(Mismatch::Signature) => {
+                    fail("SignatureDoesNotMatch", SIGNATURE_MISMATCH)
+                }
+                Unsigned::Malformed(m) | Unsigned::Mismatch(m) => {
+                    fail("SignatureDoesNotMatch", m.to_string())
+                }
+            })
     }
 
     fn assume_role(
@@ -499,7 +330,9 @@ impl Sts<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::sts_wire::FIXTURES;
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn every_fixture_parses_and_every_error_code_is_recorded() {
