@@ -506,6 +506,13 @@ mod tests {
         assert!(svc(503, "ServiceUnavailableException").recoverable());
         assert!(ExchangeError::Unavailable("x".into()).recoverable());
         assert_eq!(status_of_code("ResourceNotFoundException"), Some(404));
+        // Metric labels stay a bounded set whatever answers at --endpoint.
+        assert_eq!(
+            svc(400, "InvalidTokenException").metric_code(),
+            "InvalidTokenException"
+        );
+        assert_eq!(svc(418, &"x".repeat(300)).metric_code(), "Other");
+        assert_eq!(svc(502, "UnknownError").metric_code(), "UnknownError");
         assert_eq!(status_of_code("Nope"), None);
     }
 }

@@ -526,3 +526,25 @@ async fn a_role_that_refuses_its_pod_is_the_pods_association_not_the_node() {
     let m = h.metrics().await;
     assert_eq!(metric(&m, "pod_identity_node_refused_tokens"), 2.0, "{m}");
 }
+
+#[tokio::test]
+async fn an_eviction_after_a_snapshot_reaches_the_successor() {
+    let old =
+        Harness::start_with(|s, _| s.cache.policy.max_retention = Duration::from_millis(300)).await;
+    let t = mint("payments", "api", 3600);
+    assert_eq!(old.get(&t).await.status, 200);
+    assert_eq!(old.get(&t).await.status, 200, "used, so it is renewed");
+    let (snapshot, next) = old.agent.cache.export(0);
+    assert_eq!(snapshot.len(), 1);
+    // After the snapshot, EKS Auth refuses the token at its renewal: the old agent evicts it.
+    old.fake.answer_namespace("payments", "error-invalid-token");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let evicted = old.agent.cache.evicted_since(next);
+    assert_eq!(evicted.len(), 1, "the eviction is remembered for the delta");
+    let new = Harness::start().await;
+    new.agent.cache.import(snapshot);
+    new.agent.cache.forget(&evicted);
+    // The successor does not revive it: the token goes to EKS Auth again.
+    new.fake.answer_namespace("payments", "error-invalid-token");
+    assert_eq!(new.get(&t).await.status, 400);
+}

@@ -3,7 +3,7 @@
 //!
 //! `cargo bench --bench load [-- SCENARIO...]` runs the scenarios (all by default: hit, pods,
 //! herd, storm, refresh, memory, identity (burst, node-start, rotation), flood, connections,
-//! startup; `refresh-full`, 13 minutes, only when named) and
+//! audit, handover-memory, startup; `refresh-full`, 13 minutes, only when named) and
 //! prints one table. The agent and the ceiling run
 //! as separate processes (the ceiling is this binary re-executed), the load generator and the
 //! fake EKS Auth here; all traffic stays on 127.0.0.1 and every loop is bounded in time.
@@ -28,6 +28,7 @@ mod refresh;
 mod startup;
 mod storm;
 mod throughput;
+mod trust;
 
 use fake_eks_auth::FakeEksAuth;
 use harness::{run_ceiling, CEILING_ENV, CLUSTER};
@@ -88,6 +89,12 @@ fn main() {
         }
         if want("connections") {
             rows.extend(abuse::connections(&fake).await);
+        }
+        if want("audit") {
+            rows.push(trust::audit(&fake).await);
+        }
+        if want("handover-memory") {
+            rows.push(trust::handover_memory(&fake).await);
         }
         if want("startup") {
             rows.extend(startup::startup(&fake).await);
