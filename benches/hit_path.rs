@@ -91,6 +91,7 @@ fn handler(rt: &tokio::runtime::Runtime) -> CredentialHandler {
             admission,
             metrics,
             refusal_lines: Default::default(),
+            delivery_lines: Default::default(),
             deliveries: pod_identity_agent::server::handler::deliveries(),
         }
     })

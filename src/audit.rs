@@ -17,7 +17,7 @@
 //! | `outcome` | `success` or EKS Auth's error code | the error code the pod received | how it was answered: `hit`, `stale`, `coalesced`, `rotated` |
 //! | `status` | — | HTTP status the pod received | — |
 //! | `decided` | — | `locally` (no EKS Auth call: validation, remembered refusal, budget, signature) or `eks_auth` | — |
-//! | `not_logged` | — | refusals of this client not written since its last line | — |
+//! | `not_logged` | — | refusals of this client not written since its last line | deliveries of this client not written since its last line |
 //! | `fault` | `""` on success; `token`, `node` or `transient` | — | — |
 //! | `role_arn`, `association_id`, `association_arn` | from EKS Auth's answer (success only) | — | — |
 //! | `access_key_id`, `expiration`, `request_id` | the issued key id (not secret, in CloudTrail), its expiry, EKS Auth's request id | — | the key id and expiry delivered |
@@ -29,6 +29,10 @@
 //! most [`REFUSAL_LINES_BURST`] at once and [`REFUSAL_LINES_PER_SECOND`] after, every client (as
 //! [`crate::client`] counts them) on its own, with the number not written carried by the next
 //! line, so a flood can neither fill the node's disk nor push other pods' lines out of it.
+//! Delivery lines are bounded the same way, by a pacer of their own. A delivery line is written
+//! for a token's first delivery to an address other than the one it was last served to, unless
+//! the exchange's line already names it (the exchanging address, kept across renewals), and for
+//! every rotated token's first delivery.
 
 use crate::bucket::TokenBucket;
 use crate::client::ClientKey;
@@ -145,14 +149,20 @@ pub fn refusal(
 
 /// The first time a token's credentials are delivered to an address, other than by the
 /// exchange that fetched them (which has its own line).
-pub fn delivery(client: IpAddr, token: &Token, outcome: &str, credentials: &Credentials) {
+pub fn delivery(
+    client: IpAddr,
+    token: &Token,
+    outcome: &str,
+    credentials: &Credentials,
+    not_logged: u64,
+) {
     if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
         return;
     }
     let s = token.subject();
     tracing::info!(target: TARGET, event = "delivery", trigger = "request", client = %client,
         namespace = %s.namespace, service_account = %s.service_account, pod = %s.pod,
-        pod_uid = %s.pod_uid, token = %token.hash(), outcome,
+        pod_uid = %s.pod_uid, token = %token.hash(), outcome, not_logged,
         access_key_id = credentials.access_key_id(),
         expiration = %format_expiration(credentials.expiration()), "credentials delivered");
 }
@@ -167,6 +177,7 @@ impl Default for Pacer {
         Pacer {
             clients: moka::sync::Cache::builder()
                 .max_capacity(65_536)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .time_to_idle(Duration::from_secs(600))
                 .build(),
         }

@@ -93,9 +93,23 @@ impl ExchangeError {
     }
 
     /// Whether cached credentials for the token survive this failure: everything but a
-    /// [`Fault::Token`]. (The metrics' `Recoverable`/`NonRecoverable` label.)
+    /// [`Fault::Token`], and even then an `AccessDeniedException`, whose wording is all that
+    /// tells the association's role from the node's permission: a node refused in words the
+    /// agent does not recognise must not lose every pod's credentials at their next refresh.
+    /// (The metrics' `Recoverable`/`NonRecoverable` label.)
     pub fn recoverable(&self) -> bool {
-        self.fault() != Fault::Token
+        self.fault() != Fault::Token || self.is_access_denied()
+    }
+
+    fn is_access_denied(&self) -> bool {
+        matches!(self, ExchangeError::Service { code, .. } if code == "AccessDeniedException")
+    }
+
+    /// Whether EKS Auth's own message may be shown to the pod: not when it may name the node's
+    /// role, account or instance (a node fault, or any `AccessDeniedException`, since its
+    /// wording is not a reliable sign of whose it is).
+    pub fn message_for_pod(&self) -> bool {
+        self.fault() != Fault::Node && !self.is_access_denied()
     }
 
     /// The error code as a metric label: a code of [`KNOWN_CODES`] or the agent's own, else
@@ -496,6 +510,13 @@ mod tests {
             denied("Failed to assume role arn:aws:iam::1:role/app: its trust policy does not allow pods.eks.amazonaws.com").fault(),
             Fault::Token
         );
+        // Whoever's it is, an AccessDenied never costs cached credentials (review M5: a node
+        // refused in other words), and its text never reaches a pod.
+        for message in ["", "Access denied", "Failed to assume role: trust policy"] {
+            assert!(denied(message).recoverable(), "{message:?}");
+            assert!(!denied(message).message_for_pod(), "{message:?}");
+        }
+        assert!(svc(404, "ResourceNotFoundException").message_for_pod());
         assert_eq!(svc(403, "ExpiredTokenException").fault(), Fault::Node);
         assert_eq!(svc(403, "UnrecognizedClientException").fault(), Fault::Node);
         assert_eq!(svc(403, "SomethingNew").fault(), Fault::Node);

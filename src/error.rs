@@ -60,7 +60,10 @@ impl From<CacheError> for Error {
                         age_s,
                         ttl_s: r.ttl().as_secs(),
                     },
-                    Refusal::Unverified(why) => Error::Unverified(why.clone()),
+                    Refusal::Unverified(why) => Error::Unverified(format!(
+                        "{why} [remembered: refused {age_s} s ago, for up to {} s]",
+                        r.ttl().as_secs()
+                    )),
                     Refusal::OtherNode(node) => Error::OtherNode(node.clone()),
                 }
             }
@@ -163,6 +166,8 @@ impl Error {
                     // EKS Auth's message names the node's role, account and instance, which a
                     // pod should not learn from a token it sends (IMDS hides them from pods).
                     format!("{hint}. EKS Auth refused the node's own credentials with {code}; the agent's log has its message (request id {rid})")
+                } else if !e.message_for_pod() {
+                    format!("{hint}. EKS Auth said {code}; the agent's log has its message (request id {rid})")
                 } else {
                     format!("{hint}. EKS Auth said {code}: {} (request id {rid})", cut(message))
                 }

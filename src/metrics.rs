@@ -76,6 +76,9 @@ pub struct Metrics {
     pub rotated_tokens: IntCounter,
     /// Log lines dropped because stderr could not keep up (the writer's queue was full).
     pub log_lines_dropped: IntCounter,
+    /// Held while `log_lines_dropped` catches up with the writer's count: two scrapes at once
+    /// must not both add the same difference.
+    log_lines_sync: std::sync::Mutex<()>,
     /// Calls to the Kubernetes API server by result.
     pub kube_requests: IntCounterVec,
     /// Connections open on all listeners.
@@ -325,11 +328,22 @@ impl Metrics {
             keys_age,
             rotated_tokens,
             log_lines_dropped,
+            log_lines_sync: std::sync::Mutex::new(()),
             kube_requests,
             handover,
             handover_entries,
             handover_seconds,
         })
+    }
+
+    /// Bring `log_lines_dropped` up to `dropped`, the log writer's own count.
+    pub fn sync_log_lines_dropped(&self, dropped: u64) {
+        let _one = self
+            .log_lines_sync
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.log_lines_dropped
+            .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
     }
 
     /// Counts one EKS Auth exchange as under way until the guard is dropped, also when the

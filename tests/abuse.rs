@@ -423,10 +423,10 @@ async fn connection_shares_are_soft_until_pressure_and_the_silent_are_closed() {
     })
     .await;
     let addr = h.addr();
-    // Past its share while the pool has room: 30 connections (three-quarters of 40) from the
-    // host, from 30 loopback addresses, are all accepted and held with unfinished headers.
+    // Past its share while the pool has room, up to half of it: 20 connections (of 40) from
+    // the host, from 20 loopback addresses, are all accepted and held with unfinished headers.
     let mut held = Vec::new();
-    for i in 0..30 {
+    for i in 0..20 {
         let mut s = connect_from(Some(loopback_alias(i)), addr)
             .await
             .expect("connect");
@@ -436,7 +436,7 @@ async fn connection_shares_are_soft_until_pressure_and_the_silent_are_closed() {
         held.push(s);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // Under pressure, the host holds more than its share: refused at once with a 429 and
+    // At half the pool, the host holds more than its share: refused at once with a 429 and
     // closed, from whatever loopback address.
     let mut extra = connect_from(Some(ip("127.9.9.9")), addr)
         .await
@@ -535,4 +535,61 @@ async fn a_flood_on_the_metrics_port_never_starves_the_probes() {
         );
     }
     drop(held);
+}
+
+/// Review H2: every host process is one client, the kubelet included; a process holding the
+/// whole probe pool (probing on its own every second, from 127.0.0.x) must not make the
+/// kubelet's probes fail, or the agent is restarted and loses its cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_process_holding_the_probe_pool_never_fails_the_kubelets_probes() {
+    let h = Harness::start().await;
+    let probe = h.agent.probe_addr.expect("probe");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // 64 connections, each re-opened as soon as it closes, each sending a probe's first line and
+    // then the rest a second later, and again.
+    let hog: Vec<_> = (0..64u8)
+        .map(|i| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let from = IpAddr::from([127, 0, 0, i + 2]);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok(mut s) = connect_from(Some(from), probe).await else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    let _ = s.write_all(b"GET /healthz HTTP/1.1\r\n").await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let _ = s.write_all(b"host: localhost\r\n\r\n").await;
+                    let mut buf = [0u8; 512];
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        tokio::io::AsyncReadExt::read(&mut s, &mut buf),
+                    )
+                    .await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..5 {
+        let started = Instant::now();
+        let r = get(probe, "/healthz", &[]).await;
+        assert_eq!(r.status, 200, "probe {i}: {}", r.text());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "probe {i} waited {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            r.headers["connection"], "close",
+            "one request per probe connection"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Scrapes go to the metrics port, within its own pool.
+    assert_eq!(get(probe, "/metrics", &[]).await.status, 404);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in hog {
+        let _ = t.await;
+    }
 }

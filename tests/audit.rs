@@ -118,6 +118,8 @@ async fn every_exchange_and_refusal_has_one_audit_line_with_the_whole_schema() {
     assert_eq!(get_from(client, addr, "/nope", &[]).await.status, 404);
     // Renewed after 1 s by the scheduler: an exchange with trigger `refresh`.
     tokio::time::sleep(Duration::from_millis(1800)).await;
+    // Back at the address that exchanged it, after a renewal: not a new delivery (review M3).
+    assert_eq!(ask(Some(&good)).await, 200);
     assert_eq!(ask(Some(&forged)).await, 400);
     assert_eq!(ask(Some(&forged)).await, 400, "remembered: refused locally");
     assert_eq!(ask(None).await, 400, "no token at all");
@@ -324,4 +326,36 @@ async fn a_flood_of_refusals_writes_a_bounded_trail_and_costs_a_cached_pod_nothi
         "wrong paths are not audited"
     );
     assert!(p99 < Duration::from_millis(50), "cached pod p99 {p99:?}");
+}
+
+/// Review M3: a host process cycling through 127/8 with a token it holds writes a bounded trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_to_a_thousand_host_addresses_write_a_bounded_trail() {
+    let fake = FakeEksAuth::start(CLUSTER).await;
+    let (mut agent, addr) = start(&fake.endpoint(), &[]).await;
+    let t = token();
+    let started = std::time::Instant::now();
+    for i in 0..1000u32 {
+        let from = IpAddr::from([127, 1, (i / 250) as u8, (i % 250) as u8 + 2]);
+        let r = get_from(from, addr, "/v1/credentials", &[("authorization", &t)]).await;
+        assert_eq!(r.status, 200);
+    }
+    let took = started.elapsed();
+    let lines = stop(&mut agent).await;
+    let deliveries: Vec<&Value> = lines.iter().filter(|v| v["event"] == "delivery").collect();
+    let held_back: u64 = deliveries
+        .iter()
+        .filter_map(|v| v["not_logged"].as_u64())
+        .sum();
+    eprintln!(
+        "1000 addresses in {took:?}: {} delivery lines ({held_back} held back)",
+        deliveries.len()
+    );
+    let bound = 20 + 5 * (took.as_secs() as usize + 1);
+    assert!(deliveries.len() <= bound, "{} > {bound}", deliveries.len());
+    assert!(deliveries.len() >= 20, "the burst was written");
+    assert!(
+        deliveries.len() as u64 + held_back <= 999,
+        "at most one line or count per address but the exchange's own"
+    );
 }

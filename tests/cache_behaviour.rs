@@ -358,6 +358,23 @@ async fn refusals_of_the_token_evict() {
     }
 }
 
+/// A harness whose token's entry was renewed against `fixture`'s refusal: the entry must still
+/// be served, with the credentials it had.
+async fn refused_at_renewal(fixture: &str) -> Harness {
+    let h =
+        Harness::start_with(|s, _| s.cache.policy.max_retention = Duration::from_millis(300)).await;
+    let t = token();
+    let first = h.get(&t).await.json()["AccessKeyId"].clone();
+    h.fake.respond_with(fixture);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(h.fake.calls() >= 2, "{fixture}: a renewal was refused");
+    assert_eq!(h.agent.cache.len(), 1, "{fixture}: entry kept");
+    let reply = h.get(&t).await;
+    assert_eq!(reply.status, 200, "{fixture}: {}", reply.text());
+    assert_eq!(reply.json()["AccessKeyId"], first, "{fixture}");
+    h
+}
+
 #[tokio::test]
 async fn refusals_of_the_node_credentials_keep_the_pods_credentials() {
     for fixture in [
@@ -366,19 +383,9 @@ async fn refusals_of_the_node_credentials_keep_the_pods_credentials() {
         "error-node-credentials-expired",
         "error-node-signature-invalid",
     ] {
-        let h =
-            Harness::start_with(|s, _| s.cache.policy.max_retention = Duration::from_millis(300))
-                .await;
-        let t = token();
-        let first = h.get(&t).await.json()["AccessKeyId"].clone();
         // The node's credentials go bad (a half-written hybrid credentials file, a role that
         // lost its permission): refreshes are refused, but that is not the pod's doing.
-        h.fake.respond_with(fixture);
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        assert_eq!(h.agent.cache.len(), 1, "{fixture}: entry kept");
-        let reply = h.get(&t).await;
-        assert_eq!(reply.status, 200, "{fixture}: {}", reply.text());
-        assert_eq!(reply.json()["AccessKeyId"], first, "{fixture}");
+        let h = refused_at_renewal(fixture).await;
         let m = h.metrics().await;
         let code = load(fixture)["agent"]["code"]
             .as_str()
@@ -525,6 +532,26 @@ async fn a_role_that_refuses_its_pod_is_the_pods_association_not_the_node() {
     }
     let m = h.metrics().await;
     assert_eq!(metric(&m, "pod_identity_node_refused_tokens"), 2.0, "{m}");
+}
+
+/// Review M5: an AccessDenied at a refresh, whatever its wording, never costs a pod the
+/// credentials it holds; they are served until they expire.
+#[tokio::test]
+async fn an_access_denied_at_a_refresh_keeps_the_pods_credentials() {
+    for fixture in [
+        "error-access-denied-unworded",
+        "error-access-denied-trust-policy",
+    ] {
+        let h = refused_at_renewal(fixture).await;
+        // A new token gets the refusal, without EKS Auth's words.
+        let reply = h.get(&token()).await;
+        assert_eq!(reply.status, 400, "{fixture}");
+        let message = reply.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(!message.contains("arn:aws"), "{fixture}: {message}");
+    }
 }
 
 #[tokio::test]

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use support::netns::{exec, fake_in, namespaces, wire_pod, Netns};
 use support::process::{agent_command_in, spawn, Spawned};
 use support::*;
-use tokio::io::AsyncWriteExt;
 
 const AGENT: &str = "169.254.170.23:80";
 
@@ -153,8 +152,10 @@ fn the_host_is_one_client_and_pods_on_their_own_addresses_are_not_hurt_by_it() {
     );
     drop(agent);
 
-    // Connections: the pool is full (the host past its share while there was room, pods at
-    // theirs); a new pod gets in by an idle connection of the heaviest client being closed.
+    // Connections (review M4): the host holds half the pool (its most), four pods hold their
+    // share, and every one of those connections loops on requests the agent refuses, paced, so
+    // each looks busy nearly all the time. A new pod still gets in: a connection waiting out a
+    // refusal's pace is idle, and the heaviest client's is closed to make room.
     let agent = rt.block_on(server_in(
         node,
         &endpoint,
@@ -165,33 +166,20 @@ fn the_host_is_one_client_and_pods_on_their_own_addresses_are_not_hurt_by_it() {
             "8",
         ],
     ));
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
     let hog = node.run(move || async move {
-        // 48 of 64 are accepted (three-quarters); the rest are refused for the host's share.
-        let mut held = Vec::new();
-        for i in 0..60 {
-            let from: IpAddr = format!("127.0.3.{}", i + 2).parse().expect("ip");
-            if let Ok(mut s) = connect_from(Some(from), agent_addr()).await {
-                let _ = s.write_all(b"GET /v1/credentials HTTP/1.1\r\n").await;
-                held.push(s);
-            }
-        }
-        let _ = tokio::task::spawn_blocking(move || rx.recv()).await;
+        let from = |i: usize| -> IpAddr { format!("127.0.3.{}", i + 2).parse().expect("ip") };
+        refusal_loops((0..60).map(from).collect(), s).await
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let s = stop.clone();
+    let pods = pod.run(move || async move {
+        let from = |i: usize| pod_ip(30 + i / 8);
+        refusal_loops((0..32).map(from).collect(), s).await
     });
     std::thread::sleep(Duration::from_millis(500));
     let newcomer = pod.run(|| async {
-        // Two pods at their share, filling the pool; then a third.
-        let mut held = Vec::new();
-        for p in 0..2 {
-            for _ in 0..8 {
-                let mut s = connect_from(Some(pod_ip(30 + p)), agent_addr())
-                    .await
-                    .expect("connect");
-                let _ = s.write_all(b"GET /v1/credentials HTTP/1.1\r\n").await;
-                held.push(s);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
         let sent = Instant::now();
         let r = request_from(
             Some(pod_ip(39)),
@@ -204,9 +192,60 @@ fn the_host_is_one_client_and_pods_on_their_own_addresses_are_not_hurt_by_it() {
         (r.map(|r| r.status), sent.elapsed())
     });
     let (result, took) = newcomer.join().expect("newcomer");
-    let _ = tx.send(());
-    hog.join().expect("hog");
-    assert_eq!(result, Ok(200), "a new pod on a full pool");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let host_held = hog.join().expect("hog");
+    let pods_held = pods.join().expect("pods");
+    eprintln!(
+        "connections: host held {host_held} of 60 tried, pods {pods_held} of 32; new pod {result:?} in {took:?}"
+    );
+    assert!(host_held <= 32, "at most half the pool: {host_held}");
+    assert_eq!(pods_held, 32, "pods at their share");
+    assert_eq!(result, Ok(200), "a new pod on a full, busy pool");
     assert!(took < Duration::from_secs(1), "{took:?}");
     drop(agent);
+}
+
+/// One keep-alive connection from each of `from`, opened at once, each looping on requests
+/// without a token (refused, after the agent's pace) until `stop`; how many were accepted.
+async fn refusal_loops(
+    from: Vec<IpAddr>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> usize {
+    let loops: Vec<_> = from
+        .into_iter()
+        .map(|ip| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = connect_from(Some(ip), agent_addr()).await else {
+                    return false;
+                };
+                let Ok((mut sender, conn)) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                else {
+                    return false;
+                };
+                tokio::spawn(conn);
+                let mut accepted = false;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let req = hyper::Request::get("/v1/credentials")
+                        .header("host", AGENT)
+                        .body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .expect("request");
+                    match sender.send_request(req).await {
+                        // Refused for want of a token: the connection was accepted. (A refused
+                        // connection gets a canned 429 or 503 and is closed.)
+                        Ok(r) if r.status() == 400 => accepted = true,
+                        _ => break,
+                    }
+                }
+                accepted
+            })
+        })
+        .collect();
+    let mut accepted = 0;
+    for l in loops {
+        accepted += usize::from(l.await.unwrap_or(false));
+    }
+    accepted
 }

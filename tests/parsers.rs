@@ -119,6 +119,7 @@ impl InProcess {
                 admission,
                 metrics,
                 refusal_lines: Default::default(),
+                delivery_lines: Default::default(),
                 deliveries: pod_identity_agent::server::handler::deliveries(),
             }
         });

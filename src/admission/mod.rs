@@ -5,7 +5,8 @@
 //! 1. *who the token is* ([`Gate::identify`]): with verification on ([`crate::verify`]), a
 //!    token the cluster's keys refuse is refused here (400), and a verified token of a pod on
 //!    another node (`--node-name` against the token's `kubernetes.io.node.name`) too: a token
-//!    stolen on one node cannot be redeemed through the agent on another. Both are remembered.
+//!    stolen on one node cannot be redeemed through the agent on another. Both are remembered,
+//!    except a token naming a key the cluster does not publish, which a late publication heals.
 //! 2. *the client's budget* ([`Gate::admit`]), where the client is the verified pod, or, for a
 //!    token that is not verified, its source as [`Clients`] counts it (every host-local source is
 //!    one client): at most `client_concurrency` of its exchanges under way at once, and a token
@@ -156,6 +157,7 @@ impl Admission {
             settings,
             clients: moka::sync::Cache::builder()
                 .max_capacity(settings.max_clients.max(1))
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .time_to_idle(CLIENT_IDLE)
                 .build(),
             node: NodeQueue::new(

@@ -106,6 +106,17 @@ pub struct Entry {
     retry_after_ms: AtomicU64,
 }
 
+/// What [`Entry::record_delivery`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The address the entry last went to.
+    Same,
+    /// No address yet.
+    First,
+    /// Another address than the last.
+    Changed,
+}
+
 impl Entry {
     pub(super) fn new(
         token: Token,
@@ -165,8 +176,9 @@ impl Entry {
         e
     }
 
-    /// Record a delivery to `to`; whether the entry last went to another address (or none).
-    pub fn delivered_elsewhere(&self, to: std::net::IpAddr) -> bool {
+    /// Record a delivery to `to`: whether the entry last went there, elsewhere, or nowhere yet
+    /// (a new entry, or one handed over, whose first address was audited by whoever made it).
+    pub fn record_delivery(&self, to: std::net::IpAddr) -> Delivery {
         let folded = match to.to_canonical() {
             std::net::IpAddr::V4(v4) => u64::from(u32::from(v4)) | 1 << 63,
             std::net::IpAddr::V6(v6) => {
@@ -175,8 +187,23 @@ impl Entry {
             }
         };
         // Read first: on a busy entry the address rarely changes.
-        self.delivered_to.load(Ordering::Relaxed) != folded
-            && self.delivered_to.swap(folded, Ordering::Relaxed) != folded
+        if self.delivered_to.load(Ordering::Relaxed) == folded {
+            return Delivery::Same;
+        }
+        match self.delivered_to.swap(folded, Ordering::Relaxed) {
+            0 => Delivery::First,
+            before if before == folded => Delivery::Same,
+            _ => Delivery::Changed,
+        }
+    }
+
+    /// Take over where `previous`, this token's entry before a renewal, was delivered: a renewal
+    /// is not a new delivery.
+    pub(super) fn inherit_delivery(&self, previous: &Entry) {
+        let to = previous.delivered_to.load(Ordering::Relaxed);
+        let _ = self
+            .delivered_to
+            .compare_exchange(0, to, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     pub(super) fn is_superseded(&self) -> bool {

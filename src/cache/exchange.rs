@@ -152,15 +152,20 @@ impl Inner {
         match self.fetch_entry(token, trigger).await {
             Ok((credentials, plan)) => {
                 let valid_until = credentials.expiration().min(token.expires_at(self.leeway));
+                let previous = self.entries.get(&token.hash());
                 let entry = self.put(|generation| {
-                    Entry::new(
+                    let e = Entry::new(
                         token.clone(),
                         credentials,
                         plan,
                         valid_until,
                         generation,
                         pod,
-                    )
+                    );
+                    if let Some(p) = &previous {
+                        e.inherit_delivery(p);
+                    }
+                    e
                 });
                 tracing::debug!(token = %token.hash(), access_key_id = entry.credentials().access_key_id(),
                     expires = %crate::credentials::format_expiration(entry.credentials().expiration()),
@@ -211,9 +216,10 @@ impl Inner {
         Ok((credentials, plan))
     }
 
-    /// A failed exchange. The token's fault evicts its entry and is remembered; the node's
-    /// fault or a transient one backs the entry off (it keeps being served while valid, and is
-    /// retried then), and the node's fault is remembered briefly too.
+    /// A failed exchange. The token's fault evicts its entry (unless its credentials survive
+    /// it, see [`ExchangeError::recoverable`]) and is remembered; otherwise the entry backs off
+    /// (it keeps being served while valid, and is retried then), and the node's fault is
+    /// remembered briefly too.
     fn apply_failure(&self, token: &Token, e: &ExchangeError) {
         let hash = token.hash();
         let fault = e.fault();
@@ -227,15 +233,15 @@ impl Inner {
             .with_label_values(&[kind, e.metric_code()])
             .inc();
         let current = self.entries.get(&hash);
-        match (fault, &current) {
-            (Fault::Token, Some(_)) => self.evict(&hash),
-            (_, Some(entry)) => {
+        match &current {
+            Some(_) if !e.recoverable() => self.evict(&hash),
+            Some(entry) => {
                 let retry_at = entry.back_off(SystemTime::now());
                 if retry_at < entry.valid_until {
                     self.scheduler.schedule(hash, entry.generation, retry_at);
                 }
             }
-            (_, None) => {}
+            None => {}
         }
         self.rejections.remember(hash, Refusal::Upstream(e.clone()));
         let s = token.subject();

@@ -41,7 +41,7 @@ mod refresh;
 pub mod scheduler;
 pub mod snapshot;
 
-pub use entry::{Carried, Demand, Entry, Outcome};
+pub use entry::{Carried, Delivery, Demand, Entry, Outcome};
 pub use gate::{Caller, Denial, Gate, Open, Scope, Ticket};
 pub use negative::{NegativeSettings, Refusal, Remembered};
 pub use snapshot::{Exported, Imported};
@@ -234,11 +234,15 @@ impl CredentialCache {
         let stop_refreshing = CancellationToken::new();
         let inner = Arc::new(Inner {
             entries,
-            pods: moka::sync::Cache::new(capacity),
+            pods: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .eviction_policy(EvictionPolicy::lru())
+                .build(),
             flights: Flights::default(),
             rejections: Rejections::new(&settings.negative),
             node_refusals: moka::sync::Cache::builder()
                 .max_capacity(10_000)
+                .eviction_policy(EvictionPolicy::lru())
                 .time_to_live(NODE_REFUSALS_WINDOW)
                 .build(),
             source,

@@ -100,6 +100,7 @@ impl Rejections {
         Rejections {
             map: moka::sync::Cache::builder()
                 .max_capacity(settings.max_entries.max(1))
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .expire_after(OwnTtl)
                 .build(),
             ttl: settings.ttl,

@@ -6,8 +6,10 @@
 //! listener that bound is accepting (its accept loop runs and a TCP connection to it succeeds,
 //! made directly by the agent, never through `HTTP_PROXY`) and the scheduler runs; its JSON body
 //! names each listener, the IPv6 hosts skipped at start and the scheduler's state.
-//! `/metrics` is the Prometheus text exposition. Both listeners answer all three paths so either
-//! port can be probed.
+//! `/metrics` is the Prometheus text exposition, on the metrics port only (as the reference
+//! agent serves it): the probe port answers the two probes, each on a connection of its own
+//! (`Connection: close`), so what a scrape costs stays within the metrics pool's bounds and no
+//! process holds probe connections open. The metrics port answers the probes too.
 
 use super::listener::Connections;
 use super::response::json_response;
@@ -54,19 +56,48 @@ struct Readiness {
     refresh_scheduler: &'static str,
 }
 
+/// Which admin port a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    Probes,
+    Metrics,
+}
+
+impl Port {
+    pub fn serves(self) -> &'static str {
+        match self {
+            Port::Probes => "probes",
+            Port::Metrics => "metrics",
+        }
+    }
+}
+
 impl Admin {
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
-        match req.uri().path() {
+    pub async fn handle<B>(&self, port: Port, req: Request<B>) -> Response<Full<Bytes>> {
+        let mut res = self.answer(port, req.uri().path()).await;
+        if port == Port::Probes {
+            res.headers_mut()
+                .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        res
+    }
+
+    async fn answer(&self, port: Port, path: &str) -> Response<Full<Bytes>> {
+        match path {
             "/healthz" if self.cache.scheduler_running() => json_response(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#)),
             "/healthz" => json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Bytes::from_static(br#"{"status":"refresh scheduler stopped after repeated panics"}"#),
             ),
             "/readyz" => self.readyz().await,
-            "/metrics" => self.metrics().await,
+            "/metrics" if port == Port::Metrics => self.metrics().await,
+            "/metrics" => json_response(
+                StatusCode::NOT_FOUND,
+                Bytes::from_static(br#"{"code":"NotFound","message":"metrics are served on the metrics port (--metrics-port)"}"#),
+            ),
             _ => json_response(
                 StatusCode::NOT_FOUND,
-                Bytes::from_static(br#"{"code":"NotFound","message":"this port serves /healthz, /readyz and /metrics"}"#),
+                Bytes::from_static(br#"{"code":"NotFound","message":"this port serves /healthz and /readyz, and /metrics on the metrics port"}"#),
             ),
         }
     }
@@ -94,9 +125,7 @@ impl Admin {
             m.negative_entries.set(cache.remembered() as i64);
             m.node_refused_tokens
                 .set(cache.node_refused_tokens() as i64);
-            let dropped = crate::logging::dropped_lines();
-            m.log_lines_dropped
-                .inc_by(dropped.saturating_sub(m.log_lines_dropped.get()));
+            m.sync_log_lines_dropped(crate::logging::dropped_lines());
             m.render()
         })
         .await

@@ -13,10 +13,11 @@
 //! hash, never by its value. If the client hangs up mid-exchange, this future is dropped but the
 //! exchange goes on in the cache's own task.
 
+use super::limits::Pace;
 use super::response::{error_response, json_response};
 use crate::admission::{Admission, Reason};
 use crate::audit::{self, Decided};
-use crate::cache::{CacheError, CredentialCache, Denial, Entry, Outcome, Scope};
+use crate::cache::{CacheError, CredentialCache, Delivery, Denial, Entry, Outcome, Scope};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::request::{self, AllowedHosts};
@@ -42,6 +43,9 @@ pub struct CredentialHandler {
     pub metrics: Arc<Metrics>,
     /// Bounds refusal audit lines per client.
     pub refusal_lines: audit::Pacer,
+    /// Bounds delivery audit lines per client: a host process cycling through 127/8 with a
+    /// token it holds must not flood the trail.
+    pub delivery_lines: audit::Pacer,
     /// Tokens delivered to addresses, so the first delivery to a new one is audited once.
     pub deliveries: moka::sync::Cache<(TokenHash, IpAddr), ()>,
 }
@@ -53,6 +57,7 @@ pub const DELIVERIES_REMEMBERED: u64 = 65_536;
 pub fn deliveries() -> moka::sync::Cache<(TokenHash, IpAddr), ()> {
     moka::sync::Cache::builder()
         .max_capacity(DELIVERIES_REMEMBERED)
+        .eviction_policy(moka::policy::EvictionPolicy::lru())
         .time_to_live(Duration::from_secs(3600))
         .build()
 }
@@ -88,15 +93,16 @@ struct Refused {
 impl CredentialHandler {
     pub async fn handle<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let started = Instant::now();
+        let pace = req.extensions().get::<Pace>().cloned().unwrap_or_default();
         let result = match request::validate(&req, &self.hosts, self.leeway) {
             Ok(token) => match self.cache.get(&token, peer.ip()).await {
                 Ok((entry, outcome)) => Ok((token, entry, outcome)),
-                Err(e) => Err(self.refused_by_cache(token, e, peer).await),
+                Err(e) => Err(self.refused_by_cache(token, e, peer, &pace).await),
             },
             Err(error) => {
                 // Paced like every refusal the agent makes itself: a flood of bad requests on a
                 // connection gets ten answers a second.
-                tokio::time::sleep(REFUSAL_PACE).await;
+                pace.wait(REFUSAL_PACE).await;
                 Err(Refused {
                     token: None,
                     error,
@@ -113,7 +119,13 @@ impl CredentialHandler {
 
     /// What the cache's refusal becomes: counted, warned about and paced if the agent decided
     /// it itself.
-    async fn refused_by_cache(&self, token: Token, e: CacheError, peer: SocketAddr) -> Refused {
+    async fn refused_by_cache(
+        &self,
+        token: Token,
+        e: CacheError,
+        peer: SocketAddr,
+        pace: &Pace,
+    ) -> Refused {
         let reason = local_reason(&e);
         let decided = match e {
             CacheError::Exchange(_) => Decided::EksAuth,
@@ -128,7 +140,7 @@ impl CredentialHandler {
             self.admission
                 .note_refusal(peer.ip(), &token, reason, error.code());
             if reason != Reason::NodeBudget {
-                tokio::time::sleep(REFUSAL_PACE).await;
+                pace.wait(REFUSAL_PACE).await;
             }
         }
         Refused {
@@ -154,11 +166,21 @@ impl CredentialHandler {
             .observe(elapsed.as_secs_f64());
         m.served_remaining.observe(remaining.as_secs_f64());
         // A cheap compare for the address the entry last went to; only a new one is looked up.
-        if entry.delivered_elsewhere(peer.ip()) && outcome != Outcome::Miss {
+        let delivery = entry.record_delivery(peer.ip());
+        if delivery != Delivery::Same {
             let key = (token.hash(), peer.ip().to_canonical());
             if !self.deliveries.contains_key(&key) {
                 self.deliveries.insert(key, ());
-                audit::delivery(key.1, token, outcome.as_str(), creds);
+                // The exchange's own line covers its address (a miss, or the first address of
+                // a new or handed-over entry); a rotated token's first delivery is its only line.
+                let audited = outcome == Outcome::Rotated
+                    || (delivery == Delivery::Changed && outcome != Outcome::Miss);
+                if audited {
+                    let client = self.admission.source(peer.ip());
+                    if let Some(not_logged) = self.delivery_lines.allow(client) {
+                        audit::delivery(key.1, token, outcome.as_str(), creds, not_logged);
+                    }
+                }
             }
         }
         if tracing::enabled!(tracing::Level::DEBUG) {

@@ -4,12 +4,15 @@
 //! Contract: [`ConnectionLimiter::admit`] decides for each accepted connection, by its client as
 //! [`Clients`] counts them (every host-local source is one client):
 //! - while fewer than [`PRESSURE`] of `max_connections` are open, any client may open more, past
-//!   its share `max_per_client` included (a pod with 300 threads starting at once is served);
+//!   its share `max_per_client` included (a pod with 300 threads starting at once is served), up
+//!   to [`MAX_SHARE`] of the pool;
 //! - under pressure, a client already holding its share is refused (`429 TooManyConnections`);
 //! - when all `max_connections` are open, room is made by closing an idle connection (between
-//!   requests, or still sending its headers; never one whose request is being answered) of the
-//!   client holding the most, if it holds more than the newcomer would; otherwise the newcomer
-//!   is refused with `503 ConnectionsExhausted`, which every SDK retries.
+//!   requests, still sending its headers, or waiting out a refusal's pace; never one whose
+//!   request is being answered), chosen by the pool's [`Crowding`]: of the client holding the
+//!   most, if it holds more than the newcomer would (credentials), or the longest open,
+//!   whoever's it is (probes); otherwise the newcomer is refused with
+//!   `503 ConnectionsExhausted`, which every SDK retries.
 //!
 //! Refused connections are answered at once with a short canned response and closed. Each
 //! connection costs up to 32 KiB of header buffer, so the defaults (2048 in all) bound the
@@ -20,13 +23,33 @@ use crate::client::{ClientKey, Clients};
 use crate::util::LogEvery;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Share of `max_connections` above which the per-client share applies.
 pub const PRESSURE: f64 = 0.75;
+/// The most of `max_connections` one client may hold (unless its share is larger): past it, a
+/// few clients keeping every connection busy would leave a newcomer nothing to evict.
+pub const MAX_SHARE: f64 = 0.5;
+
+/// How a full pool makes room for a newcomer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crowding {
+    /// Close an idle connection of the client holding the most (the credential listeners).
+    Heaviest,
+    /// Close the idle connection open longest, whoever's it is: the probes, where every
+    /// request is on a connection of its own and the kubelet shares its address with every
+    /// process on the host.
+    Oldest,
+}
+
+/// A connection's states; a connection is closed to make room only from `IDLE`, atomically, so
+/// one whose request has just begun is never cut.
+const IDLE: u8 = 0;
+const BUSY: u8 = 1;
+const CLOSING: u8 = 2;
 /// At most one warning per client this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -52,21 +75,61 @@ impl Default for ConnectionLimits {
 
 /// One open connection, as the limiter sees it.
 pub struct Conn {
-    /// A request is being answered on it: it is not closed to make room.
-    busy: AtomicBool,
+    /// `BUSY` while a request is being answered on it (it is not closed to make room),
+    /// `CLOSING` once chosen to make room.
+    state: AtomicU8,
     /// Cancelled to close it to make room.
     evict: CancellationToken,
 }
 
 impl Conn {
-    /// Mark whether a request is being answered.
+    /// Mark whether a request is being answered (a request paced before its refusal counts as
+    /// idle: a client looping on refusals must not make its connections unclosable).
     pub fn set_busy(&self, busy: bool) {
-        self.busy.store(busy, Ordering::Relaxed);
+        let (from, to) = if busy { (IDLE, BUSY) } else { (BUSY, IDLE) };
+        let _ = self
+            .state
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Relaxed);
+    }
+
+    /// Close it to make room, if it is idle.
+    fn close_if_idle(&self) -> bool {
+        let closing = self
+            .state
+            .compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok();
+        if closing {
+            self.evict.cancel();
+        }
+        closing
     }
 
     /// Resolves when the limiter closes this connection to make room.
     pub fn evicted(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.evict.cancelled()
+    }
+}
+
+/// A request's connection, for waiting out a refusal's pace as idle (carried in the request's
+/// extensions; a request without one, in a test, just waits).
+#[derive(Clone, Default)]
+pub struct Pace(Option<Arc<Conn>>);
+
+impl Pace {
+    pub fn of(conn: &Arc<Conn>) -> Pace {
+        Pace(Some(conn.clone()))
+    }
+
+    /// Wait `d` with the connection idle: the limiter may close it meanwhile to make room, which
+    /// ends this request (a refusal the client was going to get anyway).
+    pub async fn wait(&self, d: Duration) {
+        if let Some(c) = &self.0 {
+            c.set_busy(false);
+        }
+        tokio::time::sleep(d).await;
+        if let Some(c) = &self.0 {
+            c.set_busy(true);
+        }
     }
 }
 
@@ -96,28 +159,41 @@ impl Registry {
         removed
     }
 
-    /// Close an idle connection of the client holding the most, if it holds more than `than`.
-    fn evict_from_heaviest(&mut self, than: usize) -> bool {
-        let Some((key, _)) = self
-            .by_client
-            .iter()
-            .map(|(k, c)| (*k, c.len()))
-            .filter(|(_, n)| *n > than)
-            .max_by_key(|(_, n)| *n)
-        else {
-            return false;
+    /// Close an idle connection as `crowding` says; `than`: what the newcomer's client would
+    /// hold, which the heaviest client must exceed.
+    fn make_room(&mut self, crowding: Crowding, than: usize) -> bool {
+        let victim = match crowding {
+            Crowding::Heaviest => {
+                let Some((key, _)) = self
+                    .by_client
+                    .iter()
+                    .map(|(k, c)| (*k, c.len()))
+                    .filter(|(_, n)| *n > than)
+                    .max_by_key(|(_, n)| *n)
+                else {
+                    return false;
+                };
+                self.by_client.get(&key).and_then(|conns| {
+                    conns
+                        .iter()
+                        .find(|(_, c)| c.close_if_idle())
+                        .map(|(id, _)| (key, *id))
+                })
+            }
+            Crowding::Oldest => {
+                let mut idle: Vec<(u64, ClientKey, &Arc<Conn>)> = self
+                    .by_client
+                    .iter()
+                    .flat_map(|(k, conns)| conns.iter().map(move |(id, c)| (*id, *k, c)))
+                    .filter(|(_, _, c)| c.state.load(Ordering::Relaxed) == IDLE)
+                    .collect();
+                idle.sort_unstable_by_key(|(id, _, _)| *id);
+                idle.into_iter()
+                    .find(|(_, _, c)| c.close_if_idle())
+                    .map(|(id, key, _)| (key, id))
+            }
         };
-        let victim = self.by_client.get(&key).and_then(|conns| {
-            conns
-                .iter()
-                .find(|(_, c)| !c.busy.load(Ordering::Relaxed))
-                .map(|(id, c)| (*id, c.clone()))
-        });
-        let Some((id, conn)) = victim else {
-            return false;
-        };
-        conn.evict.cancel();
-        self.remove(&key, id)
+        victim.is_some_and(|(key, id)| self.remove(&key, id))
     }
 }
 
@@ -133,6 +209,7 @@ pub enum Refused {
 /// Counts connections, in all and per client, for one group of listeners.
 pub struct ConnectionLimiter {
     limits: ConnectionLimits,
+    crowding: Crowding,
     clients: Arc<Clients>,
     registry: Arc<Mutex<Registry>>,
     /// Connections refused (`rejected_locally{reason=connection_limit}`).
@@ -168,21 +245,29 @@ impl ConnectionLimiter {
         limits: ConnectionLimits,
         refused: Option<prometheus::IntCounter>,
     ) -> Arc<ConnectionLimiter> {
-        ConnectionLimiter::with_clients(limits, Arc::new(Clients::new(&[], 128)), refused)
+        ConnectionLimiter::with_clients(
+            limits,
+            Crowding::Heaviest,
+            Arc::new(Clients::new(&[], 128)),
+            refused,
+        )
     }
 
     pub fn with_clients(
         limits: ConnectionLimits,
+        crowding: Crowding,
         clients: Arc<Clients>,
         refused: Option<prometheus::IntCounter>,
     ) -> Arc<ConnectionLimiter> {
         Arc::new(ConnectionLimiter {
             limits,
+            crowding,
             clients,
             registry: Arc::default(),
             refused,
             warned: moka::sync::Cache::builder()
                 .max_capacity(4096)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .time_to_idle(WARN_EVERY * 6)
                 .build(),
         })
@@ -198,14 +283,16 @@ impl ConnectionLimiter {
         let max = self.limits.max_connections.max(1);
         let mut r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let mine = r.count(&key);
+        let share = self.limits.max_per_client;
         let pressure = r.total as f64 >= max as f64 * PRESSURE;
+        let most = ((max as f64 * MAX_SHARE) as usize).max(share);
         let decision = if r.total < max {
-            if pressure && mine >= self.limits.max_per_client {
+            if (pressure && mine >= share) || mine >= most {
                 Err(Refused::OverShare)
             } else {
                 Ok(())
             }
-        } else if r.evict_from_heaviest(mine + 1) {
+        } else if r.make_room(self.crowding, mine + 1) {
             Ok(())
         } else if mine >= self.limits.max_per_client {
             Err(Refused::OverShare)
@@ -221,7 +308,7 @@ impl ConnectionLimiter {
         r.next_id += 1;
         let id = r.next_id;
         let conn = Arc::new(Conn {
-            busy: AtomicBool::new(false),
+            state: AtomicU8::new(IDLE),
             evict: CancellationToken::new(),
         });
         r.by_client.entry(key).or_default().insert(id, conn.clone());
@@ -350,10 +437,16 @@ mod tests {
     #[test]
     fn the_share_is_soft_until_pressure() {
         let l = limiter(8, 2);
-        // Room in the pool: one client may pass its share of 2, up to 6 (75% of 8).
-        let mut held: Vec<Slot> = (0..6)
+        // Room in the pool: one client may pass its share of 2, up to half the pool.
+        let mut held: Vec<Slot> = (0..4)
             .map(|_| l.admit(ip("10.0.0.1")).expect("room"))
             .collect();
+        assert_eq!(
+            l.admit(ip("10.0.0.1")).err(),
+            Some(Refused::OverShare),
+            "half the pool at most"
+        );
+        held.extend((0..2).map(|_| l.admit(ip("10.0.0.4")).expect("room")));
         // Under pressure: over its share, refused; another client below its share, admitted.
         assert_eq!(
             l.admit(ip("::ffff:10.0.0.1")).err(),
@@ -361,12 +454,12 @@ mod tests {
         );
         held.push(l.admit(ip("10.0.0.2")).expect("a light client"));
         held.push(l.admit(ip("10.0.0.2")).expect("a light client"));
-        assert_eq!(l.open(ip("10.0.0.1")), (8, 6));
+        assert_eq!(l.open(ip("10.0.0.1")), (8, 4));
         // Full: a newcomer gets in by closing an idle connection of the heaviest client.
         held[0].conn().set_busy(true);
         held.push(l.admit(ip("10.0.0.3")).expect("room made"));
-        assert_eq!(l.open(ip("10.0.0.1")), (8, 5));
-        let evicted = held[..6]
+        assert_eq!(l.open(ip("10.0.0.1")), (8, 3));
+        let evicted = held[..4]
             .iter()
             .filter(|s| s.conn().evict.is_cancelled())
             .count();
@@ -380,10 +473,56 @@ mod tests {
         assert_eq!(l.open(ip("10.0.0.1")), (0, 0));
     }
 
+    /// Review H2: with every host process one client, the kubelet's probe must still get in
+    /// when the pool is full of another host process's connections.
+    #[test]
+    fn a_probe_pool_makes_room_by_closing_the_oldest_whoever_holds_it() {
+        let l = ConnectionLimiter::with_clients(
+            ConnectionLimits {
+                max_connections: 4,
+                max_per_client: 4,
+                header_timeout: Duration::from_secs(1),
+            },
+            Crowding::Oldest,
+            Arc::new(Clients::new(&[], 128)),
+            None,
+        );
+        let held: Vec<Slot> = (0..4)
+            .map(|i| l.admit(ip(&format!("127.0.0.{}", i + 2))).expect("room"))
+            .collect();
+        held[0].conn().set_busy(true);
+        let kubelet = l.admit(ip("127.0.0.1")).expect("room made");
+        assert!(!held[0].conn().evict.is_cancelled(), "busy: kept");
+        assert!(
+            held[1].conn().evict.is_cancelled(),
+            "the oldest idle one closed"
+        );
+        assert_eq!(l.open(ip("127.0.0.1")), (4, 4));
+        drop(kubelet);
+    }
+
+    /// Review M4: a connection whose refusal is being paced can be closed; one that has just
+    /// turned busy cannot, even if chosen a moment before.
+    #[test]
+    fn only_idle_connections_close_and_the_choice_is_atomic() {
+        let l = limiter(2, 1);
+        let a = l.admit(ip("10.0.0.1")).expect("room");
+        let b = l.admit(ip("10.0.0.2")).expect("room");
+        a.conn().set_busy(true);
+        b.conn().set_busy(true);
+        assert_eq!(l.admit(ip("10.0.0.3")).err(), Some(Refused::Exhausted));
+        // `a` waits out a refusal's pace: idle.
+        a.conn().set_busy(false);
+        assert!(a.conn().close_if_idle());
+        assert!(!a.conn().close_if_idle(), "once");
+        a.conn().set_busy(true);
+        assert!(!b.conn().close_if_idle(), "busy");
+    }
+
     #[test]
     fn loopback_addresses_are_one_client() {
         let l = limiter(8, 2);
-        let _held: Vec<Slot> = (0..6)
+        let _held: Vec<Slot> = (0..4)
             .map(|i| l.admit(ip(&format!("127.0.0.{}", i + 2))).expect("room"))
             .collect();
         assert_eq!(l.admit(ip("127.0.9.9")).err(), Some(Refused::OverShare));

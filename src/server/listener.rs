@@ -15,7 +15,7 @@
 //! the bounds of a [`ConnectionLimiter`], which may close an idle one (never one whose request
 //! is being answered, its response included) to make room for another client.
 
-use super::limits::{Conn, ConnectionLimiter};
+use super::limits::{Conn, ConnectionLimiter, Pace};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -249,9 +249,11 @@ pub async fn serve<H, F>(
         let handler = handler.clone();
         let state = slot.conn().clone();
         let stopping = Arc::new(stop.clone());
-        let svc = service_fn(move |req| {
-            // Busy from the request until its response body is written: never closed to make room.
+        let svc = service_fn(move |mut req: Request<Incoming>| {
+            // Busy from the request until its response body is written: never closed to make
+            // room (but for a refusal's pace, see `Pace`).
             state.set_busy(true);
+            req.extensions_mut().insert(Pace::of(&state));
             let guard = Busy(state.clone());
             let fut = handler(req, peer);
             let stopping = stopping.clone();

@@ -26,9 +26,9 @@ use crate::metrics::Metrics;
 use crate::request::AllowedHosts;
 use crate::verify::keys::Stored;
 use crate::verify::{VerificationSettings, Verifier};
-use admin::Admin;
+use admin::{Admin, Port};
 use handler::CredentialHandler;
-use limits::{ConnectionLimiter, ConnectionLimits};
+use limits::{ConnectionLimiter, ConnectionLimits, Crowding};
 use listener::{BindError, Bound, Connections, Role, Sockets};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
@@ -63,7 +63,9 @@ pub struct ServerSettings {
 }
 
 /// The probes have a pool of their own, so neither a flood on the credential listeners nor a
-/// busy scraper starves the kubelet's probes.
+/// busy scraper starves the kubelet's probes; a full pool closes its oldest idle connection,
+/// whoever's (the kubelet is one of the host's processes, all one client), and every probe
+/// answer closes its connection, so none can be held open between requests.
 const PROBE_CONNECTIONS: ConnectionLimits = ConnectionLimits {
     max_connections: 64,
     max_per_client: 64,
@@ -198,6 +200,7 @@ impl Server {
             admission,
             metrics: metrics.clone(),
             refusal_lines: crate::audit::Pacer::default(),
+            delivery_lines: crate::audit::Pacer::default(),
             deliveries: handler::deliveries(),
         });
         Ok(Prepared {
@@ -276,8 +279,12 @@ impl Prepared {
         let refused = metrics
             .rejected_locally
             .with_label_values(&["connection_limit"]);
-        let credential_limiter =
-            ConnectionLimiter::with_clients(limits, clients.clone(), Some(refused));
+        let credential_limiter = ConnectionLimiter::with_clients(
+            limits,
+            Crowding::Heaviest,
+            clients.clone(),
+            Some(refused),
+        );
         let admin = Arc::new(Admin {
             connections: connections.clone(),
             listeners: creds
@@ -303,26 +310,31 @@ impl Prepared {
                 credential_limiter.clone(),
             ));
         }
-        let spawn_admin = |bound: Option<Bound>, what: &'static str, limits| {
+        let spawn_admin = |bound: Option<Bound>, port: Port, limits, crowding| {
             bound.map(|bound| {
                 let addr = bound.addr;
-                tracing::info!(%addr, "serving {what}");
+                tracing::info!(%addr, "serving {}", port.serves());
                 let a = admin.clone();
                 tasks.spawn(listener::serve(
                     bound,
                     move |req, _peer| {
                         let a = a.clone();
-                        async move { a.handle(req).await }
+                        async move { a.handle(port, req).await }
                     },
                     stop.clone(),
                     connections.clone(),
-                    ConnectionLimiter::with_clients(limits, clients.clone(), None),
+                    ConnectionLimiter::with_clients(limits, crowding, clients.clone(), None),
                 ));
                 addr
             })
         };
-        let probe_addr = spawn_admin(probe, "probes", PROBE_CONNECTIONS);
-        let metrics_addr = spawn_admin(metrics_listener, "metrics", METRICS_CONNECTIONS);
+        let probe_addr = spawn_admin(probe, Port::Probes, PROBE_CONNECTIONS, Crowding::Oldest);
+        let metrics_addr = spawn_admin(
+            metrics_listener,
+            Port::Metrics,
+            METRICS_CONNECTIONS,
+            Crowding::Heaviest,
+        );
         spawn_background(&tasks, &stop, clients);
         RunningServer {
             credential_addrs,

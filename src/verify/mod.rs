@@ -23,9 +23,12 @@
 //! next one rather than go unverified), and, when a fetch after the token's issue already found
 //! no such key, again only every `min_refresh_interval` (an issuer that published late heals).
 //! So made-up `kid`s cost at most one fetch a second and no EKS Auth call. A request waits at
-//! most `wait_for_keys` for a fetch, which goes on without it. A failed fetch keeps the keys held; keys the issuer stops
-//! publishing stay trusted for `grace`. Each successful fetch is kept in the state directory
-//! (mode 0600), so a restart starts with keys.
+//! most `wait_for_keys` for a fetch, which goes on without it. A failed fetch keeps the keys
+//! held. A key the issuer stops publishing is recognised for `grace` after the fetch that found
+//! it gone ([`keys`]): a token it signs is `Unverifiable`, never trusted (the key may have been
+//! revoked) and never refused (the rotation may still be propagating). Fetches are timed on the
+//! monotonic clock. A fetch that changed the keys is kept in the state directory (mode 0600), so
+//! a restart starts with keys.
 
 pub mod keys;
 pub mod source;
@@ -240,7 +243,8 @@ impl Verifier {
     ) -> Arc<Verifier> {
         let describe = source.describe();
         let stored = handed_over.or_else(|| Self::read_state(&settings, &describe));
-        let keys = stored.and_then(|s| KeySet::from_stored(&s, &describe));
+        let keys = stored
+            .and_then(|s| KeySet::from_stored(&s, &describe, SystemTime::now(), settings.grace));
         let state = if keys.is_some() {
             KeysState::Loaded
         } else {
@@ -285,10 +289,9 @@ impl Verifier {
         self.tasks.spawn(async move {
             let mut retry = RETRY_FIRST;
             loop {
+                // On the monotonic clock: a wall clock stepped back does not postpone it.
                 let due = me.keys().map_or(Duration::ZERO, |k| {
-                    (k.fetch_started + me.settings.refresh_every)
-                        .duration_since(SystemTime::now())
-                        .unwrap_or_default()
+                    me.settings.refresh_every.saturating_sub(k.age())
                 });
                 tokio::select! {
                     _ = tokio::time::sleep(due) => {}
@@ -327,16 +330,13 @@ impl Verifier {
 
     /// The keys held, as a successor agent takes them.
     pub fn snapshot(&self) -> Option<Stored> {
-        self.keys().map(|k| k.to_stored(&self.describe))
+        self.keys()
+            .map(|k| k.to_stored(&self.describe, SystemTime::now()))
     }
 
     /// How long ago the keys held were fetched.
     pub fn keys_age(&self) -> Option<Duration> {
-        self.keys().map(|k| {
-            SystemTime::now()
-                .duration_since(k.fetch_started)
-                .unwrap_or_default()
-        })
+        self.keys().map(|k| k.age())
     }
 
     /// Fetch now, under the fetch lock; whether it succeeded.
@@ -347,13 +347,18 @@ impl Verifier {
     }
 
     async fn fetch_locked(&self) -> bool {
-        let started = SystemTime::now();
-        let result = self.source.fetch(self.settings.fetch_timeout).await;
+        let (started, fetched) = (SystemTime::now(), Instant::now());
+        // The source's own retries included: the fetch lock is held meanwhile.
+        let timeout = self.settings.fetch_timeout;
+        let result = tokio::time::timeout(timeout, self.source.fetch(timeout))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
         let before = self.keys();
         let result = result.and_then(|f| {
             KeySet::after_fetch(
                 f.issuer,
                 &f.jwks,
+                fetched,
                 started,
                 before.as_deref(),
                 self.settings.grace,
@@ -367,10 +372,16 @@ impl Verifier {
         }
         match result {
             Ok(set) => {
-                tracing::info!(source = %self.describe, issuer = %set.issuer, keys = set.len(started),
-                    "fetched the cluster's token signing keys");
+                // Fetches a flood of made-up `kid`s provokes find the same keys: said and kept
+                // only when something changed.
+                if before.as_deref().is_some_and(|b| b.same_keys(&set)) {
+                    tracing::debug!(source = %self.describe, "fetched the cluster's token signing keys: unchanged");
+                } else {
+                    tracing::info!(source = %self.describe, issuer = %set.issuer, keys = set.len(started),
+                        "fetched the cluster's token signing keys");
+                    self.persist(&set);
+                }
                 let set = Arc::new(set);
-                self.persist(&set);
                 match self.keys.write() {
                     Ok(mut k) => *k = Some(set),
                     Err(p) => *p.into_inner() = Some(set),
@@ -393,7 +404,8 @@ impl Verifier {
         let Some(path) = self.settings.state_file.clone() else {
             return;
         };
-        let Ok(bytes) = serde_json::to_vec(&set.to_stored(&self.describe)) else {
+        let Ok(bytes) = serde_json::to_vec(&set.to_stored(&self.describe, SystemTime::now()))
+        else {
             return;
         };
         // A small file, but a blocking write all the same: off the runtime's workers.
@@ -413,7 +425,10 @@ impl Verifier {
         let me = self.clone();
         let fetch = self.tasks.spawn(async move {
             let mut log = me.fetching.lock().await;
-            if me.keys().is_some_and(|k| k.fetch_started >= need) {
+            if me
+                .keys()
+                .is_some_and(|k| k.fetch_started(SystemTime::now()) >= need)
+            {
                 return;
             }
             let since = log.last_attempt.map(|t| t.elapsed());
@@ -450,8 +465,14 @@ impl Verifier {
             Ok(jws) => jws,
             Err(e) => return refused(&e.to_string(), true),
         };
-        if jws.header.alg != "RS256" && jws.header.alg != "ES256" {
-            return refused("alg must be RS256 or ES256", true);
+        match jws.header.alg.as_str() {
+            "RS256" | "ES256" => {}
+            // Never a cluster's signature: a key-less or shared-secret token is forged.
+            "none" | "HS256" | "HS384" | "HS512" => {
+                return refused("alg must be RS256 or ES256", true)
+            }
+            // A cluster may sign with another asymmetric algorithm (ES384): EKS Auth decides.
+            _ => return Verdict::Unverifiable("signed with an algorithm not checked here".into()),
         }
         let Some(claims) = jws.claims::<Claims>() else {
             return refused("the payload is not JSON claims", true);
@@ -468,11 +489,10 @@ impl Verifier {
         let current = now.min(issued_at + ISSUE_MARGIN);
         let kid = jws.header.kid.as_deref();
         let mut keys = self.keys();
-        if keys
-            .as_ref()
-            .is_none_or(|k| k.candidates(kid, now).next().is_none())
-        {
-            let again = keys.as_ref().is_some_and(|k| k.fetch_started >= current);
+        if keys.as_ref().is_none_or(|k| !k.knows(kid, now)) {
+            let again = keys
+                .as_ref()
+                .is_some_and(|k| k.fetch_started(now) >= current);
             if again {
                 self.fetch_for(now, Some(self.settings.min_refresh_interval))
                     .await;
@@ -484,9 +504,9 @@ impl Verifier {
         let Some(keys) = keys else {
             return Verdict::Unverifiable("the cluster's keys could not be fetched yet".into());
         };
-        let mut candidates = keys.candidates(kid, now).peekable();
-        if candidates.peek().is_none() {
-            return if keys.fetch_started >= current {
+        if !keys.knows(kid, now) {
+            // The wall clock now, not before the fetch: the set's start is measured back from it.
+            return if keys.fetch_started(SystemTime::now()) >= current {
                 // Keys fetched after the token was issued do not hold its key: not the cluster's.
                 // Not remembered: an issuer that publishes late heals at the next fetch.
                 refused("signed by a key the cluster does not publish", false)
@@ -496,8 +516,14 @@ impl Verifier {
                 )
             };
         }
-        if !candidates.any(|k| jws.verify(k)) {
-            return refused("the signature does not match the cluster's key", true);
+        if !keys.current(kid).any(|k| jws.verify(k)) {
+            return if keys.retiring(kid, now).any(|k| jws.verify(k)) {
+                // Neither trusted (the cluster no longer vouches for the key: it may have been
+                // revoked) nor refused (a rotation may still be propagating): EKS Auth decides.
+                Verdict::Unverifiable("signed by a key the cluster stopped publishing".into())
+            } else {
+                refused("the signature does not match the cluster's key", true)
+            };
         }
         if claims.iss.as_deref().map(|i| i.trim_end_matches('/')) != Some(keys.issuer.as_str()) {
             return refused("it was issued by another issuer", true);
