@@ -2,9 +2,8 @@
 //!
 //! Contract: [`TokenBucket::acquire`] returns once a token is available, sleeping exactly as long
 //! as the refill needs (no polling); [`TokenBucket::try_take`] takes one now or says how long
-//! until one would be there; [`TokenBucket::reserve`] takes one now or books the next one if it
-//! comes within `max_wait`, returning how long to wait for it (booked tokens are not given to
-//! anyone else); [`TokenBucket::give_back`] returns a token taken for work that did not happen.
+//! until one would be there; [`TokenBucket::give_back`] returns a token taken for work that did
+//! not happen.
 //! Each call takes one token: the reference agent's refresh limiter took two per
 //! refresh, halving its real rate. With a burst of 1 no one-second window sees more than
 //! `rate + 1` takes: the refresh scheduler uses that, so `--max-service-qps` means per second.
@@ -62,20 +61,6 @@ impl TokenBucket {
         })
     }
 
-    /// Take a token now or book one that comes within `max_wait`: `Ok(wait)` (zero if now), or
-    /// `Err(time until one would be there)` without booking.
-    pub fn reserve(&self, max_wait: Duration) -> Result<Duration, Duration> {
-        self.with_state(|tokens| {
-            let wait = self.wait_for(*tokens);
-            if wait <= max_wait {
-                *tokens -= 1.0;
-                Ok(wait)
-            } else {
-                Err(wait)
-            }
-        })
-    }
-
     /// Return a token taken for work that did not happen (up to the burst).
     pub fn give_back(&self) {
         self.with_state(|tokens| *tokens = (*tokens + 1.0).min(self.burst));
@@ -113,19 +98,16 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn burst_then_rate_and_bounded_booking() {
+    async fn burst_then_rate() {
         let bucket = TokenBucket::with_burst(2.0, 3);
         for _ in 0..3 {
             assert_eq!(bucket.try_take(), Ok(()));
         }
         let wait = bucket.try_take().expect_err("empty");
         assert!(wait > Duration::from_millis(490) && wait <= Duration::from_millis(500));
-        // Book the next token (due in 500 ms), but not the one after (1 s) with 600 ms allowed.
-        assert!(bucket.reserve(Duration::from_millis(600)).is_ok());
-        let refused = bucket
-            .reserve(Duration::from_millis(600))
-            .expect_err("too far");
-        assert!(refused > Duration::from_millis(900), "{refused:?}");
+        // A token given back is there at once.
+        bucket.give_back();
+        assert_eq!(bucket.try_take(), Ok(()));
         tokio::time::sleep(Duration::from_secs(10)).await;
         // Refilled to the burst, not beyond.
         for _ in 0..3 {

@@ -90,11 +90,6 @@ impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
         )
     }
 
-    /// Join the flight for `key` if one is under way; never starts one.
-    pub fn join(&self, key: &K) -> Option<watch::Receiver<Option<V>>> {
-        lock(&self.map).get(key).cloned()
-    }
-
     pub fn in_flight(&self) -> usize {
         lock(&self.map).len()
     }
