@@ -313,6 +313,18 @@ fn lost_to_suspend(before: &Clocks, after: &Clocks) -> Option<Duration> {
     wall.checked_sub(mono).filter(|lost| *lost > SUSPEND_FLOOR)
 }
 
+/// Deadlines are monotonic instants made from wall-clock times; a suspend (EC2 hibernation)
+/// stops the monotonic clock, so the queued ones would all come late by its length.
+fn catch_up_after_suspend<K: Clone + Eq + Hash>(clocks: &mut Clocks, queue: &mut Queue<K>) {
+    if let Some(lost) = clocks.suspended() {
+        tracing::info!(
+            suspended_s = lost.as_secs(),
+            "the node was suspended; refreshes brought forward"
+        );
+        queue.shift_earlier(lost);
+    }
+}
+
 /// Messages handled per wake-up before the queue is looked at again.
 const BATCH: usize = 1024;
 
@@ -365,15 +377,7 @@ async fn run<R: Refresher>(
     let mut acquiring: Option<BoxFuture<'static, Option<OwnedSemaphorePermit>>> = None;
     let mut clocks = Clocks::now();
     loop {
-        // Deadlines are monotonic instants made from wall-clock times; a suspend (EC2
-        // hibernation) stops the monotonic clock, so they would all come late by its length.
-        if let Some(lost) = clocks.suspended() {
-            tracing::info!(
-                suspended_s = lost.as_secs(),
-                "the node was suspended; refreshes brought forward"
-            );
-            queue.shift_earlier(lost);
-        }
+        catch_up_after_suspend(&mut clocks, &mut queue);
         let mut next = None;
         if waiting.is_none() {
             // Take the next piece of work that is due and still worth doing.
@@ -414,6 +418,9 @@ async fn run<R: Refresher>(
         tokio::select! {
             msg = rx.recv() => match msg {
                 Some(msg) => {
+                    // A message that woke us after a suspend is made into an instant after the
+                    // queue is shifted, not shifted with it.
+                    catch_up_after_suspend(&mut clocks, &mut queue);
                     apply(&mut queue, &mut waiting, msg);
                     // Whatever else is waiting, before the queue is looked at again.
                     for _ in 0..BATCH {
