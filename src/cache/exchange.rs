@@ -135,7 +135,8 @@ impl Inner {
             .expiration()
             .min(token.expires_at(self.leeway));
         let entry = self.put(|generation| old.rotated(token.clone(), valid_until, generation));
-        self.entries.invalidate(&hash);
+        // Gone from this agent, and from a successor that took a snapshot before.
+        self.evict(&hash);
         let s = id.subject();
         tracing::debug!(token = %token.hash(), previous = %hash, pod = %key, namespace = %s.namespace,
             service_account = %s.service_account, "a pod's rotated token found its cached credentials");
@@ -153,6 +154,14 @@ impl Inner {
             Ok((credentials, plan)) => {
                 let valid_until = credentials.expiration().min(token.expires_at(self.leeway));
                 let previous = self.entries.get(&token.hash());
+                if trigger == Trigger::Refresh
+                    && previous.as_ref().is_none_or(|p| p.is_superseded())
+                {
+                    // Rotated to the pod's newer token (or evicted) while the renewal was under
+                    // way: installing it would bring the old token back and point the pod at it.
+                    let entry = Entry::new(token.clone(), credentials, plan, valid_until, 0, pod);
+                    return Ok(Arc::new(entry));
+                }
                 let entry = self.put(|generation| {
                     let e = Entry::new(
                         token.clone(),

@@ -455,7 +455,8 @@ impl Inner {
         entry
     }
 
-    /// Evict `hash` for its token's fault, remembering it for a successor.
+    /// Evict `hash` (for its token's fault, or moved to its pod's newer token), remembering it
+    /// for a successor.
     fn evict(&self, hash: &TokenHash) {
         let newest = self.generations.load(std::sync::atomic::Ordering::Relaxed);
         self.entries.invalidate(hash);
