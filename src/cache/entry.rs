@@ -99,6 +99,9 @@ pub struct Entry {
     /// The address its credentials last went to (folded to 64 bits; 0: none yet), so that only
     /// a delivery to a new address is looked up for the audit trail.
     delivered_to: AtomicU64,
+    /// The first address they went to (the exchange's, whose audit line names it), kept across
+    /// renewals: coming back to it is not a new delivery.
+    origin: AtomicU64,
     demand: AtomicU8,
     /// Consecutive recoverable failures of exchanges for this token, for backoff.
     failures: AtomicU32,
@@ -109,7 +112,7 @@ pub struct Entry {
 /// What [`Entry::record_delivery`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
-    /// The address the entry last went to.
+    /// The address the entry last went to, or the one it was first delivered to.
     Same,
     /// No address yet.
     First,
@@ -135,6 +138,7 @@ impl Entry {
             pod,
             superseded: AtomicBool::new(false),
             delivered_to: AtomicU64::new(0),
+            origin: AtomicU64::new(0),
             demand: AtomicU8::new(Demand::Unused as u8),
             failures: AtomicU32::new(0),
             retry_after_ms: AtomicU64::new(0),
@@ -191,8 +195,14 @@ impl Entry {
             return Delivery::Same;
         }
         match self.delivered_to.swap(folded, Ordering::Relaxed) {
-            0 => Delivery::First,
+            0 => {
+                let _ =
+                    self.origin
+                        .compare_exchange(0, folded, Ordering::Relaxed, Ordering::Relaxed);
+                Delivery::First
+            }
             before if before == folded => Delivery::Same,
+            _ if self.origin.load(Ordering::Relaxed) == folded => Delivery::Same,
             _ => Delivery::Changed,
         }
     }
@@ -200,10 +210,17 @@ impl Entry {
     /// Take over where `previous`, this token's entry before a renewal, was delivered: a renewal
     /// is not a new delivery.
     pub(super) fn inherit_delivery(&self, previous: &Entry) {
-        let to = previous.delivered_to.load(Ordering::Relaxed);
-        let _ = self
-            .delivered_to
-            .compare_exchange(0, to, Ordering::Relaxed, Ordering::Relaxed);
+        for (mine, theirs) in [
+            (&self.delivered_to, &previous.delivered_to),
+            (&self.origin, &previous.origin),
+        ] {
+            let _ = mine.compare_exchange(
+                0,
+                theirs.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
     }
 
     pub(super) fn is_superseded(&self) -> bool {

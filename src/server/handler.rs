@@ -166,20 +166,21 @@ impl CredentialHandler {
             .observe(elapsed.as_secs_f64());
         m.served_remaining.observe(remaining.as_secs_f64());
         // A cheap compare for the address the entry last went to; only a new one is looked up.
+        // The exchange's own line names its address (the first of a new or handed-over entry,
+        // kept across renewals); a rotated token's first delivery is its only line.
         let delivery = entry.record_delivery(peer.ip());
-        if delivery != Delivery::Same {
+        let audited = match delivery {
+            Delivery::Changed => outcome != Outcome::Miss,
+            Delivery::First => outcome == Outcome::Rotated,
+            Delivery::Same => false,
+        };
+        if audited {
             let key = (token.hash(), peer.ip().to_canonical());
             if !self.deliveries.contains_key(&key) {
                 self.deliveries.insert(key, ());
-                // The exchange's own line covers its address (a miss, or the first address of
-                // a new or handed-over entry); a rotated token's first delivery is its only line.
-                let audited = outcome == Outcome::Rotated
-                    || (delivery == Delivery::Changed && outcome != Outcome::Miss);
-                if audited {
-                    let client = self.admission.source(peer.ip());
-                    if let Some(not_logged) = self.delivery_lines.allow(client) {
-                        audit::delivery(key.1, token, outcome.as_str(), creds, not_logged);
-                    }
+                let client = self.admission.source(peer.ip());
+                if let Some(not_logged) = self.delivery_lines.allow(client) {
+                    audit::delivery(key.1, token, outcome.as_str(), creds, not_logged);
                 }
             }
         }
