@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         }
         Command::Server(args) => run(|| server(*args)),
         Command::Init(args) => run(|| init(args)),
+        #[cfg(feature = "emulator")]
         Command::Dev(pod_identity_agent::cli::DevArgs {
             command: Some(pod_identity_agent::cli::DevCommand::ExplainAccess(args)),
             ..
@@ -26,11 +27,13 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        #[cfg(feature = "emulator")]
         Command::Dev(args) => run(|| async {
             pod_identity_agent::dev::run_dev(args)
                 .await
                 .map_err(|e| (2, e))
         }),
+        #[cfg(feature = "emulator")]
         Command::EmulateEksAuth(args) => run(|| async {
             pod_identity_agent::dev::run_emulate(args)
                 .await
@@ -68,17 +71,19 @@ where
             return ExitCode::from(2);
         }
     };
-    let code = match runtime.block_on(f()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err((code, e)) => {
-            tracing::error!(error = %e, "stopped");
-            logging::finish();
+    let failed = runtime.block_on(f()).err();
+    if let Some((_, e)) = &failed {
+        tracing::error!(error = %e, "stopped");
+    }
+    // The log's queue is written out before the last line, so they come out in order.
+    logging::finish();
+    match failed {
+        None => ExitCode::SUCCESS,
+        Some((code, e)) => {
             eprintln!("pod-identity-agent: {e}");
             ExitCode::from(code)
         }
-    };
-    logging::finish();
-    code
+    }
 }
 
 async fn server(args: ServerArgs) -> Ended {
