@@ -11,7 +11,9 @@ use crate::admission::AdmissionSettings;
 use crate::cache::policy::RefreshPolicy;
 use crate::cache::{CacheSettings, NegativeSettings};
 use crate::eks_auth::ExchangeSettings;
+#[cfg(feature = "emulator")]
 use crate::emulator::state::state_dir;
+#[cfg(feature = "emulator")]
 use crate::emulator::{
     AssociationsFrom, ClusterConfig, CredentialsFrom, EmulatorConfig, DEFAULT_CLUSTER,
     DEFAULT_CREATOR,
@@ -52,8 +54,10 @@ pub enum Command {
     Init(InitArgs),
     /// Run Pod Identity on this machine: the agent on 127.0.0.1 backed by a local EKS Auth
     /// emulator, no AWS account needed. Prints the environment any AWS SDK needs.
+    #[cfg(feature = "emulator")]
     Dev(DevArgs),
     /// Run the EKS Auth emulator alone, for any agent or EKS Auth client to use.
+    #[cfg(feature = "emulator")]
     EmulateEksAuth(EmulateArgs),
     /// Check, from inside a pod (or a shell with its environment), why it does or does not get
     /// Pod Identity credentials: environment, token file, the agent's answer, the role. Exits 1
@@ -94,6 +98,7 @@ pub struct InitArgs {
     pub log: LogArgs,
 }
 
+#[cfg(feature = "emulator")]
 /// Where emulated credentials come from (`--credential-source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum EmulatedCredentials {
@@ -103,6 +108,7 @@ pub enum EmulatedCredentials {
     Sts,
 }
 
+#[cfg(feature = "emulator")]
 #[derive(Debug, Clone, Args)]
 pub struct EmulatorArgs {
     /// Keeps the issuer key and minted tokens [default: ~/.cache/pod-identity-agent].
@@ -135,6 +141,7 @@ pub struct EmulatorArgs {
     pub aws_auth: Option<PathBuf>,
 }
 
+#[cfg(feature = "emulator")]
 impl EmulatorArgs {
     pub fn config(&self) -> Result<EmulatorConfig, String> {
         Ok(EmulatorConfig {
@@ -158,6 +165,7 @@ impl EmulatorArgs {
     }
 }
 
+#[cfg(feature = "emulator")]
 #[derive(Debug, Clone, Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct DevArgs {
@@ -179,6 +187,7 @@ pub struct DevArgs {
     pub log: LogArgs,
 }
 
+#[cfg(feature = "emulator")]
 #[derive(Debug, Clone, Subcommand)]
 pub enum DevCommand {
     /// Mint a projected-service-account-shaped token signed by the emulator's issuer.
@@ -188,6 +197,7 @@ pub enum DevCommand {
     ExplainAccess(ExplainArgs),
 }
 
+#[cfg(feature = "emulator")]
 #[derive(Debug, Clone, Args)]
 pub struct ExplainArgs {
     /// An IAM role or user ARN, or an assumed-role session ARN.
@@ -204,6 +214,7 @@ pub struct ExplainArgs {
     pub aws_auth: Option<PathBuf>,
 }
 
+#[cfg(feature = "emulator")]
 #[derive(Debug, Clone, Args)]
 pub struct TokenArgs {
     #[arg(long, short = 'n')]
@@ -227,12 +238,14 @@ pub struct TokenArgs {
     pub audience: String,
 }
 
+#[cfg(feature = "emulator")]
 impl TokenArgs {
     pub fn state_dir(&self) -> Result<PathBuf, String> {
         state_dir(self.state_dir.as_deref())
     }
 }
 
+#[cfg(feature = "emulator")]
 #[derive(Debug, Clone, Args)]
 pub struct EmulateArgs {
     /// Address to listen on.

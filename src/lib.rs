@@ -14,9 +14,11 @@ pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod credentials;
+#[cfg(feature = "emulator")]
 pub mod dev;
 pub mod diagnose;
 pub mod eks_auth;
+#[cfg(feature = "emulator")]
 pub mod emulator;
 pub mod error;
 #[cfg(target_os = "linux")]

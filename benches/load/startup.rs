@@ -24,7 +24,13 @@ pub async fn startup(fake: &FakeEksAuth) -> Vec<Row> {
         },
         Row {
             scenario: "7 binary size",
-            figures: format!("{:.1} MB ({})", size as f64 / 1e6, process::BIN),
+            // The bench's binary has default features (the emulator, about 1.5 MB); the node's
+            // image is built without them (README, "Installing on a cluster").
+            figures: format!(
+                "{:.1} MB with the emulator ({})",
+                size as f64 / 1e6,
+                process::BIN
+            ),
             target: "<= 12 MB (stripped release)".into(),
             met: Some(size <= 12_000_000),
         },
