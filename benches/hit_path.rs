@@ -92,6 +92,7 @@ fn handler(rt: &tokio::runtime::Runtime) -> CredentialHandler {
             metrics,
             refusal_lines: Default::default(),
             deliveries: pod_identity_agent::server::handler::deliveries(),
+            events: None,
         }
     })
 }

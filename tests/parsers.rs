@@ -120,6 +120,7 @@ impl InProcess {
                 metrics,
                 refusal_lines: Default::default(),
                 deliveries: pod_identity_agent::server::handler::deliveries(),
+                events: None,
             }
         });
         InProcess { rt, handler }

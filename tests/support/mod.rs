@@ -97,6 +97,7 @@ pub fn settings() -> ServerSettings {
             max_per_client: 20_000,
             ..ConnectionLimits::default()
         },
+        events: None,
     }
 }
 
