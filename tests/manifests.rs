@@ -12,12 +12,10 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use pod_identity_agent::cli::{Cli, Command};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
-use support::manifest::{self, docs, kustomize, Downward};
+use support::manifest::{self, docs, kustomize, typed, Downward};
 
 const VARIANTS: &[&str] = &[
     "daemonset",
@@ -25,35 +23,6 @@ const VARIANTS: &[&str] = &[
     "daemonset/overlays/hybrid",
     "daemonset/overlays/hybrid-bottlerocket",
 ];
-
-/// Every key of `original` must survive a trip through the typed model: a key the types do not
-/// know is dropped on the way back, and that is an unknown field.
-fn assert_known(original: &Value, back: &Value, path: &str) {
-    match (original, back) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in a {
-                let next = format!("{path}.{k}");
-                let Some(w) = b.get(k) else {
-                    panic!("unknown field {next}")
-                };
-                assert_known(v, w, &next);
-            }
-        }
-        (Value::Array(a), Value::Array(b)) => {
-            assert_eq!(a.len(), b.len(), "{path}");
-            for (i, (v, w)) in a.iter().zip(b).enumerate() {
-                assert_known(v, w, &format!("{path}[{i}]"));
-            }
-        }
-        _ => {}
-    }
-}
-
-fn typed<T: DeserializeOwned + Serialize>(doc: &Value, what: &str) -> T {
-    let t: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_known(doc, &serde_json::to_value(&t).expect("serialize"), what);
-    t
-}
 
 #[derive(Default)]
 struct Rendered {

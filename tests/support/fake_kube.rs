@@ -37,6 +37,8 @@ pub enum Answer {
     Recording(String),
     /// Accept, read, never answer.
     Hang,
+    /// This recording after this long.
+    After(std::time::Duration, String),
 }
 
 impl Answer {
@@ -229,6 +231,10 @@ impl FakeKube {
                                         None
                                     }
                                     Some(Answer::Recording(name)) => Some(name),
+                                    Some(Answer::After(delay, name)) => {
+                                        tokio::time::sleep(delay).await;
+                                        Some(name)
+                                    }
                                     None => None,
                                 };
                                 if scripted.is_none() && *lock(&state.mode) == Mode::Hang {
