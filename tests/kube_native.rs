@@ -1042,3 +1042,26 @@ fn failed(h: &Harness) -> u64 {
         .with_label_values(&["pod", "failed"])
         .get()
 }
+
+/// An Event the API server no longer has (its TTL passed): the series is created again under a
+/// new name, with the count so far.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_gone_from_the_api_server_is_created_again() {
+    let cluster = Cluster::new().await;
+    cluster
+        .kube
+        .script("PATCH", EVENT, vec![Answer::recording("events/gone")]);
+    let h = reporting(&cluster, true, |_| {}).await;
+    h.fake
+        .answer_namespace("payments", "error-resource-not-found");
+    let t = Pod::new(5).token(&cluster.issuer, 0, 3600);
+    for _ in 0..3 {
+        assert_eq!(h.get(&t).await.status, 404);
+    }
+    assert!(until(Duration::from_secs(5), || cluster.posted().len() == 2).await);
+    let posted = cluster.posted();
+    assert_ne!(posted[0]["metadata"]["name"], posted[1]["metadata"]["name"]);
+    assert_eq!(posted[1]["series"]["count"], 3, "{}", posted[1]);
+    typed_event(&posted[1]);
+    assert_eq!(cluster.kube.seen_matching("PATCH", EVENT).len(), 1);
+}
