@@ -166,7 +166,7 @@ impl Metrics {
         )?;
         let events = counter(
             "pod_identity_events_total",
-            "Refusals reported as Kubernetes Events, by object (pod, node) and result: sent (an Event created), updated (a series' count sent), deduplicated (counted into an Event of the same pod and reason), rate_limited (the node's Event budget was spent; counted into a later update), unverified (no pod Event: the token is not verified), dropped (the queue or the table was full), failed (the API server refused or did not answer).",
+            "Refusals reported as Kubernetes Events, by object (pod, node) and result: sent (an Event created), updated (a series' count sent), deduplicated (counted into an Event of the same pod and reason), rate_limited (the node's Event budget was spent; counted into a later update), unverified (no pod Event: the token is not verified, or verifying tokens for Events is over its budget), dropped (the queue or the table was full), failed (the API server refused or did not answer).",
             &["object", "result"],
         )?;
         let startup_taint = counter(

@@ -71,6 +71,27 @@ impl Cluster {
         }
     }
 
+    /// The binary on `node` removing the startup taint, tokens unverified (verification is not
+    /// what these tests are about), handing over through `handover_dir` ("" for none).
+    fn tainting_agent(&self, node: &Node, handover_dir: &str) -> support::process::Spawned {
+        let mut flags = self.flags();
+        flags.extend(["--node-startup-taint", "--token-verification", "off"].map(String::from));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        node.agent(handover_dir, &flags)
+    }
+
+    /// What the node answers to reads, in turn.
+    fn node_answers(&self, answers: &[&str]) {
+        let answers = answers
+            .iter()
+            .map(|a| match *a {
+                "hang" => Answer::Hang,
+                name => Answer::recording(name),
+            })
+            .collect();
+        self.kube.script("GET", NODES, answers);
+    }
+
     /// The flags that point the binary at this API server.
     fn flags(&self) -> Vec<String> {
         [
@@ -192,6 +213,14 @@ async fn verifying(cluster: &Cluster) -> Harness {
     .await
 }
 
+/// Whether `counted{result}` reaches 1 within `secs`.
+async fn counted_once(counted: &prometheus::IntCounterVec, result: &str, secs: u64) -> bool {
+    until(Duration::from_secs(secs), || {
+        counted.with_label_values(&[result]).get() == 1
+    })
+    .await
+}
+
 /// What the agent patched: the test of the taints as read, then the list without ours.
 fn assert_removal_patch(patch: &Seen) {
     assert_eq!(patch.content_type, "application/json-patch+json");
@@ -232,9 +261,7 @@ async fn the_taint_goes_once_the_keys_are_settled_and_never_comes_back() {
         "/openid/v1/jwks",
         vec![Answer::After(keys_take, "keys/jwks".into())],
     );
-    cluster
-        .kube
-        .script("GET", NODES, vec![Answer::recording("nodes/node-tainted")]);
+    cluster.node_answers(&["nodes/node-tainted"]);
     let h = verifying(&cluster).await;
     let (task, counted) = taint_for(&cluster, &h);
     assert!(until(Duration::from_secs(5), || !cluster.patches().is_empty()).await);
@@ -296,9 +323,7 @@ async fn readyz(ready: Arc<AtomicBool>) -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_taint_waits_for_readiness() {
     let cluster = Cluster::new().await;
-    cluster
-        .kube
-        .script("GET", NODES, vec![Answer::recording("nodes/node-tainted")]);
+    cluster.node_answers(&["nodes/node-tainted"]);
     let ready = Arc::new(AtomicBool::new(false));
     let probe = readyz(ready.clone()).await;
     let serving = Serving {
@@ -323,9 +348,7 @@ async fn the_taint_waits_for_readiness() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflict_reads_the_node_again() {
     let cluster = Cluster::new().await;
-    cluster
-        .kube
-        .script("GET", NODES, vec![Answer::recording("nodes/node-tainted")]);
+    cluster.node_answers(&["nodes/node-tainted"]);
     cluster.kube.script(
         "PATCH",
         NODES,
@@ -337,13 +360,7 @@ async fn a_conflict_reads_the_node_again() {
     );
     let h = Harness::start().await;
     let (task, counted) = taint_for(&cluster, &h);
-    assert!(
-        until(Duration::from_secs(5), || counted
-            .with_label_values(&["removed"])
-            .get()
-            == 1)
-        .await
-    );
+    assert!(counted_once(&counted, "removed", 5).await);
     assert_eq!(
         (cluster.node_reads().len(), cluster.patches().len()),
         (3, 3)
@@ -361,18 +378,11 @@ async fn a_conflict_reads_the_node_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_api_server_is_retried_with_backoff() {
     let cluster = Cluster::new().await;
-    let mut answers = vec![Answer::recording("nodes/server-error"); 4];
-    answers.push(Answer::recording("nodes/node-tainted"));
-    cluster.kube.script("GET", NODES, answers);
+    let errors = ["nodes/server-error"; 4];
+    cluster.node_answers(&[&errors[..], &["nodes/node-tainted"]].concat());
     let h = Harness::start().await;
     let (task, counted) = taint_for(&cluster, &h);
-    assert!(
-        until(Duration::from_secs(8), || counted
-            .with_label_values(&["removed"])
-            .get()
-            == 1)
-        .await
-    );
+    assert!(counted_once(&counted, "removed", 8).await);
     let reads: Vec<Instant> = cluster.node_reads().iter().map(|s| s.at).collect();
     assert_eq!(
         reads.len(),
@@ -393,20 +403,10 @@ async fn a_failing_api_server_is_retried_with_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_the_taint_is_not_patched() {
     let cluster = Cluster::new().await;
-    cluster.kube.script(
-        "GET",
-        NODES,
-        vec![Answer::recording("nodes/node-untainted")],
-    );
+    cluster.node_answers(&["nodes/node-untainted"]);
     let h = Harness::start().await;
     let (task, counted) = taint_for(&cluster, &h);
-    assert!(
-        until(Duration::from_secs(5), || counted
-            .with_label_values(&["absent"])
-            .get()
-            == 1)
-        .await
-    );
+    assert!(counted_once(&counted, "absent", 5).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         (cluster.node_reads().len(), cluster.patches().len()),
@@ -421,20 +421,10 @@ async fn a_node_without_the_taint_is_not_patched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_removes_the_taint_and_its_successor_only_checks() {
     let cluster = Cluster::new().await;
-    cluster.kube.script(
-        "GET",
-        NODES,
-        vec![
-            Answer::recording("nodes/node-tainted"),
-            Answer::recording("nodes/node-untainted"),
-        ],
-    );
+    cluster.node_answers(&["nodes/node-tainted", "nodes/node-untainted"]);
     let node = Node::new().await;
     let dir = node.handover_dir();
-    let mut flags = cluster.flags();
-    flags.extend(["--node-startup-taint", "--token-verification", "off"].map(String::from));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let mut first = node.agent(&dir, &flags);
+    let mut first = cluster.tainting_agent(&node, &dir);
     logged(
         &first,
         "removed the node's startup taint: pods may now be scheduled here",
@@ -449,7 +439,7 @@ async fn the_agent_removes_the_taint_and_its_successor_only_checks() {
         1.0
     );
 
-    let mut second = node.agent(&dir, &flags);
+    let mut second = cluster.tainting_agent(&node, &dir);
     logged(&second, "took over from the previous agent").await;
     logged(&second, "the node has no startup taint to remove").await;
     assert_eq!(
@@ -469,14 +459,9 @@ async fn the_agent_removes_the_taint_and_its_successor_only_checks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forbidden_node_is_given_up_quietly() {
     let cluster = Cluster::new().await;
-    cluster
-        .kube
-        .script("GET", NODES, vec![Answer::recording("nodes/forbidden")]);
+    cluster.node_answers(&["nodes/forbidden"]);
     let node = Node::new().await;
-    let mut flags = cluster.flags();
-    flags.extend(["--node-startup-taint", "--token-verification", "off"].map(String::from));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let mut agent = node.agent("", &flags);
+    let mut agent = cluster.tainting_agent(&node, "");
     logged(&agent, "ready").await;
     node.serves().await;
     logged(
@@ -521,12 +506,9 @@ async fn a_forbidden_node_is_given_up_quietly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_api_server_delays_no_credential_and_no_shutdown() {
     let cluster = Cluster::new().await;
-    cluster.kube.script("GET", NODES, vec![Answer::Hang]);
+    cluster.node_answers(&["hang"]);
     let node = Node::new().await;
-    let mut flags = cluster.flags();
-    flags.extend(["--node-startup-taint", "--token-verification", "off"].map(String::from));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let mut agent = node.agent("", &flags);
+    let mut agent = cluster.tainting_agent(&node, "");
     logged(&agent, "ready").await;
     assert!(until(Duration::from_secs(5), || !cluster.node_reads().is_empty()).await);
     // A new pod's first request, then its cached credentials, while the node's read hangs.

@@ -291,8 +291,12 @@ impl Worker {
                     Some(r) => self.report(r).await,
                     None => return,
                 },
-                Some(Ok((key, call, sent, result))) = self.calls.join_next() => {
-                    self.done(key, call, sent, result);
+                Some(joined) = self.calls.join_next() => {
+                    // A call cannot panic (no unwrap on its path); one that did leaves its series
+                    // marked under way until the agent stops, which costs that series only.
+                    if let Ok((key, call, sent, result)) = joined {
+                        self.done(key, call, sent, result);
+                    }
                 }
                 _ = tick.tick() => self.tick(),
             }
@@ -324,7 +328,10 @@ impl Worker {
                     && id.pod_uid.len() <= 128
             })
             .map(Arc::new);
-        self.verdicts.insert(token.hash(), id.clone());
+        // "Not verified" is final only once keys are held: before, the same token may verify.
+        if id.is_some() || verifier.keys().is_some() {
+            self.verdicts.insert(token.hash(), id.clone());
+        }
         id
     }
 
