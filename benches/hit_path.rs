@@ -93,6 +93,7 @@ fn handler(rt: &tokio::runtime::Runtime) -> CredentialHandler {
             refusal_lines: Default::default(),
             delivery_lines: Default::default(),
             deliveries: pod_identity_agent::server::handler::deliveries(),
+            events: None,
         }
     })
 }

@@ -9,8 +9,13 @@
 //! within its grace period. It returns [`Stopped::Start`] if it could not start (exit 2), and
 //! [`Stopped::HandedOverAndLost`] if a successor failed after this agent retired (exit 1: this
 //! agent no longer serves, and the kubelet should start one that binds fresh).
+//!
+//! Once it serves (sockets bound or taken over, the handover finished), it starts the removal
+//! of the node's startup taint ([`crate::kube::taint`], `--node-startup-taint`), which waits for
+//! readiness and the verification keys by itself; shutdown stops that task within a bound.
 
 use crate::eks_auth::{EksAuthClient, ExchangeSettings};
+use crate::kube::taint::{Serving, StartupTaint, TaintSettings};
 use crate::metrics::Metrics;
 use crate::server::{Preload, RunningServer, Server, ServerSettings};
 use std::future::Future;
@@ -31,6 +36,8 @@ pub struct AgentSettings {
     pub region: Option<String>,
     /// `--rotate-credentials`: the node's keys re-read from the shared credentials file.
     pub rotate_credentials: bool,
+    /// `--node-startup-taint`: removed from the node once this agent serves; `None`: off.
+    pub startup_taint: Option<TaintSettings>,
 }
 
 /// Why [`run`] returned early.
@@ -88,10 +95,22 @@ pub async fn run(
     };
     let (running, mut handover) = started;
     tracing::info!(cluster = %settings.exchange.cluster_name, version = env!("CARGO_PKG_VERSION"), "ready");
+    let taint = settings.startup_taint.as_ref().and_then(|t| {
+        let serving = Serving {
+            probe: running.probe_addr,
+            credentials: running.credential_addrs.clone(),
+            verifier: running.verifier.clone(),
+        };
+        let counted = Some(metrics.startup_taint.clone());
+        StartupTaint::spawn(t, serving, counted, Some(metrics.kube_requests.clone()))
+    });
     let lost = tokio::select! {
         _ = &mut shutdown => false,
         _ = handover.failed() => true,
     };
+    if let Some(taint) = taint {
+        taint.stop().await;
+    }
     if lost {
         handover.stop().await;
         running.shutdown().await;

@@ -18,6 +18,8 @@ use crate::emulator::{
     AssociationsFrom, ClusterConfig, CredentialsFrom, EmulatorConfig, DEFAULT_CLUSTER,
     DEFAULT_CREATOR,
 };
+use crate::kube::events::EventSettings;
+use crate::kube::taint::{TaintSettings, DEFAULT_KEY as DEFAULT_TAINT_KEY};
 use crate::kube::KubeSettings;
 use crate::server::limits::ConnectionLimits;
 use crate::server::ServerSettings;
@@ -404,6 +406,18 @@ pub struct IdentityArgs {
     /// 128 counts each address apart.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u8).range(0..=128))]
     pub client_ipv6_prefix: u8,
+    /// Remove this taint from the node (--node-name) once the agent serves, so pods are not
+    /// scheduled on a new node before it can give them credentials; never added back. Without a
+    /// value: pod-identity.agent/not-ready. Off unless given.
+    #[arg(long, value_name = "KEY", num_args = 0..=1, default_missing_value = DEFAULT_TAINT_KEY,
+          requires = "node_name", value_parser = parse_taint_key)]
+    pub node_startup_taint: Option<String>,
+    /// Report refused pods (no association, an expired or invalid token, the role's trust
+    /// policy) as Events on the pod, and refused node credentials on the Node (needs
+    /// --node-name; pod Events need token verification).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true",
+          value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub events: bool,
 }
 
 impl IdentityArgs {
@@ -456,6 +470,53 @@ impl IdentityArgs {
                 ..VerifySettings::default()
             },
         }))
+    }
+
+    /// This node's name, checked, when a feature that patches or names the node is on.
+    fn node_for(&self, flag: &str) -> Result<String, String> {
+        let node = self.node_name.as_deref().unwrap_or_default();
+        if node.is_empty() {
+            return Err(format!(
+                "{flag} needs --node-name (the downward API's spec.nodeName)"
+            ));
+        }
+        if !crate::kube::is_dns_subdomain(node) {
+            return Err(format!(
+                "--node-name {node:?} is not a Kubernetes node name"
+            ));
+        }
+        Ok(node.to_owned())
+    }
+
+    /// `--node-startup-taint`, if given and the API server can be reached.
+    pub fn startup_taint(&self) -> Result<Option<TaintSettings>, String> {
+        let Some(key) = &self.node_startup_taint else {
+            return Ok(None);
+        };
+        let node = self.node_for("--node-startup-taint")?;
+        let Some(kube) = self.kube() else {
+            // Never a reason not to serve; but the node stays tainted, which the operator must know.
+            tracing::error!(taint = %key, "--node-startup-taint: not running in a cluster (no KUBERNETES_SERVICE_HOST) and no --kube-api-server; the taint stays on the node");
+            return Ok(None);
+        };
+        Ok(Some(TaintSettings {
+            kube,
+            node,
+            key: key.clone(),
+        }))
+    }
+
+    /// `--events`, if on and the API server can be reached.
+    pub fn events(&self) -> Result<Option<EventSettings>, String> {
+        if !self.events {
+            return Ok(None);
+        }
+        let node = self.node_for("--events")?;
+        let Some(kube) = self.kube() else {
+            tracing::error!("--events: not running in a cluster (no KUBERNETES_SERVICE_HOST) and no --kube-api-server; no Events are sent");
+            return Ok(None);
+        };
+        Ok(Some(EventSettings::new(kube, node)))
     }
 
     /// The API server's settings: the overrides, else in-cluster.
@@ -582,6 +643,18 @@ pub fn parse_url(s: &str) -> Result<String, String> {
     crate::https::check_url(s).map(|_| s.trim().to_owned())
 }
 
+/// A taint key: a Kubernetes qualified name.
+pub fn parse_taint_key(s: &str) -> Result<String, String> {
+    let key = s.trim();
+    if crate::kube::is_qualified_name(key) {
+        Ok(key.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a taint key (an optional DNS prefix and '/', then up to 63 letters, digits, '-', '_' or '.')"
+        ))
+    }
+}
+
 /// A bind host: an IP literal, bracketed IPv6 included, or `localhost`.
 pub fn parse_bind_host(s: &str) -> Result<IpAddr, String> {
     let t = s.trim().trim_start_matches('[').trim_end_matches(']');
@@ -653,6 +726,7 @@ impl ServerArgs {
             node_name: self.identity.node_name.clone().filter(|n| !n.is_empty()),
             client_ipv6_prefix: self.identity.client_ipv6_prefix,
             connections: self.abuse.connections(),
+            events: self.identity.events()?,
         })
     }
 
@@ -666,6 +740,7 @@ impl ServerArgs {
             state_dir: (!self.state_dir.as_os_str().is_empty()).then(|| self.state_dir.clone()),
             region: self.region.clone(),
             rotate_credentials: self.rotate_credentials,
+            startup_taint: self.identity.startup_taint()?,
         })
     }
 
@@ -842,9 +917,92 @@ mod tests {
             vec!["-c", "c", "--handover-timeout", "100000000h"],
             vec!["-c", "c", "--shutdown-grace", "18446744073709551615s"],
             vec!["-c", "c", "--max-credential-retention-before-renewal", "0s"],
+            // The startup taint patches this node: it needs its name, and a real taint key.
+            vec!["-c", "c", "--node-startup-taint"],
+            vec!["-c", "c", "--events", "sometimes"],
         ] {
             let err = server(&bad).expect_err("must fail");
             assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    /// The startup taint and Events: off unless asked for (the manifests ask), the taint's key
+    /// ours by default, and each refused at start without a node name it can use.
+    #[test]
+    fn kubernetes_features_are_off_unless_asked_for() {
+        let kube = [
+            "--kube-api-server",
+            "http://127.0.0.1:1",
+            "--kube-ca-file",
+            "",
+        ];
+        let plain =
+            server(&[&["-c", "c", "--node-name", "n"][..], &kube].concat()).expect("parses");
+        assert_eq!(plain.identity.node_startup_taint, None);
+        assert!(!plain.identity.events);
+        let settings = plain.agent_settings().expect("settings");
+        assert!(settings.startup_taint.is_none() && settings.server.events.is_none());
+
+        let on = server(
+            &[
+                &[
+                    "-c",
+                    "c",
+                    "--node-name",
+                    "n",
+                    "--node-startup-taint",
+                    "--events",
+                ][..],
+                &kube,
+            ]
+            .concat(),
+        )
+        .expect("parses");
+        let settings = on.agent_settings().expect("settings");
+        let taint = settings.startup_taint.expect("taint on");
+        assert_eq!(
+            (taint.key.as_str(), taint.node.as_str()),
+            (crate::kube::taint::DEFAULT_KEY, "n")
+        );
+        assert_eq!(settings.server.events.expect("events on").node, "n");
+        let custom = server(
+            &[
+                &[
+                    "-c",
+                    "c",
+                    "--node-name",
+                    "n",
+                    "--node-startup-taint",
+                    "example.com/agent-ready",
+                ][..],
+                &kube,
+            ]
+            .concat(),
+        )
+        .expect("parses");
+        assert_eq!(
+            custom.identity.node_startup_taint.as_deref(),
+            Some("example.com/agent-ready")
+        );
+        for key in ["Bad Key", "a/b/c", "-x"] {
+            let err = server(&["-c", "c", "--node-name", "n", "--node-startup-taint", key])
+                .expect_err("not a taint key");
+            assert_eq!(err.exit_code(), 2, "{key}");
+        }
+        // A node name the API server would not have is refused at start (exit 2), not patched.
+        for bad in [
+            vec!["-c", "c", "--events"],
+            vec!["-c", "c", "--events", "--node-name", ""],
+            vec![
+                "-c",
+                "c",
+                "--node-name",
+                "Not/A/Node",
+                "--node-startup-taint",
+            ],
+        ] {
+            let args = server(&[&bad[..], &kube].concat()).expect("parses");
+            assert!(args.agent_settings().is_err(), "{bad:?}");
         }
     }
 }

@@ -276,6 +276,7 @@ async fn start_agent(
         node_name: None,
         client_ipv6_prefix: 128,
         connections: ConnectionLimits::default(),
+        events: None,
     };
     let metrics = Arc::new(Metrics::new().map_err(|e| e.to_string())?);
     Server::start(

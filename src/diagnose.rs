@@ -384,9 +384,8 @@ async fn ask_agent(
         r.fail(
             CHECK,
             format!(
-                "the agent answered {status} {}: {}\n      the agent said: {}",
-                clip(code, 64),
-                explain(code, status),
+                "the agent answered {status} {}\n      the agent said: {}",
+                explained(&clip(code, 64), status),
                 clip(message, 400)
             ),
         );
@@ -522,6 +521,12 @@ async fn check_role(env: &dyn Env, creds: &Returned, timeout: Duration, r: &mut 
             "STS did not answer in time; the pod may have no route to STS (--no-sts skips this check).",
         ),
     }
+}
+
+/// A refusal in plain words, as `diagnose` prints it after the status and as the agent's Event
+/// on a refused pod says it ([`crate::kube::events`]): `<code>: <what it means>`.
+pub fn explained(code: &str, status: u16) -> String {
+    format!("{code}: {}", explain(code, status))
 }
 
 /// What an agent error, by code and status, means for the person reading the report.

@@ -81,6 +81,10 @@ pub struct Metrics {
     log_lines_sync: std::sync::Mutex<()>,
     /// Calls to the Kubernetes API server by result.
     pub kube_requests: IntCounterVec,
+    /// Refusals reported as Events, by the object (pod, node) and what became of each.
+    pub events: IntCounterVec,
+    /// The startup taint's removal, by result.
+    pub startup_taint: IntCounterVec,
     /// Connections open on all listeners.
     pub open_connections: IntGauge,
     /// Handovers by role (successor, predecessor) and result (started, completed,
@@ -161,6 +165,16 @@ impl Metrics {
         let kube_requests = counter(
             "pod_identity_kube_api_requests_total",
             "Calls to the Kubernetes API server by result (ok, forbidden, not_found, conflict, client_error, server_error, unreachable, no_token).",
+            &["result"],
+        )?;
+        let events = counter(
+            "pod_identity_events_total",
+            "Refusals reported as Kubernetes Events, by object (pod, node) and result: sent (an Event created), updated (a series' count sent), deduplicated (counted into an Event of the same pod and reason), rate_limited (the node's Event budget was spent; counted into a later update), unverified (no pod Event: the token is not verified, or verifying tokens for Events is over its budget), dropped (the queue or the table was full), failed (the API server refused or did not answer).",
+            &["object", "result"],
+        )?;
+        let startup_taint = counter(
+            "pod_identity_startup_taint_total",
+            "The node's startup taint (--node-startup-taint): removed, absent, forbidden, not_found, failed (the task ended), and conflict and retried (rounds along the way).",
             &["result"],
         )?;
         let node_refused_tokens = registered(
@@ -330,6 +344,8 @@ impl Metrics {
             log_lines_dropped,
             log_lines_sync: std::sync::Mutex::new(()),
             kube_requests,
+            events,
+            startup_taint,
             handover,
             handover_entries,
             handover_seconds,

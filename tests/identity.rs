@@ -13,52 +13,9 @@ use pod_identity_agent::server::limits::ConnectionLimits;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use support::fake_kube::{keys_of, FakeKube, Mode};
+use support::pod::Pod;
 use support::*;
 use support::{fake_eks_auth, process};
-
-/// One pod: who its tokens say it is.
-#[derive(Clone)]
-struct Pod {
-    namespace: String,
-    service_account: String,
-    name: String,
-    uid: String,
-    node: Option<String>,
-}
-
-impl Pod {
-    fn new(i: usize) -> Pod {
-        Pod {
-            namespace: "payments".into(),
-            service_account: "api".into(),
-            name: format!("api-{i}"),
-            uid: format!("00000000-0000-4000-8000-{i:012}"),
-            node: Some("node-a".into()),
-        }
-    }
-
-    /// A token for this pod as kubelet writes it, issued `age` ago and valid for `ttl` from then.
-    fn token(&self, issuer: &Issuer, age: u64, ttl: u64) -> String {
-        let iat = now_secs() - age;
-        let mut k = json!({
-            "namespace": self.namespace,
-            "pod": {"name": self.name, "uid": self.uid},
-            "serviceaccount": {"name": self.service_account, "uid": "sa-uid"},
-        });
-        if let Some(node) = &self.node {
-            k["node"] = json!({"name": node, "uid": "node-uid"});
-        }
-        issuer
-            .sign(&json!({
-                "aud": ["pods.eks.amazonaws.com"], "iss": Issuer::ISSUER,
-                "iat": iat, "nbf": iat, "exp": iat + ttl,
-                "jti": format!("{}-{iat}-{}", self.uid, fastrand::u64(..)),
-                "sub": format!("system:serviceaccount:{}:{}", self.namespace, self.service_account),
-                "kubernetes.io": k,
-            }))
-            .expect("sign")
-    }
-}
 
 /// An API server publishing `issuers`' keys, and a token file for the agent to present.
 struct Cluster {

@@ -12,12 +12,12 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use pod_identity_agent::cli::{Cli, Command};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use pod_identity_agent::kube::taint::DEFAULT_KEY;
+use pod_identity_agent::kube::PERMISSIONS;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
-use support::manifest::{self, docs, kustomize, Downward};
+use support::manifest::{self, docs, kustomize, typed, Downward};
 
 const VARIANTS: &[&str] = &[
     "daemonset",
@@ -25,35 +25,6 @@ const VARIANTS: &[&str] = &[
     "daemonset/overlays/hybrid",
     "daemonset/overlays/hybrid-bottlerocket",
 ];
-
-/// Every key of `original` must survive a trip through the typed model: a key the types do not
-/// know is dropped on the way back, and that is an unknown field.
-fn assert_known(original: &Value, back: &Value, path: &str) {
-    match (original, back) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in a {
-                let next = format!("{path}.{k}");
-                let Some(w) = b.get(k) else {
-                    panic!("unknown field {next}")
-                };
-                assert_known(v, w, &next);
-            }
-        }
-        (Value::Array(a), Value::Array(b)) => {
-            assert_eq!(a.len(), b.len(), "{path}");
-            for (i, (v, w)) in a.iter().zip(b).enumerate() {
-                assert_known(v, w, &format!("{path}[{i}]"));
-            }
-        }
-        _ => {}
-    }
-}
-
-fn typed<T: DeserializeOwned + Serialize>(doc: &Value, what: &str) -> T {
-    let t: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_known(doc, &serde_json::to_value(&t).expect("serialize"), what);
-    t
-}
 
 #[derive(Default)]
 struct Rendered {
@@ -162,8 +133,9 @@ fn caps(c: &Container) -> (Vec<String>, Vec<String>) {
     (caps.add.unwrap_or_default(), caps.drop.unwrap_or_default())
 }
 
-/// The agent's API access: exactly the two key paths, read with a projected token mounted where
-/// the agent reads it, in the agent's container only.
+/// The agent's API access: exactly the two key paths and the resource verbs the agent uses
+/// (`kube::PERMISSIONS`: its Node for the startup taint, Events), read with a projected token
+/// mounted where the agent reads it, in the agent's container only.
 fn api_access(
     r: &Rendered,
     pod: &k8s_openapi::api::core::v1::PodSpec,
@@ -173,13 +145,28 @@ fn api_access(
 ) {
     assert_eq!(r.cluster_roles.len(), 1, "{variant}");
     let rules = r.cluster_roles[0].rules.clone().unwrap_or_default();
-    assert_eq!(rules.len(), 1, "{variant}");
+    assert_eq!(rules.len(), 1 + PERMISSIONS.len(), "{variant}");
     assert_eq!(
         rules[0].non_resource_urls.clone().unwrap_or_default(),
         vec!["/.well-known/openid-configuration", "/openid/v1/jwks"]
     );
     assert_eq!(rules[0].verbs, vec!["get"]);
     assert!(rules[0].resources.is_none() && rules[0].api_groups.is_none());
+    // Every other rule is one of the agent's, with exactly its verbs: nothing more, none missing.
+    for (rule, p) in rules[1..].iter().zip(PERMISSIONS) {
+        assert_eq!(
+            rule.api_groups.as_deref(),
+            Some(&[p.api_group.to_owned()][..]),
+            "{variant}"
+        );
+        assert_eq!(
+            rule.resources.as_deref(),
+            Some(&[p.resource.to_owned()][..]),
+            "{variant}"
+        );
+        assert_eq!(rule.verbs, p.verbs, "{variant}: {}", p.resource);
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+    }
     let binding = &r.bindings[0];
     let role_name = r.cluster_roles[0].metadata.name.clone().unwrap_or_default();
     assert_eq!(binding.role_ref.name, role_name, "{variant}");
@@ -325,6 +312,22 @@ fn renders_are_valid_and_match_the_agent() {
             "{variant}"
         );
         api_access(&r, pod, main, &args, variant);
+        // The node's startup taint: the agent removes the one it tolerates by name, and reports
+        // refusals as Events (both off outside the manifests).
+        let taint = args.identity.node_startup_taint.as_deref();
+        assert_eq!(taint, Some(DEFAULT_KEY), "{variant}");
+        assert!(
+            pod.tolerations
+                .iter()
+                .flatten()
+                .any(|t| t.key.as_deref() == taint
+                    && t.operator.as_deref() == Some("Exists")
+                    && t.effect.as_deref() == Some("NoSchedule")),
+            "{variant}: the agent tolerates the taint it removes"
+        );
+        assert!(args.identity.events, "{variant}");
+        // The node name the downward API gives is one the agent can patch and name.
+        args.agent_settings().expect("settings");
         assert_eq!(
             caps(main),
             (vec!["NET_BIND_SERVICE".into()], vec!["ALL".into()])

@@ -121,6 +121,7 @@ impl InProcess {
                 refusal_lines: Default::default(),
                 delivery_lines: Default::default(),
                 deliveries: pod_identity_agent::server::handler::deliveries(),
+                events: None,
             }
         });
         InProcess { rt, handler }

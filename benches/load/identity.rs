@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// One pod's token, signed by `issuer`: pod `n`, issued `age` seconds ago.
-fn pod_token(issuer: &Issuer, n: usize, age: u64) -> String {
+pub fn pod_token(issuer: &Issuer, n: usize, age: u64) -> String {
     let iat = now() - age;
     issuer
         .sign(&json!({
@@ -44,15 +44,15 @@ fn pod_token(issuer: &Issuer, n: usize, age: u64) -> String {
 }
 
 /// An API server publishing an issuer's keys, and the agent flags that verify against it.
-struct Keys {
-    issuer: Issuer,
-    kube: FakeKube,
+pub struct Keys {
+    pub issuer: Issuer,
+    pub kube: FakeKube,
     _dir: tempfile::TempDir,
     flags: Vec<String>,
 }
 
 impl Keys {
-    async fn new() -> Keys {
+    pub async fn new() -> Keys {
         let dir = tempfile::tempdir().expect("tempdir");
         let issuer = Issuer::load_or_create(dir.path()).expect("issuer");
         let kube = FakeKube::start().await;
@@ -80,7 +80,7 @@ impl Keys {
         }
     }
 
-    fn args(&self) -> Vec<&str> {
+    pub fn args(&self) -> Vec<&str> {
         self.flags.iter().map(String::as_str).collect()
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! `cargo bench --bench load [-- SCENARIO...]` runs the scenarios (all by default: hit, pods,
 //! herd, storm, refresh, memory, identity (burst, node-start, rotation), flood, connections,
-//! audit, handover-memory, startup; `refresh-full`, 13 minutes, only when named) and
+//! audit, handover-memory, events, startup; `refresh-full`, 13 minutes, only when named) and
 //! prints one table. The agent and the ceiling run
 //! as separate processes (the ceiling is this binary re-executed), the load generator and the
 //! fake EKS Auth here; all traffic stays on 127.0.0.1 and every loop is bounded in time.
@@ -20,6 +20,7 @@ mod netns;
 mod process;
 
 mod abuse;
+mod events;
 mod harness;
 mod herd;
 mod identity;
@@ -95,6 +96,9 @@ fn main() {
         }
         if want("handover-memory") {
             rows.push(trust::handover_memory(&fake).await);
+        }
+        if want("events") {
+            rows.extend(events::events().await);
         }
         if want("startup") {
             rows.extend(startup::startup(&fake).await);

@@ -12,6 +12,21 @@
 //! `pod_identity_kube_api_requests_total`. The token never appears in a log line or an error.
 //! Callers run these calls off the request path: the API server being slow, down or forbidding
 //! never delays a credential.
+//!
+//! What the agent asks of the API server, besides the key set ([`crate::verify::source`]):
+//! [`taint`] removes the node's startup taint once the agent serves, and [`events`] reports
+//! refused pods and refused node credentials as Events. [`PERMISSIONS`] lists every resource
+//! verb these use, so the manifests' ClusterRole grants exactly those (`tests/manifests.rs`).
+//!
+//! Why a thin client and not kube-rs: the agent needs five calls (two GETs of the key set, a GET
+//! and a JSON patch of its Node, a POST and a merge patch of an Event) and already builds
+//! hyper, rustls and serde_json for the SDK; kube-rs with k8s-openapi would add a second
+//! client stack and a large generated crate to a binary whose size is a goal, for typed
+//! objects the agent reads one field of. `k8s-openapi` stays a dev-dependency: the tests check
+//! every body the agent sends against its types.
+
+pub mod events;
+pub mod taint;
 
 use crate::https::{check_url, Https, HttpsError, Roots};
 use bytes::Bytes;
@@ -28,6 +43,29 @@ pub const TOKEN_REREAD: Duration = Duration::from_secs(60);
 /// Answers larger than this are refused (a key set or an object, never a list of a cluster).
 const MAX_BODY: usize = 1024 * 1024;
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
+
+/// A rule of the agent's ClusterRole: an API group, a resource and the verbs used on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Permission {
+    pub api_group: &'static str,
+    pub resource: &'static str,
+    pub verbs: &'static [&'static str],
+}
+
+/// Every resource verb the agent uses ([`taint`]: get and patch its Node; [`events`]: create
+/// and patch `events.k8s.io` Events). The key set is read through non-resource URLs.
+pub const PERMISSIONS: &[Permission] = &[
+    Permission {
+        api_group: "",
+        resource: "nodes",
+        verbs: &["get", "patch"],
+    },
+    Permission {
+        api_group: "events.k8s.io",
+        resource: "events",
+        verbs: &["create", "patch"],
+    },
+];
 
 /// How to reach the API server.
 #[derive(Debug, Clone)]
@@ -153,6 +191,23 @@ impl KubeClient {
         self.send(Method::GET, path, None, Bytes::new()).await
     }
 
+    /// A `PATCH` of `path` with a body of `content_type` (a JSON patch or a merge patch).
+    pub async fn patch(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Bytes,
+    ) -> Result<Bytes, KubeError> {
+        self.send(Method::PATCH, path, Some(content_type), body)
+            .await
+    }
+
+    /// A `POST` of a JSON object to the collection at `path`.
+    pub async fn post(&self, path: &str, body: Bytes) -> Result<Bytes, KubeError> {
+        self.send(Method::POST, path, Some("application/json"), body)
+            .await
+    }
+
     /// One call, retried as the module says; the body of a success.
     pub async fn send(
         &self,
@@ -237,5 +292,81 @@ impl KubeClient {
         }
         *held = Some((Instant::now(), token.clone()));
         Ok(token)
+    }
+}
+
+/// A DNS subdomain as Kubernetes names objects (nodes, pods, events): at most 253 characters of
+/// lowercase letters, digits, `-` and `.`, starting and ending with a letter or digit. Names
+/// put in a request path are checked with this first.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 253
+        && b.iter().all(|&c| alnum(c) || c == b'-' || c == b'.')
+        && alnum(b[0])
+        && alnum(b[b.len() - 1])
+}
+
+/// A qualified name as Kubernetes keys labels and taints: an optional DNS-subdomain prefix and
+/// `/`, then at most 63 letters, digits, `-`, `_` and `.`, starting and ending with a letter or
+/// digit.
+pub fn is_qualified_name(s: &str) -> bool {
+    let (prefix, name) = match s.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    let alnum = |c: u8| c.is_ascii_alphanumeric();
+    let b = name.as_bytes();
+    prefix.is_none_or(is_dns_subdomain)
+        && !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|&c| alnum(c) || c == b'-' || c == b'_' || c == b'.')
+        && alnum(b[0])
+        && alnum(b[b.len() - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_as_kubernetes_checks_them() {
+        for ok in ["ip-10-0-1-2.us-west-2.compute.internal", "node-a", "a"] {
+            assert!(is_dns_subdomain(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Node",
+            "-a",
+            "a-",
+            "a/b",
+            "a b",
+            "../x",
+            &"a".repeat(254),
+        ] {
+            assert!(!is_dns_subdomain(bad), "{bad}");
+        }
+        for ok in [
+            taint::DEFAULT_KEY,
+            "node.kubernetes.io/not-ready",
+            "dedicated",
+            "a_b.C",
+        ] {
+            assert!(is_qualified_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/x",
+            "x/",
+            "Bad.Prefix/x",
+            "a/b/c",
+            "-x",
+            &"x".repeat(64),
+            "a b",
+        ] {
+            assert!(!is_qualified_name(bad), "{bad}");
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! `/v1/credentials`: validation → cache (whose flights ask admission) → response, with its
 //! metrics, its one log line and its audit line ([`crate::audit`]): for a refusal of
 //! credentials (bounded per client), and for the first delivery of a token's credentials to a
-//! new address.
+//! new address. A refusal of credentials is also handed to [`Events`], which never waits.
 //!
 //! Contract: every request gets exactly one answer, success or a JSON error, and is counted
 //! once in `pod_identity_http_response` and the latency histogram. A refusal made without asking
@@ -19,9 +19,10 @@ use crate::admission::{Admission, Reason};
 use crate::audit::{self, Decided};
 use crate::cache::{CacheError, CredentialCache, Delivery, Denial, Entry, Outcome, Scope};
 use crate::error::Error;
+use crate::kube::events::Events;
 use crate::metrics::Metrics;
 use crate::request::{self, AllowedHosts};
-use crate::token::{Token, TokenHash};
+use crate::token::{Token, TokenError, TokenHash};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
@@ -48,6 +49,8 @@ pub struct CredentialHandler {
     pub delivery_lines: audit::Pacer,
     /// Tokens delivered to addresses, so the first delivery to a new one is audited once.
     pub deliveries: moka::sync::Cache<(TokenHash, IpAddr), ()>,
+    /// Refusals reported as Events (`--events`).
+    pub events: Option<Events>,
 }
 
 /// Token-address pairs remembered for delivery audit lines.
@@ -88,6 +91,9 @@ struct Refused {
     token: Option<Token>,
     error: Error,
     decided: Decided,
+    /// The token of a request refused for its time, read again for an Event only (the audit
+    /// line of such a refusal names no token).
+    expired: Option<Token>,
 }
 
 impl CredentialHandler {
@@ -100,6 +106,7 @@ impl CredentialHandler {
                 Err(e) => Err(self.refused_by_cache(token, e, peer, &pace).await),
             },
             Err(error) => {
+                let expired = self.expired_token(&req, &error);
                 // Paced like every refusal the agent makes itself: a flood of bad requests on a
                 // connection gets ten answers a second.
                 pace.wait(REFUSAL_PACE).await;
@@ -107,6 +114,7 @@ impl CredentialHandler {
                     token: None,
                     error,
                     decided: Decided::Locally,
+                    expired,
                 })
             }
         };
@@ -147,7 +155,17 @@ impl CredentialHandler {
             token: Some(token),
             error,
             decided,
+            expired: None,
         }
+    }
+
+    /// With Events on, the token of a request refused because it expired: its pod may be told.
+    fn expired_token<B>(&self, req: &Request<B>, error: &Error) -> Option<Token> {
+        if self.events.is_none() || !matches!(error, Error::Token(TokenError::Expired(_))) {
+            return None;
+        }
+        let raw = req.headers().get(hyper::header::AUTHORIZATION)?;
+        Token::parse(raw.as_bytes()).ok()
     }
 
     fn served(
@@ -219,6 +237,9 @@ impl CredentialHandler {
                     r.decided,
                     not_logged,
                 );
+            }
+            if let Some(events) = &self.events {
+                events.refused(r.token.as_ref().or(r.expired.as_ref()), e);
             }
         }
         m.http_response

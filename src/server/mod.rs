@@ -3,7 +3,7 @@
 //! Contract: [`Server::start`] binds everything it was asked to (see [`listener`] for what a
 //! bind failure means), starts serving, and returns the addresses actually bound, so callers
 //! (the binary, tests, benchmarks) can use port 0. Everything it starts (listeners, their
-//! connections, the cache's scheduler and exchanges, the verifier's fetches, the memory task,
+//! connections, the cache's scheduler and exchanges, the verifier's fetches, the Events task, the memory task,
 //! the re-reading of the node's addresses) is owned by the returned [`RunningServer`].
 //! [`RunningServer::shutdown`] stops accepting on every listener at once, stops refreshing and
 //! fetching keys, and lets in-flight requests and exchanges finish within the grace period.
@@ -60,6 +60,8 @@ pub struct ServerSettings {
     pub client_ipv6_prefix: u8,
     /// Bounds on the credential listeners' connections.
     pub connections: ConnectionLimits,
+    /// `--events`: refusals reported as Kubernetes Events; `None`: off.
+    pub events: Option<crate::kube::events::EventSettings>,
 }
 
 /// The probes have a pool of their own, so neither a flood on the credential listeners nor a
@@ -178,6 +180,16 @@ impl Server {
         let stop = CancellationToken::new();
         let connections = Connections::default();
         let verifier = start_verifier(settings, &metrics, keys, &connections, &stop);
+        let events = settings.events.as_ref().and_then(|e| {
+            crate::kube::events::Events::start(
+                e,
+                verifier.clone(),
+                Some(metrics.events.clone()),
+                Some(metrics.kube_requests.clone()),
+                connections.tracker(),
+                stop.clone(),
+            )
+        });
         let bound_ips: Vec<IpAddr> = creds.iter().map(|b| b.addr.ip()).collect();
         let clients = Arc::new(Clients::new(&bound_ips, settings.client_ipv6_prefix));
         let admission = Arc::new(Admission::new(
@@ -202,6 +214,7 @@ impl Server {
             refusal_lines: crate::audit::Pacer::default(),
             delivery_lines: crate::audit::Pacer::default(),
             deliveries: handler::deliveries(),
+            events,
         });
         Ok(Prepared {
             cache,

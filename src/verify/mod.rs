@@ -460,7 +460,23 @@ impl Verifier {
         verdict
     }
 
+    /// Who `token` speaks for, if the keys held now verify it: no fetch, no count, no warning.
+    /// For reports made off the request path (an Event on the pod), so they cost no key fetch
+    /// and do not count as verifications. Time claims are not checked: an expired token of the
+    /// cluster still names its pod.
+    pub async fn identify_held(self: &Arc<Self>, token: &Token) -> Option<PodIdentity> {
+        match self.judge(token, false).await {
+            Verdict::Verified(id) => Some(id),
+            _ => None,
+        }
+    }
+
     async fn check(self: &Arc<Self>, token: &Token) -> Verdict {
+        self.judge(token, true).await
+    }
+
+    /// [`Verifier::check`], fetching keys a token names only when `fetch`.
+    async fn judge(self: &Arc<Self>, token: &Token, fetch: bool) -> Verdict {
         let jws = match Jws::parse(token.raw()) {
             Ok(jws) => jws,
             Err(e) => return refused(&e.to_string(), true),
@@ -489,7 +505,7 @@ impl Verifier {
         let current = now.min(issued_at + ISSUE_MARGIN);
         let kid = jws.header.kid.as_deref();
         let mut keys = self.keys();
-        if keys.as_ref().is_none_or(|k| !k.knows(kid, now)) {
+        if fetch && keys.as_ref().is_none_or(|k| !k.knows(kid, now)) {
             let again = keys
                 .as_ref()
                 .is_some_and(|k| k.fetch_started(now) >= current);

@@ -1,19 +1,23 @@
 //! A fake Kubernetes API server on loopback, serving only the recordings in `proto-fixtures/kube/`
-//! (matched by method and path), with what a test controls filled in: the issuer the discovery
-//! document names, the signing keys published beside the recorded one, and a failure mode
-//! (another recording, such as `keys/forbidden`, or an API server that accepts and never answers).
-//! It records every request, and whether it carried a bearer token. Self-contained: the load
+//! (matched by method and path; a `{name}` segment of a recorded path matches any one segment),
+//! with what a test controls filled in: the issuer the discovery document names, the signing
+//! keys published beside the recorded one, a failure mode for every request (another
+//! recording, such as `keys/forbidden`, or an API server that accepts and never answers), and
+//! scripts for one method and path (answers in turn, the last one repeated: "first 409, then
+//! 200"; a hang for one path while the others answer). It records every request: method, path,
+//! whether it carried a bearer token, its body and when it came. Self-contained: the load
 //! benchmark includes it.
 
 #![allow(dead_code)]
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// How the fake answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +30,44 @@ pub enum Mode {
     Hang,
 }
 
+/// One answer of a script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// This recording (`nodes/patch-conflict`).
+    Recording(String),
+    /// Accept, read, never answer.
+    Hang,
+    /// This recording after this long.
+    After(std::time::Duration, String),
+}
+
+impl Answer {
+    pub fn recording(name: &str) -> Answer {
+        Answer::Recording(name.to_owned())
+    }
+}
+
+/// One request as the fake saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    /// Whether a bearer token came with it.
+    pub bearer: bool,
+    pub content_type: String,
+    pub body: Bytes,
+    pub at: Instant,
+}
+
+impl Seen {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// A script: method, path pattern, the answers left (the last one stays).
+type Script = (String, String, Vec<Answer>);
+
 struct State {
     /// Recordings by name (`keys/jwks`).
     recordings: Vec<(String, Value)>,
@@ -33,8 +75,8 @@ struct State {
     /// Keys published after the recorded ones.
     keys: Mutex<Vec<Value>>,
     mode: Mutex<Mode>,
-    /// Method, path and whether a bearer token came with it.
-    seen: Mutex<Vec<(String, String, bool)>>,
+    scripts: Mutex<Vec<Script>>,
+    seen: Mutex<Vec<Seen>>,
 }
 
 pub struct FakeKube {
@@ -73,7 +115,29 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Whether `path` is what `pattern` names: equal segments, or `{…}` for any one segment.
+pub fn path_matches(pattern: &str, path: &str) -> bool {
+    let (a, b): (Vec<&str>, Vec<&str>) = (pattern.split('/').collect(), path.split('/').collect());
+    a.len() == b.len()
+        && a.iter()
+            .zip(&b)
+            .all(|(p, s)| p == s || (p.starts_with('{') && p.ends_with('}') && !s.is_empty()))
+}
+
 impl State {
+    /// The next scripted answer for this request, if a script names it.
+    fn scripted(&self, method: &str, path: &str) -> Option<Answer> {
+        let mut scripts = lock(&self.scripts);
+        let (_, _, answers) = scripts
+            .iter_mut()
+            .find(|(m, p, _)| m == method && path_matches(p, path))?;
+        if answers.len() > 1 {
+            Some(answers.remove(0))
+        } else {
+            answers.first().cloned()
+        }
+    }
+
     fn recording(&self, name: &str) -> Option<Value> {
         self.recordings
             .iter()
@@ -81,16 +145,19 @@ impl State {
             .map(|(_, v)| v.clone())
     }
 
-    fn answer(&self, method: &str, path: &str) -> Option<(u16, Value)> {
-        let fixture = match &*lock(&self.mode) {
-            Mode::Always(name) => self.recording(name)?,
-            _ => self
+    fn answer(&self, method: &str, path: &str, scripted: Option<String>) -> Option<(u16, Value)> {
+        let fixture = match (scripted, &*lock(&self.mode)) {
+            (Some(name), _) => self.recording(&name)?,
+            (None, Mode::Always(name)) => self.recording(name)?,
+            (None, _) => self
                 .recordings
                 .iter()
                 .find(|(_, f)| {
                     f["request"]["method"] == method
-                        && f["request"]["path"] == path
-                        && f["response"]["status"] == 200
+                        && path_matches(f["request"]["path"].as_str().unwrap_or_default(), path)
+                        && f["response"]["status"]
+                            .as_u64()
+                            .is_some_and(|s| (200..300).contains(&s))
                 })
                 .map(|(_, f)| f.clone())?,
         };
@@ -119,6 +186,7 @@ impl FakeKube {
             issuer: Mutex::new(String::new()),
             keys: Mutex::default(),
             mode: Mutex::new(Mode::Recorded),
+            scripts: Mutex::default(),
             seen: Mutex::default(),
         });
         let shared = state.clone();
@@ -132,19 +200,51 @@ impl FakeKube {
                             async move {
                                 let method = req.method().as_str().to_owned();
                                 let path = req.uri().path().to_owned();
-                                let bearer = req
-                                    .headers()
-                                    .get("authorization")
-                                    .and_then(|v| v.to_str().ok())
-                                    .is_some_and(|v| v.starts_with("Bearer ") && v.len() > 7);
-                                lock(&state.seen).push((method.clone(), path.clone(), bearer));
-                                if *lock(&state.mode) == Mode::Hang {
+                                let header = |name: &str| {
+                                    req.headers()
+                                        .get(name)
+                                        .and_then(|v| v.to_str().ok())
+                                        .unwrap_or_default()
+                                        .to_owned()
+                                };
+                                let bearer = header("authorization");
+                                let bearer = bearer.starts_with("Bearer ") && bearer.len() > 7;
+                                let content_type = header("content-type");
+                                let at = Instant::now();
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                lock(&state.seen).push(Seen {
+                                    method: method.clone(),
+                                    path: path.clone(),
+                                    bearer,
+                                    content_type,
+                                    body,
+                                    at,
+                                });
+                                let scripted = match state.scripted(&method, &path) {
+                                    Some(Answer::Hang) => {
+                                        std::future::pending::<()>().await;
+                                        None
+                                    }
+                                    Some(Answer::Recording(name)) => Some(name),
+                                    Some(Answer::After(delay, name)) => {
+                                        tokio::time::sleep(delay).await;
+                                        Some(name)
+                                    }
+                                    None => None,
+                                };
+                                if scripted.is_none() && *lock(&state.mode) == Mode::Hang {
                                     std::future::pending::<()>().await;
                                 }
-                                let (status, body) = state.answer(&method, &path).unwrap_or((
-                                    404,
-                                    serde_json::json!({"kind": "Status", "code": 404}),
-                                ));
+                                let (status, body) =
+                                    state.answer(&method, &path, scripted).unwrap_or((
+                                        404,
+                                        serde_json::json!({"kind": "Status", "code": 404}),
+                                    ));
                                 let mut res =
                                     Response::new(Full::new(Bytes::from(body.to_string())));
                                 *res.status_mut() =
@@ -184,17 +284,40 @@ impl FakeKube {
         *lock(&self.state.mode) = mode;
     }
 
+    /// Answer `method` on paths matching `pattern` with `answers` in turn, the last one from
+    /// then on, whatever the mode (replaces an earlier script for the same method and pattern).
+    pub fn script(&self, method: &str, pattern: &str, answers: Vec<Answer>) {
+        assert!(!answers.is_empty(), "a script needs an answer");
+        let mut scripts = lock(&self.state.scripts);
+        scripts.retain(|(m, p, _)| !(m == method && p == pattern));
+        scripts.push((method.to_owned(), pattern.to_owned(), answers));
+    }
+
     /// Requests for `path` so far.
     pub fn requests(&self, path: &str) -> usize {
         lock(&self.state.seen)
             .iter()
-            .filter(|(_, p, _)| p == path)
+            .filter(|s| s.path == path)
             .count()
+    }
+
+    /// Every request so far, in the order they came.
+    pub fn seen(&self) -> Vec<Seen> {
+        lock(&self.state.seen).clone()
+    }
+
+    /// The requests of `method` on paths matching `pattern`, in order.
+    pub fn seen_matching(&self, method: &str, pattern: &str) -> Vec<Seen> {
+        lock(&self.state.seen)
+            .iter()
+            .filter(|s| s.method == method && path_matches(pattern, &s.path))
+            .cloned()
+            .collect()
     }
 
     /// Whether every request carried a bearer token.
     pub fn always_bearer(&self) -> bool {
-        lock(&self.state.seen).iter().all(|(_, _, b)| *b)
+        lock(&self.state.seen).iter().all(|s| s.bearer)
     }
 }
 

@@ -2,13 +2,45 @@
 //! documents, and a container's environment and arguments resolved the way the kubelet resolves
 //! them (`value`, `configMapKeyRef` from the rendered ConfigMap, `fieldRef` from the downward API,
 //! `$(VAR)` in args). A source the kubelet would need and this does not know fails loudly, so a
-//! test never runs a container with a variable silently missing.
+//! test never runs a container with a variable silently missing. [`typed`] reads any object
+//! (a manifest, a body the agent sends the API server) into its `k8s-openapi` type, refusing a
+//! field the type does not know.
 
 use k8s_openapi::api::core::v1::Container;
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
+
+/// Every key of `original` must survive a trip through the typed model: a key the types do not
+/// know is dropped on the way back, and that is an unknown field.
+pub fn assert_known(original: &Value, back: &Value, path: &str) {
+    match (original, back) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                let next = format!("{path}.{k}");
+                let Some(w) = b.get(k) else {
+                    panic!("unknown field {next}")
+                };
+                assert_known(v, w, &next);
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            assert_eq!(a.len(), b.len(), "{path}");
+            for (i, (v, w)) in a.iter().zip(b).enumerate() {
+                assert_known(v, w, &format!("{path}[{i}]"));
+            }
+        }
+        _ => {}
+    }
+}
+
+pub fn typed<T: DeserializeOwned + Serialize>(doc: &Value, what: &str) -> T {
+    let t: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_known(doc, &serde_json::to_value(&t).expect("serialize"), what);
+    t
+}
 
 /// The non-empty YAML documents of a multi-document stream.
 pub fn docs(text: &str) -> Vec<Value> {

@@ -10,6 +10,7 @@ pub mod jwt;
 pub mod manifest;
 pub mod netns;
 pub mod node;
+pub mod pod;
 pub mod process;
 pub mod python;
 pub mod recording_proxy;
@@ -97,6 +98,7 @@ pub fn settings() -> ServerSettings {
             max_per_client: 20_000,
             ..ConnectionLimits::default()
         },
+        events: None,
     }
 }
 
