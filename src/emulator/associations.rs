@@ -262,24 +262,11 @@ impl Associations {
         ))
     }
 
-    pub fn from_yaml_file(path: &Path) -> Result<Associations, String> {
-        Associations::load(path).map(|(a, _)| a)
-    }
-
     /// The associations and trust tables of the file at `path`.
     pub fn load(path: &Path) -> Result<(Associations, Trust), String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         Associations::with_trust(&text).map_err(|e| format!("{}: {e}", path.display()))
-    }
-
-    pub fn to_yaml(list: &[Association]) -> String {
-        serde_norway::to_string(&File {
-            associations: list.to_vec(),
-            irsa: None,
-            roles: None,
-        })
-        .unwrap_or_default()
     }
 
     pub fn lookup(&self, namespace: &str, service_account: &str) -> Option<Association> {

@@ -9,10 +9,11 @@
 //! claims. [`Issuer::verify`] checks signature, `kid`, issuer, audience and time, and returns the
 //! subject or the EKS Auth error a real cluster would return.
 
+use crate::jwt::{Jws, PublicKey};
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::rsa::{KeyPair, KeySize};
-use aws_lc_rs::signature::{self, KeyPair as _, UnparsedPublicKey};
+use aws_lc_rs::signature::{self, KeyPair as _};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use serde_json::{json, Value};
@@ -185,12 +186,26 @@ impl Issuer {
 
     /// The public key as a JWKS document, as a cluster's OIDC discovery serves it.
     pub fn jwks(&self) -> Value {
-        let pk = self.key.public_key();
+        let (n, e) = self.modulus_exponent();
         json!({"keys": [{
             "kty": "RSA", "alg": "RS256", "use": "sig", "kid": self.kid,
-            "n": URL_SAFE_NO_PAD.encode(pk.modulus().big_endian_without_leading_zero()),
-            "e": URL_SAFE_NO_PAD.encode(pk.exponent().big_endian_without_leading_zero()),
+            "n": URL_SAFE_NO_PAD.encode(n),
+            "e": URL_SAFE_NO_PAD.encode(e),
         }]})
+    }
+
+    /// The signing key's public half, as the agent's verifier holds keys.
+    fn public_key(&self) -> PublicKey {
+        let (n, e) = self.modulus_exponent();
+        PublicKey::Rsa { n, e }
+    }
+
+    fn modulus_exponent(&self) -> (Vec<u8>, Vec<u8>) {
+        let pk = self.key.public_key();
+        (
+            pk.modulus().big_endian_without_leading_zero().to_vec(),
+            pk.exponent().big_endian_without_leading_zero().to_vec(),
+        )
     }
 
     pub fn mint(&self, req: &MintRequest) -> Result<String, IssuerError> {
@@ -256,31 +271,20 @@ impl Issuer {
         let invalid = |why: &str| {
             Rejection::Invalid(format!("the service account token is not valid: {why}"))
         };
-        let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(invalid("not a JWS compact serialisation"));
-        };
-        let header: Value =
-            decode_json(h).ok_or_else(|| invalid("header is not base64url JSON"))?;
-        if header["alg"] != "RS256" {
+        // The agent's one JWS reader: the emulator and the agent cannot disagree on a token.
+        let jws = Jws::parse(token).map_err(|e| invalid(&e.to_string()))?;
+        if jws.header.alg != "RS256" {
             return Err(invalid("alg must be RS256"));
         }
-        if header["kid"] != self.kid.as_str() {
+        if jws.header.kid.as_deref() != Some(self.kid.as_str()) {
             return Err(invalid("signed by an unknown key (kid)"));
         }
-        let sig = URL_SAFE_NO_PAD
-            .decode(s)
-            .map_err(|_| invalid("signature is not base64url"))?;
-        UnparsedPublicKey::new(
-            &signature::RSA_PKCS1_2048_8192_SHA256,
-            self.key.public_key().as_ref(),
-        )
-        .verify(format!("{h}.{p}").as_bytes(), &sig)
-        .map_err(|_| invalid("signature verification failed"))?;
-        let claims: Value =
-            decode_json(p).ok_or_else(|| invalid("payload is not base64url JSON"))?;
+        if !jws.verify(&self.public_key()) {
+            return Err(invalid("signature verification failed"));
+        }
+        let claims: Value = jws
+            .claims()
+            .ok_or_else(|| invalid("payload is not base64url JSON"))?;
         if claims["iss"] != self.issuer.as_str() {
             return Err(invalid("unexpected issuer"));
         }
@@ -315,10 +319,6 @@ impl Issuer {
         }
         Ok(subject)
     }
-}
-
-fn decode_json(segment: &str) -> Option<Value> {
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(segment).ok()?).ok()
 }
 
 fn to_pem(der: &[u8]) -> String {

@@ -3,6 +3,7 @@
 
 use super::issuer::{self, Rejection};
 use super::minting::{self, Context, Minting};
+use super::sigv4::Authorization;
 use super::{wire, Emulator, MAX_BODY};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -102,36 +103,67 @@ fn check_sigv4<B>(req: &Request<B>) -> Result<(), minting::Refusal> {
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| denied("no Authorization header"))?;
-    let rest = auth
-        .strip_prefix("AWS4-HMAC-SHA256 ")
-        .ok_or_else(|| denied("not AWS4-HMAC-SHA256"))?;
-    let field = |name: &str| {
-        rest.split(',')
-            .map(str::trim)
-            .find_map(|p| p.strip_prefix(name))
-    };
-    let scope: Vec<&str> = field("Credential=")
-        .ok_or_else(|| denied("no Credential"))?
-        .split('/')
-        .collect();
-    if scope.len() != 5
-        || scope[0].is_empty()
-        || scope[3] != "eks-auth"
-        || scope[4] != "aws4_request"
-    {
-        return Err(denied(
-            "credential scope is not <key>/<date>/<region>/eks-auth/aws4_request",
-        ));
+    let auth = Authorization::parse(auth).map_err(|e| denied(&e.to_string()))?;
+    if auth.service != "eks-auth" {
+        return Err(denied("the credential scope's service is not eks-auth"));
     }
-    field("SignedHeaders=")
-        .filter(|h| h.contains("host"))
-        .ok_or_else(|| denied("SignedHeaders must include host"))?;
-    let sig = field("Signature=").ok_or_else(|| denied("no Signature"))?;
-    if sig.len() != 64 || !sig.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(denied("Signature is not 64 hex digits"));
+    if !auth.signed_headers.iter().any(|h| h == "host") {
+        return Err(denied("SignedHeaders must include host"));
     }
     if !req.headers().contains_key("x-amz-date") {
         return Err(denied("no x-amz-date"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIG: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn signed(auth: Option<&str>, date: bool) -> Request<()> {
+        let mut req = Request::builder()
+            .method("POST")
+            .uri("/clusters/c/assume-role-for-pod-identity");
+        if let Some(auth) = auth {
+            req = req.header("authorization", auth);
+        }
+        if date {
+            req = req.header("x-amz-date", "20261201T000000Z");
+        }
+        req.body(()).expect("request")
+    }
+
+    /// The emulator's EKS Auth reads the header with the one SigV4 parser, then asks for
+    /// eks-auth's scope, a signed host and a date; anything else is EKS Auth's AccessDenied.
+    #[test]
+    fn only_a_request_signed_for_eks_auth_is_taken() {
+        let good = format!(
+            "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261201/us-west-2/eks-auth/aws4_request, \
+             SignedHeaders=content-type;host;x-amz-date, Signature={SIG}"
+        );
+        assert!(check_sigv4(&signed(Some(&good), true)).is_ok());
+        let bad = [
+            (None, true, "no Authorization header"),
+            (
+                Some(good.replace("/eks-auth/", "/sts/")),
+                true,
+                "service is not eks-auth",
+            ),
+            (Some(good.replace("host;", "")), true, "must include host"),
+            (Some(good.replace(SIG, "abc")), true, "64 hex digits"),
+            (
+                Some(good.replace("AWS4-HMAC-SHA256", "AWS4-ECDSA")),
+                true,
+                "unknown algorithm",
+            ),
+            (Some(good.clone()), false, "no x-amz-date"),
+        ];
+        for (auth, date, why) in bad {
+            let (code, message) = check_sigv4(&signed(auth.as_deref(), date)).expect_err("refused");
+            assert_eq!(code, "AccessDeniedException");
+            assert!(message.contains(why), "{why}: {message}");
+        }
+    }
 }
