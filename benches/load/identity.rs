@@ -471,8 +471,8 @@ fn connections_held(
             "the host opened 2,100 connections from 17 loopback addresses: {open} held (the rest refused 429 under pressure); a pod on its own address meanwhile: {status} in {}",
             ms(took)
         ),
-        target: "held <= 1,536 (75% of 2,048); the pod answered within 1 s".into(),
-        met: Some(open <= 1536 && status == 200 && took < Duration::from_secs(1)),
+        target: "held <= 1,024 (limits::MAX_SHARE of 2,048); the pod answered within 1 s".into(),
+        met: Some(open <= 1024 && status == 200 && took < Duration::from_secs(1)),
     }
 }
 
