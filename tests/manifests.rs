@@ -432,7 +432,7 @@ fn the_node_policy_allows_only_removing_the_startup_taint_of_its_own_node() {
         &[ours.clone(), dedicated.clone(), execute.clone()],
         &[],
     );
-    let removed = node_object("n1", &[dedicated.clone()], &[]);
+    let removed = node_object("n1", std::slice::from_ref(&dedicated), &[]);
     let mut cordoned = removed.clone();
     cordoned["spec"]["unschedulable"] = true.into();
     let mut cidr = removed.clone();
@@ -443,7 +443,9 @@ fn the_node_policy_allows_only_removing_the_startup_taint_of_its_own_node() {
         n
     };
     let me = request(agent, Some("n1"));
-    let cases: Vec<(&str, bool, bool, (Value, Value, Value))> = vec![
+    // What, whether the policy applies, whether it allows, and (request, old node, new node).
+    type Case<'a> = (&'a str, bool, bool, (Value, Value, Value));
+    let cases: Vec<Case> = vec![
         (
             "remove the startup taint",
             true,
@@ -500,7 +502,7 @@ fn the_node_policy_allows_only_removing_the_startup_taint_of_its_own_node() {
             false,
             (
                 me.clone(),
-                node_object("n1", &[dedicated.clone()], &[]),
+                node_object("n1", std::slice::from_ref(&dedicated), &[]),
                 node_object(
                     "n1",
                     &[
@@ -517,7 +519,7 @@ fn the_node_policy_allows_only_removing_the_startup_taint_of_its_own_node() {
             (
                 me.clone(),
                 tainted.clone(),
-                node_object("n1", &[dedicated.clone()], &[("team", "x")]),
+                node_object("n1", std::slice::from_ref(&dedicated), &[("team", "x")]),
             ),
         ),
         (

@@ -5,7 +5,8 @@
 //! its audit line, and [`Events::node_refused`] of every refusal of the node's credentials a
 //! background refresh met (no request saw it); neither ever waits: they pick the refusals
 //! [`reported`] names and put them on a bounded queue (full: dropped and counted). One task
-//! ([`Events::start`], on the server's tracker, stopped with it; [`worker`]) turns the queue into
+//! ([`Events::start`], on the server's tracker, stopped with it; [`worker`], [`series`],
+//! [`identify`]) turns the queue into
 //! `events.k8s.io/v1` Events ([`body`]), type `Warning`, reporting controller
 //! `pod-identity-agent`, reporting instance the node's name:
 //! - on the **pod**, for a refusal that is the pod's own doing ([`POD_REASONS`]: no association,
@@ -37,6 +38,8 @@
 //! `pod_identity_events_total{object,result}`.
 
 pub mod body;
+mod identify;
+mod series;
 mod worker;
 
 use super::KubeClient;

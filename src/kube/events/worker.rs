@@ -1,5 +1,5 @@
-//! The one task that turns reported refusals into Events: who a pod is, one series per object
-//! and reason per interval, and the node's budget of calls.
+//! The one task that turns reported refusals into Events: one series per object and reason per
+//! interval ([`super::series`]), the node's budget of calls, and who a pod is ([`super::identify`]).
 //!
 //! Contract: every series has a generation of its own, and every call's result names the
 //! generation it was made for, so an answer that comes after its series' interval ended (a new
@@ -11,17 +11,17 @@
 //! closed ones included: when full, a closed series whose Event exists loses its last count
 //! (counted `dropped`) to make room for a new one; failing that the new refusal is dropped.
 
-use super::body::{self, Described};
-use super::{count, EventSettings, On, Report, NODE_REASON, REMEMBERED_TOKENS, REPORTED_EXPIRY};
-use super::{IN_FLIGHT, VERIFY_RATE};
+use super::body;
+use super::identify::Identify;
+use super::series::{Key, Series};
+use super::{count, EventSettings, On, Report, IN_FLIGHT, NODE_REASON};
 use crate::bucket::TokenBucket;
-use crate::kube::{is_dns_subdomain, KubeClient, KubeError};
-use crate::token::{PodIdentity, Token, TokenHash};
+use crate::kube::{KubeClient, KubeError};
 use crate::verify::Verifier;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -29,52 +29,6 @@ use tokio_util::sync::CancellationToken;
 
 /// An Event whose `series` is patched is found at this path under its namespace.
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces";
-
-/// The object (a pod's uid; empty for the Node) and the reason.
-type Key = (String, &'static str);
-
-/// One object and reason within an interval, and, once closed, until its count is sent.
-struct Series {
-    key: Key,
-    on: On,
-    /// The Event's namespace and name, and what its name starts with (the object's name).
-    namespace: String,
-    name: String,
-    base: String,
-    /// The object it is about.
-    regarding: Value,
-    note: String,
-    started: Instant,
-    /// Refusals counted, and how many of them the API server has (0: no Event yet).
-    count: u32,
-    reported: u32,
-    last_observed: SystemTime,
-    last_sent: Option<Instant>,
-    in_flight: bool,
-    /// The interval ended (a successor may hold the key): only what it counted is still sent.
-    closed: bool,
-    /// A call failed: nothing more is sent for this series.
-    given_up: bool,
-}
-
-impl Series {
-    fn described(&self) -> Described<'_> {
-        Described {
-            on: self.on,
-            name: &self.name,
-            namespace: &self.namespace,
-            regarding: &self.regarding,
-            note: &self.note,
-            count: self.count,
-            last_observed: self.last_observed,
-        }
-    }
-
-    /// Nothing left to send, nor under way.
-    fn finished(&self) -> bool {
-        !self.in_flight && (self.given_up || self.count <= self.reported)
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Call {
@@ -94,10 +48,8 @@ struct Answer {
 pub(super) struct Worker {
     settings: EventSettings,
     client: Arc<KubeClient>,
-    verifier: Option<Arc<Verifier>>,
-    /// Verdicts by token: who the token is, if verified.
-    verdicts: moka::sync::Cache<TokenHash, Option<Arc<PodIdentity>>>,
-    verify_budget: TokenBucket,
+    /// Who a refused token is.
+    identify: Identify,
     budget: TokenBucket,
     /// Every series by generation, closed ones included.
     series: HashMap<u64, Series>,
@@ -120,12 +72,7 @@ impl Worker {
         Worker {
             settings: settings.clone(),
             client,
-            verifier,
-            verdicts: moka::sync::Cache::builder()
-                .max_capacity(REMEMBERED_TOKENS)
-                .time_to_live(settings.interval)
-                .build(),
-            verify_budget: TokenBucket::with_burst(f64::from(VERIFY_RATE), VERIFY_RATE),
+            identify: Identify::new(settings, verifier),
             budget: TokenBucket::with_burst(settings.rate, settings.burst),
             series: HashMap::new(),
             open: HashMap::new(),
@@ -169,58 +116,6 @@ impl Worker {
         count(&self.counted, on, result);
     }
 
-    /// Who the refused token is, for an Event on its pod (see the module contract of
-    /// [`super`]): verified, of this node if it names one, with names Kubernetes accepts.
-    async fn pod(&self, r: &Report) -> Option<Arc<PodIdentity>> {
-        let id = match (&r.pod, &r.token) {
-            (Some(id), token) => {
-                if let Some(t) = token {
-                    // Its repeats (remembered refusals) carry no identity: they find it here.
-                    self.verdicts.insert(t.hash(), Some(id.clone()));
-                }
-                id.clone()
-            }
-            (None, Some(token)) => self.verify(token).await?,
-            (None, None) => return None,
-        };
-        // A token without a node claim (clusters before 1.30) cannot say where its pod runs;
-        // requiring one would leave those clusters without pod Events, and such a token, verified
-        // and recent, still names only its own pod.
-        let here = id
-            .node_name
-            .as_deref()
-            .is_none_or(|n| n == self.settings.node);
-        let named = is_dns_subdomain(&id.namespace)
-            && is_dns_subdomain(&id.pod_name)
-            && id.pod_uid.len() <= 128;
-        (here && named).then_some(id)
-    }
-
-    /// A token no request verified (one refused for its time): verified with the keys held, on
-    /// the verification budget, if it is recent and names a key held.
-    async fn verify(&self, token: &Token) -> Option<Arc<PodIdentity>> {
-        let verifier = self.verifier.as_ref()?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        if token.claims().exp.saturating_add(REPORTED_EXPIRY.as_secs()) < now {
-            return None;
-        }
-        if let Some(known) = self.verdicts.get(&token.hash()) {
-            return known;
-        }
-        // A `kid` the agent does not hold cannot verify: it costs no budget (and is not
-        // remembered, so made-up tokens do not push out real verdicts).
-        if !verifier.holds_key_for(token) {
-            return None;
-        }
-        self.verify_budget.try_take().ok()?;
-        let id = verifier.identify_held(token).await.map(Arc::new);
-        self.verdicts.insert(token.hash(), id.clone());
-        id
-    }
-
     async fn report(&mut self, r: Report) {
         let (key, namespace, base, regarding) = match r.on {
             On::Node => (
@@ -231,7 +126,7 @@ impl Worker {
                        "uid": self.settings.node}),
             ),
             On::Pod(reason) => {
-                let Some(id) = self.pod(&r).await else {
+                let Some(id) = self.identify.pod(&r).await else {
                     self.count(r.on, "unverified");
                     return;
                 };
@@ -388,22 +283,13 @@ impl Worker {
         }
     }
 
-    /// Whether the series has something to send now.
-    fn due(s: &Series, now: Instant, every: Duration) -> bool {
-        let quiet = s.last_sent.is_none_or(|t| now >= t + every);
-        !s.in_flight
-            && !s.given_up
-            && s.count > s.reported
-            && (s.reported == 0 || s.closed || quiet)
-    }
-
     /// Send what is due, oldest series first, while the budget allows.
     fn drain(&mut self) {
         let (now, every) = (Instant::now(), self.settings.series_every);
         let mut due: Vec<(Instant, u64)> = self
             .series
             .iter()
-            .filter(|(_, s)| Self::due(s, now, every))
+            .filter(|(_, s)| s.due(now, every))
             .map(|(g, s)| (s.started, *g))
             .collect();
         due.sort_unstable();
