@@ -95,15 +95,20 @@ pub async fn run(
     };
     let (running, mut handover) = started;
     tracing::info!(cluster = %settings.exchange.cluster_name, version = env!("CARGO_PKG_VERSION"), "ready");
-    let taint = settings.startup_taint.as_ref().and_then(|t| {
-        let serving = Serving {
-            probe: running.probe_addr,
-            credentials: running.credential_addrs.clone(),
-            verifier: running.verifier.clone(),
-        };
-        let counted = Some(metrics.startup_taint.clone());
-        StartupTaint::spawn(t, serving, counted, Some(metrics.kube_requests.clone()))
-    });
+    // The server's Kubernetes client: the agent has one (without one, the CLI or the server
+    // said why the taint stays).
+    let taint = settings
+        .startup_taint
+        .as_ref()
+        .zip(running.kube.clone())
+        .map(|(t, kube)| {
+            let serving = Serving {
+                probe: running.probe_addr,
+                credentials: running.credential_addrs.clone(),
+                verifier: running.verifier.clone(),
+            };
+            StartupTaint::spawn(t, serving, Some(metrics.startup_taint.clone()), kube)
+        });
     let lost = tokio::select! {
         _ = &mut shutdown => false,
         _ = handover.failed() => true,

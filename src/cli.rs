@@ -444,7 +444,7 @@ impl IdentityArgs {
             Verification::Off => return Ok(None),
             Verification::Issuer => issuer()?,
             Verification::ApiServer => match self.kube() {
-                Some(k) => KeysFrom::ApiServer(k),
+                Some(_) => KeysFrom::ApiServer,
                 None => {
                     // Never a reason not to serve: the node's pods would get nothing at all.
                     tracing::error!("--token-verification api-server: not running in a cluster (no KUBERNETES_SERVICE_HOST) and no --kube-api-server; tokens go to EKS Auth unverified");
@@ -457,7 +457,7 @@ impl IdentityArgs {
                 Some(k)
                     if k.token_file.is_file() && k.ca_file.as_ref().is_none_or(|c| c.is_file()) =>
                 {
-                    KeysFrom::ApiServer(k)
+                    KeysFrom::ApiServer
                 }
                 _ => return Ok(None),
             },
@@ -488,35 +488,42 @@ impl IdentityArgs {
         Ok(node.to_owned())
     }
 
-    /// `--node-startup-taint`, if given and the API server can be reached.
+    /// `--node-startup-taint`, if given (it runs only with an API server: [`Self::kube_for`]).
     pub fn startup_taint(&self) -> Result<Option<TaintSettings>, String> {
         let Some(key) = &self.node_startup_taint else {
             return Ok(None);
         };
         let node = self.node_for("--node-startup-taint")?;
-        let Some(kube) = self.kube() else {
-            // Never a reason not to serve; but the node stays tainted, which the operator must know.
-            tracing::error!(taint = %key, "--node-startup-taint: not running in a cluster (no KUBERNETES_SERVICE_HOST) and no --kube-api-server; the taint stays on the node");
-            return Ok(None);
-        };
-        Ok(Some(TaintSettings {
-            kube,
-            node,
-            key: key.clone(),
-        }))
+        Ok(Some(TaintSettings::new(node, key.clone())))
     }
 
-    /// `--events`, if on and the API server can be reached.
+    /// `--events`, if on (they are sent only with an API server: [`Self::kube_for`]).
     pub fn events(&self) -> Result<Option<EventSettings>, String> {
         if !self.events {
             return Ok(None);
         }
         let node = self.node_for("--events")?;
-        let Some(kube) = self.kube() else {
-            tracing::error!("--events: not running in a cluster (no KUBERNETES_SERVICE_HOST) and no --kube-api-server; no Events are sent");
-            return Ok(None);
-        };
-        Ok(Some(EventSettings::new(kube, node)))
+        Ok(Some(EventSettings::new(node)))
+    }
+
+    /// The API server, if something the flags turn on asks it (`verification` from the keys,
+    /// Events, the startup taint); each of those without one is logged, and off.
+    pub fn kube_for(&self, verification: Option<&VerificationSettings>) -> Option<KubeSettings> {
+        let keys = verification.is_some_and(|v| matches!(v.keys, KeysFrom::ApiServer));
+        if !keys && !self.events && self.node_startup_taint.is_none() {
+            return None;
+        }
+        let kube = self.kube();
+        if kube.is_none() {
+            // Never a reason not to serve; but the operator must know what is off.
+            if let Some(key) = &self.node_startup_taint {
+                tracing::error!(taint = %key, "--node-startup-taint: not running in a cluster (no KUBERNETES_SERVICE_HOST) and no --kube-api-server; the taint stays on the node");
+            }
+            if self.events {
+                tracing::error!("--events: not running in a cluster (no KUBERNETES_SERVICE_HOST) and no --kube-api-server; no Events are sent");
+            }
+        }
+        kube
     }
 
     /// The API server's settings: the overrides, else in-cluster.
@@ -705,6 +712,7 @@ impl ServerArgs {
     }
 
     pub fn server_settings(&self) -> Result<ServerSettings, String> {
+        let verification = self.identity.verification(&self.state_dir)?;
         Ok(ServerSettings {
             bind_hosts: self.bind_hosts(),
             port: self.port,
@@ -722,7 +730,8 @@ impl ServerArgs {
             leeway: self.token_leeway,
             shutdown_grace: self.shutdown_grace,
             admission: self.abuse.admission(),
-            verification: self.identity.verification(&self.state_dir)?,
+            kube: self.identity.kube_for(verification.as_ref()),
+            verification,
             node_name: self.identity.node_name.clone().filter(|n| !n.is_empty()),
             client_ipv6_prefix: self.identity.client_ipv6_prefix,
             connections: self.abuse.connections(),

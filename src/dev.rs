@@ -277,6 +277,7 @@ async fn start_agent(
         client_ipv6_prefix: 128,
         connections: ConnectionLimits::default(),
         events: None,
+        kube: None,
     };
     let metrics = Arc::new(Metrics::new().map_err(|e| e.to_string())?);
     Server::start(

@@ -385,7 +385,7 @@ async fn ask_agent(
             CHECK,
             format!(
                 "the agent answered {status} {}\n      the agent said: {}",
-                explained(&clip(code, 64), status),
+                crate::explain::explained(&clip(code, 64), status, None),
                 clip(message, 400)
             ),
         );
@@ -523,46 +523,6 @@ async fn check_role(env: &dyn Env, creds: &Returned, timeout: Duration, r: &mut 
     }
 }
 
-/// A refusal in plain words, as `diagnose` prints it after the status and as the agent's Event
-/// on a refused pod says it ([`crate::kube::events`]): `<code>: <what it means>`.
-pub fn explained(code: &str, status: u16) -> String {
-    format!("{code}: {}", explain(code, status))
-}
-
-/// What an agent error, by code and status, means for the person reading the report.
-pub fn explain(code: &str, status: u16) -> &'static str {
-    if status == 403 && !matches!(code, "HostNotAllowed") {
-        // EKS Auth's 403s are about the request's signature: the node's keys, not the pod.
-        return "EKS Auth refused the node's own credentials, not the pod's: the node's instance profile or hybrid credentials are wrong or expired, or its clock is off. Every new pod on this node is affected; tell the cluster's operators.";
-    }
-    match code {
-        "MissingToken" => "the request carried no token: the SDK did not read the token file (is it too old to support AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE?).",
-        "InvalidToken" => "the token is not a well-formed service-account token, or it failed the agent's own signature check (--token-issuer).",
-        "ExpiredToken" => "the token has expired: the kubelet is not renewing the projected token, or the file is a stale copy.",
-        "TokenNotYetValid" => "the token is not valid yet: the node's clock and the cluster's disagree.",
-        "HostNotAllowed" => "the request named a host the agent does not serve: use the IP address exactly as in AWS_CONTAINER_CREDENTIALS_FULL_URI.",
-        "NotFound" => "the URI's path is wrong: credentials are served at /v1/credentials.",
-        "MethodNotAllowed" => "only GET is answered.",
-        "TooManyConnections" => "this pod (its IP address) holds too many open connections to the agent; something in it leaks connections.",
-        "ExchangeRateExceeded" => "this pod asked for new credentials too often (many distinct tokens): the agent limits new exchanges per pod; retry after the Retry-After seconds. Cached credentials are never limited.",
-        "ExchangeCapacityExceeded" => "the node as a whole is at its limit of new exchanges (many pods starting at once); retry shortly.",
-        "ShuttingDown" => "the agent is restarting; retry.",
-        "EksAuthUnavailable" => "the agent cannot reach EKS Auth (eks-auth.<region>.api.aws): check the node's egress, DNS and proxy settings.",
-        "EksAuthInvalidResponse" => "EKS Auth answered with something that is not credentials; retry, and report it if it persists.",
-        "InternalError" => "the agent failed internally; its logs say why. Please report it.",
-        "AccessDeniedException" => "the node's IAM role may not call eks-auth:AssumeRoleForPodIdentity (add the AmazonEKSWorkerNodePolicy), or the association's role does not trust pods.eks.amazonaws.com with sts:AssumeRole and sts:TagSession.",
-        "InvalidTokenException" => "EKS Auth rejected the token: it was not issued by this cluster's API server (wrong cluster name in the agent, or a token copied from elsewhere).",
-        "ExpiredTokenException" => "EKS Auth says the token has expired: the kubelet is not renewing it, or the node's clock is wrong.",
-        "ResourceNotFoundException" => "there is no Pod Identity association for this namespace and service account in this cluster (aws eks list-pod-identity-associations --cluster-name …), or the agent's --cluster-name is wrong.",
-        "InvalidParameterException" | "InvalidRequestException" => "EKS Auth refused the request as malformed: check the agent's --cluster-name and version.",
-        "UnrecognizedClientException" | "InvalidSignatureException" => "EKS Auth refused the node's own credentials (not the pod's): the node's instance profile or hybrid credentials are wrong or expired.",
-        "ThrottlingException" => "EKS Auth is throttling this account: too many exchanges cluster-wide; the SDK will retry.",
-        "InternalServerException" | "ServiceUnavailableException" => "EKS Auth failed; retry. Cached credentials keep being served meanwhile.",
-        "UnknownError" => "something between the node and EKS Auth (a proxy or gateway) answered instead of EKS Auth: check the node's HTTPS_PROXY and NO_PROXY.",
-        _ => "an error this version of diagnose does not know; the agent's message below says more.",
-    }
-}
-
 fn or_unknown(s: &str) -> &str {
     if s.is_empty() {
         "(unknown)"
@@ -608,6 +568,7 @@ mod tests {
     }
 
     use super::*;
+    use crate::explain::explain;
 
     /// Every code the agent answers with, from its own tables: each gets its own explanation.
     #[test]
@@ -628,19 +589,19 @@ mod tests {
             "EksAuthInvalidResponse",
             "InternalError",
         ];
-        let unknown = explain("SomethingNew", 400);
+        let unknown = explain("SomethingNew", 400, None);
         for code in agent_codes
             .iter()
             .copied()
             .chain(crate::eks_auth::known_codes())
             .chain(["UnknownError"])
         {
-            assert_ne!(explain(code, 400), unknown, "{code} is not explained");
+            assert_ne!(explain(code, 400, None), unknown, "{code} is not explained");
         }
         // The same code is the pod's problem at 400 and the node's at 403.
         assert_ne!(
-            explain("ExpiredTokenException", 400),
-            explain("ExpiredTokenException", 403)
+            explain("ExpiredTokenException", 400, None),
+            explain("ExpiredTokenException", 403, None)
         );
     }
 

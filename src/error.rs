@@ -51,7 +51,7 @@ pub enum Error {
 impl From<CacheError> for Error {
     fn from(e: CacheError) -> Self {
         match e {
-            CacheError::Exchange(e) => Error::Exchange(e),
+            CacheError::Exchange(e, _) => Error::Exchange(e),
             CacheError::Remembered(r) => {
                 let age_s = r.age().as_secs();
                 match &r.refusal {

@@ -21,6 +21,7 @@ pub mod eks_auth;
 #[cfg(feature = "emulator")]
 pub mod emulator;
 pub mod error;
+pub mod explain;
 #[cfg(target_os = "linux")]
 pub mod files;
 #[cfg(target_os = "linux")]

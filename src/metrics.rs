@@ -169,12 +169,12 @@ impl Metrics {
         )?;
         let events = counter(
             "pod_identity_events_total",
-            "Refusals reported as Kubernetes Events, by object (pod, node) and result: sent (an Event created), updated (a series' count sent), deduplicated (counted into an Event of the same pod and reason), rate_limited (the node's Event budget was spent; counted into a later update), unverified (no pod Event: the token is not verified, or verifying tokens for Events is over its budget), dropped (the queue or the table was full), failed (the API server refused or did not answer).",
+            "Refusals reported as Kubernetes Events, by object (pod, node) and result: sent (an Event created), updated (a series' count sent), deduplicated (counted into an Event of the same pod and reason), rate_limited (the node's Event budget was spent; sent as it refills), unverified (no pod Event: the token is not verified, expired over 24 h ago or names another node, or verifying expired tokens for Events is over its budget), dropped (the queue or the table was full, or a full table gave up an ended series' last count), failed (the API server refused or did not answer).",
             &["object", "result"],
         )?;
         let startup_taint = counter(
             "pod_identity_startup_taint_total",
-            "The node's startup taint (--node-startup-taint): removed, absent, forbidden, not_found, failed (the task ended), and conflict and retried (rounds along the way).",
+            "The node's startup taint (--node-startup-taint): removed, absent; forbidden, not_found, failed, conflict and retried per round along the way (every failure is retried). A re-check counts only a removal.",
             &["result"],
         )?;
         let node_refused_tokens = registered(

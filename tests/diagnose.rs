@@ -323,7 +323,7 @@ async fn diagnose_explains_every_error_the_agent_gives() {
     let home_dir = tempfile::tempdir().expect("tempdir");
     let home = home_dir.path();
     let uri = format!("http://{addr}/v1/credentials");
-    let catch_all = pod_identity_agent::diagnose::explain("SomethingNew", 400);
+    let catch_all = pod_identity_agent::explain::explain("SomethingNew", 400, None);
 
     let ask = |ns: String| {
         let uri = uri.clone();
@@ -349,7 +349,7 @@ async fn diagnose_explains_every_error_the_agent_gives() {
             "agent",
             &format!("the agent answered {status} {code}: "),
         );
-        let explanation = pod_identity_agent::diagnose::explain(code, *status as u16);
+        let explanation = pod_identity_agent::explain::explain(code, *status as u16, None);
         assert_ne!(explanation, catch_all, "{name}: {code} unexplained");
         assert!(o.out.contains(explanation), "{name}:\n{}", o.out);
     }

@@ -54,7 +54,7 @@ async fn verifying(cluster: &Cluster) -> Harness {
     let file = cluster.token_file.clone();
     let h = Harness::start_with(move |s, _| {
         s.admission = AdmissionSettings::default();
-        s.verification = Some(verify_with_api_server(&url, &file));
+        verify_with_api_server(s, &url, &file);
         s.node_name = Some("node-a".into());
     })
     .await;
@@ -287,9 +287,7 @@ async fn a_key_set_from_the_future_does_not_freeze_the_keys() {
     let start = |state: std::path::PathBuf| {
         let (url, file) = (cluster.kube.url(), cluster.token_file.clone());
         Harness::start_with(move |s, _| {
-            let mut v = verify_with_api_server(&url, &file);
-            v.verify.state_file = Some(state);
-            s.verification = Some(v);
+            verify_with_api_server(s, &url, &file).verify.state_file = Some(state);
         })
     };
     let h = start(state.clone()).await;
@@ -394,7 +392,7 @@ async fn an_api_server_that_hangs_or_refuses_never_blocks_a_pod() {
         let url = cluster.kube.url();
         let file = cluster.token_file.clone();
         let h = Harness::start_with(move |s, _| {
-            s.verification = Some(verify_with_api_server(&url, &file));
+            verify_with_api_server(s, &url, &file);
         })
         .await;
         let started = Instant::now();
@@ -558,9 +556,7 @@ async fn key_fetches_stop_with_the_server() {
     let url = cluster.kube.url();
     let file = cluster.token_file.clone();
     let h = Harness::start_with(move |s, _| {
-        let mut v = verify_with_api_server(&url, &file);
-        v.verify.refresh_every = Duration::from_millis(200);
-        s.verification = Some(v);
+        verify_with_api_server(s, &url, &file).verify.refresh_every = Duration::from_millis(200);
     })
     .await;
     tokio::time::sleep(Duration::from_millis(900)).await;

@@ -10,10 +10,12 @@
 
 mod support;
 
+use pod_identity_agent::eks_auth::Fault;
 use pod_identity_agent::emulator::issuer::Issuer;
+use pod_identity_agent::explain::{explain, explained};
 use pod_identity_agent::kube::events::{EventSettings, NODE_REASON};
 use pod_identity_agent::kube::taint::{Serving, StartupTaint, TaintSettings, DEFAULT_KEY};
-use pod_identity_agent::kube::{KubeSettings, PERMISSIONS};
+use pod_identity_agent::kube::{KubeClient, KubeSettings, PERMISSIONS};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,19 +58,16 @@ impl Cluster {
     }
 
     fn settings(&self) -> KubeSettings {
-        let mut k = KubeSettings::new(self.kube.url());
-        k.token_file = self.token_file.clone();
-        k.ca_file = None;
-        k.timeout = Duration::from_secs(2);
-        k
+        kube_settings(&self.kube.url(), &self.token_file)
+    }
+
+    /// A client of this API server of its own (agents in these tests build theirs).
+    fn client(&self) -> Arc<KubeClient> {
+        Arc::new(KubeClient::new(self.settings(), None).expect("client"))
     }
 
     fn taint(&self) -> TaintSettings {
-        TaintSettings {
-            kube: self.settings(),
-            node: NODE.into(),
-            key: DEFAULT_KEY.into(),
-        }
+        TaintSettings::new(NODE.into(), DEFAULT_KEY.into())
     }
 
     /// The binary on `node` removing the startup taint, tokens unverified (verification is not
@@ -125,8 +124,9 @@ impl Cluster {
     }
 
     /// Every request the agent made is one its ClusterRole grants: a resource verb of
-    /// [`PERMISSIONS`] or a read of the key set.
-    fn assert_permitted(&self) {
+    /// [`PERMISSIONS`] or a read of the key set. The resource verbs used: (group, resource, verb).
+    fn assert_permitted(&self) -> std::collections::BTreeSet<(String, String, String)> {
+        let mut used = std::collections::BTreeSet::new();
         for s in self.kube.seen() {
             if s.method == "GET"
                 && ["/.well-known/openid-configuration", "/openid/v1/jwks"]
@@ -153,7 +153,9 @@ impl Cluster {
                 s.method,
                 s.path
             );
+            used.insert((group.to_owned(), resource.to_owned(), verb.to_owned()));
         }
+        used
     }
 
     /// No body the agent sent holds a token or a part of one.
@@ -197,8 +199,8 @@ fn taint_for(cluster: &Cluster, h: &Harness) -> (StartupTaint, prometheus::IntCo
         verifier: h.agent.verifier.clone(),
     };
     let counted = h.agent.metrics.startup_taint.clone();
-    let task = StartupTaint::spawn(&cluster.taint(), serving, Some(counted.clone()), None)
-        .expect("the client builds");
+    let client = h.agent.kube.clone().unwrap_or_else(|| cluster.client());
+    let task = StartupTaint::spawn(&cluster.taint(), serving, Some(counted.clone()), client);
     (task, counted)
 }
 
@@ -207,7 +209,7 @@ async fn verifying(cluster: &Cluster) -> Harness {
     let url = cluster.kube.url();
     let file = cluster.token_file.clone();
     Harness::start_with(move |s, _| {
-        s.verification = Some(verify_with_api_server(&url, &file));
+        verify_with_api_server(s, &url, &file);
         s.node_name = Some(NODE.into());
     })
     .await
@@ -331,7 +333,7 @@ async fn the_taint_waits_for_readiness() {
         credentials: vec![],
         verifier: None,
     };
-    let task = StartupTaint::spawn(&cluster.taint(), serving, None, None).expect("client");
+    let task = StartupTaint::spawn(&cluster.taint(), serving, None, cluster.client());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
         cluster.kube.seen().is_empty(),
@@ -454,25 +456,115 @@ async fn the_agent_removes_the_taint_and_its_successor_only_checks() {
     let _ = second.child.wait().await;
 }
 
-/// An API server that forbids the agent its node: one read, no retry storm, one warning from
-/// the client; credentials are served throughout.
+/// An API server that forbids the agent its node at first (its RBAC binding or admission
+/// policy lagging the DaemonSet at install): retried with backoff, one warning from the task and
+/// one from the client however often it is refused, and the taint goes once it is allowed.
+/// Credentials are served throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forbidden_node_is_given_up_quietly() {
+async fn a_forbidden_node_is_retried_until_allowed() {
     let cluster = Cluster::new().await;
-    cluster.node_answers(&["nodes/forbidden"]);
+    cluster.node_answers(&["nodes/forbidden", "nodes/forbidden", "nodes/node-tainted"]);
     let node = Node::new().await;
     let mut agent = cluster.tainting_agent(&node, "");
     logged(&agent, "ready").await;
     node.serves().await;
     logged(
         &agent,
-        "the API server forbids the agent to get or patch its node; the startup taint stays (grant nodes get and patch)",
+        "removed the node's startup taint: pods may now be scheduled here",
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         (cluster.node_reads().len(), cluster.patches().len()),
-        (1, 0)
+        (3, 1)
+    );
+    let lines = |needle: &str| {
+        agent
+            .stderr
+            .all()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    };
+    assert_eq!(
+        lines("the Kubernetes API server refuses the agent"),
+        1,
+        "{}",
+        agent.stderr.joined()
+    );
+    assert_eq!(
+        lines("the API server forbids the agent to get or patch its node"),
+        1,
+        "{}",
+        agent.stderr.joined()
+    );
+    let m = get(node.metrics_addr(), "/metrics", &[]).await.text();
+    for (sample, value) in [
+        (
+            r#"pod_identity_startup_taint_total{result="forbidden"}"#,
+            2.0,
+        ),
+        (r#"pod_identity_startup_taint_total{result="retried"}"#, 2.0),
+        (r#"pod_identity_startup_taint_total{result="removed"}"#, 1.0),
+        (
+            r#"pod_identity_kube_api_requests_total{result="forbidden"}"#,
+            2.0,
+        ),
+    ] {
+        assert_eq!(metric(&m, sample), value, "{sample}");
+    }
+    node.serves().await;
+    agent.sigterm();
+    let _ = agent.child.wait().await;
+}
+
+/// The agent has one API client: with everything it asks the API server forbidden (the key
+/// set, its node, an Event on the node), the refusal is logged once, not once per caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_logs_a_refusal_once() {
+    let cluster = Cluster::new().await;
+    cluster
+        .kube
+        .set_mode(support::fake_kube::Mode::Always("keys/forbidden".into()));
+    let node = Node::new().await;
+    node.fake.set_default(Step::fixture("error-access-denied"));
+    let mut flags = cluster.flags();
+    flags.extend(
+        [
+            "--node-startup-taint",
+            "--events",
+            "true",
+            "--token-verification",
+            "api-server",
+        ]
+        .map(String::from),
+    );
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut agent = node.agent("", &flags);
+    logged(&agent, "ready").await;
+    // EKS Auth refuses the node's credentials: an Event on the Node, which is forbidden too.
+    let r = get(
+        node.addr(),
+        "/v1/credentials",
+        &[("authorization", &token())],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let asked = || {
+        (
+            cluster.kube.requests("/openid/v1/jwks")
+                + cluster.kube.requests("/.well-known/openid-configuration"),
+            cluster.node_reads().len(),
+            cluster.kube.seen_matching("POST", EVENTS).len(),
+        )
+    };
+    assert!(
+        until(Duration::from_secs(5), || {
+            let (keys, nodes, events) = asked();
+            keys >= 1 && nodes >= 1 && events >= 1
+        })
+        .await,
+        "{:?}",
+        asked()
     );
     let refusals = agent
         .stderr
@@ -481,22 +573,40 @@ async fn a_forbidden_node_is_given_up_quietly() {
         .filter(|l| l.contains("the Kubernetes API server refuses the agent"))
         .count();
     assert_eq!(refusals, 1, "{}", agent.stderr.joined());
-    let m = get(node.metrics_addr(), "/metrics", &[]).await.text();
-    assert_eq!(
-        metric(
-            &m,
-            r#"pod_identity_startup_taint_total{result="forbidden"}"#
-        ),
-        1.0
+    agent.sigterm();
+    let _ = agent.child.wait().await;
+}
+
+/// The binary's wiring of readiness for the taint (`agent::run`): with api-server
+/// verification, the node is read only after the key set arrived, however long it takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_touches_its_node_only_after_the_keys_arrive() {
+    let cluster = Cluster::new().await;
+    let keys_take = Duration::from_millis(1500);
+    cluster.kube.script(
+        "GET",
+        "/openid/v1/jwks",
+        vec![Answer::After(keys_take, "keys/jwks".into())],
     );
-    assert_eq!(
-        metric(
-            &m,
-            r#"pod_identity_kube_api_requests_total{result="forbidden"}"#
-        ),
-        1.0
+    cluster.node_answers(&["nodes/node-tainted"]);
+    let node = Node::new().await;
+    let mut flags = cluster.flags();
+    flags.extend(["--node-startup-taint", "--token-verification", "api-server"].map(String::from));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut agent = node.agent("", &flags);
+    logged(
+        &agent,
+        "removed the node's startup taint: pods may now be scheduled here",
+    )
+    .await;
+    let jwks = cluster.kube.seen_matching("GET", "/openid/v1/jwks");
+    let first_read = &cluster.node_reads()[0];
+    assert!(
+        first_read.at >= jwks[0].at + keys_take,
+        "the node was read {:?} after the keys were asked for, before they arrived",
+        first_read.at.saturating_duration_since(jwks[0].at)
     );
-    node.serves().await;
+    assert_eq!(cluster.patches().len(), 1);
     agent.sigterm();
     let _ = agent.child.wait().await;
 }
@@ -554,17 +664,19 @@ async fn a_hanging_api_server_delays_no_credential_and_no_shutdown() {
 async fn reporting(
     cluster: &Cluster,
     verify: bool,
-    tweak: impl FnOnce(&mut EventSettings),
+    tweak: impl FnOnce(&mut EventSettings, &mut KubeSettings),
 ) -> Harness {
     let url = cluster.kube.url();
     let file = cluster.token_file.clone();
-    let mut events = EventSettings::new(cluster.settings(), NODE.into());
+    let mut events = EventSettings::new(NODE.into());
     events.series_every = Duration::from_millis(300);
-    tweak(&mut events);
+    let mut kube = cluster.settings();
+    tweak(&mut events, &mut kube);
     let h = Harness::start_with(move |s, _| {
         if verify {
-            s.verification = Some(verify_with_api_server(&url, &file));
+            verify_with_api_server(s, &url, &file);
         }
+        s.kube = Some(kube);
         s.node_name = Some(NODE.into());
         s.events = Some(events);
     })
@@ -643,7 +755,7 @@ async fn diagnose_line(agent: SocketAddr, token: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_pod_is_told_why_in_diagnoses_words() {
     let cluster = Cluster::new().await;
-    let h = reporting(&cluster, true, |_| {}).await;
+    let h = reporting(&cluster, true, |_, _| {}).await;
     let cases = [
         ("error-resource-not-found", "PodIdentityNoAssociation"),
         (
@@ -719,12 +831,16 @@ async fn a_refused_pod_is_told_why_in_diagnoses_words() {
         let note = e.note.clone().expect("note");
         assert_eq!(
             note,
-            pod_identity_agent::diagnose::explained(code, status),
+            explained(code, status, Some(Fault::Token)),
             "{fixture}"
         );
-        // What `diagnose` prints for this pod's token says the same words.
+        // What `diagnose` prints for this pod's token says the same words (and, where it
+        // cannot tell whose fault it is, the node's side too).
         let line = diagnose_line(h.addr(), t).await;
-        assert!(line.contains(&note), "{fixture}: {line}\n{note}");
+        let words = explain(code, status, Some(Fault::Token));
+        assert!(line.contains(words), "{fixture}: {line}\n{note}");
+        // The pod is told only of its own side.
+        assert!(!note.contains("node's IAM role"), "{note}");
         // EKS Auth's own message (which may name accounts and roles) is not passed on.
         assert!(!note.contains("arn:"), "{note}");
     }
@@ -741,7 +857,7 @@ async fn a_refused_pod_is_told_why_in_diagnoses_words() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeats_are_one_event_with_a_count() {
     let cluster = Cluster::new().await;
-    let h = reporting(&cluster, true, |_| {}).await;
+    let h = reporting(&cluster, true, |_, _| {}).await;
     h.fake
         .answer_namespace("payments", "error-resource-not-found");
     let t = Pod::new(1).token(&cluster.issuer, 0, 3600);
@@ -804,7 +920,7 @@ async fn repeats_are_one_event_with_a_count() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_refused_pods_is_bounded_by_the_nodes_budget() {
     let cluster = Cluster::new().await;
-    let h = reporting(&cluster, true, |e| {
+    let h = reporting(&cluster, true, |e, _| {
         e.burst = 5;
         e.rate = 2.0;
     })
@@ -851,7 +967,7 @@ async fn a_flood_of_refused_pods_is_bounded_by_the_nodes_budget() {
 async fn no_pod_event_for_a_token_the_keys_do_not_verify() {
     let cluster = Cluster::new().await;
     // Verification on: an expired token that claims a real pod but is not signed by the cluster.
-    let h = reporting(&cluster, true, |_| {}).await;
+    let h = reporting(&cluster, true, |_, _| {}).await;
     let real = Pod::new(7);
     let forged = jwt::encode_unsigned(
         &json!({"alg": "RS256", "kid": "made-up"}),
@@ -862,7 +978,7 @@ async fn no_pod_event_for_a_token_the_keys_do_not_verify() {
     assert_eq!(h.get(&forged).await.status, 400);
     // Verification off: a refusal EKS Auth made for a token no one verified.
     let cluster_off = Cluster::new().await;
-    let off = reporting(&cluster_off, false, |_| {}).await;
+    let off = reporting(&cluster_off, false, |_, _| {}).await;
     off.fake
         .answer_namespace("payments", "error-resource-not-found");
     assert_eq!(off.get(&mint("payments", "api", 3600)).await.status, 404);
@@ -883,7 +999,7 @@ async fn no_pod_event_for_a_token_the_keys_do_not_verify() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_token_of_the_cluster_is_reported_on_its_pod() {
     let cluster = Cluster::new().await;
-    let h = reporting(&cluster, true, |_| {}).await;
+    let h = reporting(&cluster, true, |_, _| {}).await;
     let pod = Pod::new(3);
     let t = pod.token(&cluster.issuer, 7200, 3600);
     let r = h.get(&t).await;
@@ -896,7 +1012,7 @@ async fn an_expired_token_of_the_cluster_is_reported_on_its_pod() {
     assert_eq!(e.reason.as_deref(), Some("PodIdentityTokenExpired"));
     assert_eq!(
         e.note.as_deref(),
-        Some(pod_identity_agent::diagnose::explained("ExpiredToken", 400).as_str())
+        Some(explained("ExpiredToken", 400, Some(Fault::Token)).as_str())
     );
     assert_eq!(
         e.regarding.and_then(|r| r.uid).as_deref(),
@@ -910,7 +1026,7 @@ async fn an_expired_token_of_the_cluster_is_reported_on_its_pod() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_node_credentials_are_a_warning_on_the_node() {
     let cluster = Cluster::new().await;
-    let h = reporting(&cluster, true, |_| {}).await;
+    let h = reporting(&cluster, true, |_, _| {}).await;
     h.fake.set_default(Step::fixture("error-access-denied"));
     for i in 0..5 {
         let r = h.get(&Pod::new(i).token(&cluster.issuer, 0, 3600)).await;
@@ -934,7 +1050,7 @@ async fn refused_node_credentials_are_a_warning_on_the_node() {
     assert_eq!(e.reason.as_deref(), Some(NODE_REASON));
     assert_eq!(
         e.note.as_deref(),
-        Some(pod_identity_agent::diagnose::explained("AccessDeniedException", 400).as_str())
+        Some(explained("AccessDeniedException", 400, Some(Fault::Node)).as_str())
     );
     // EKS Auth's message names the node's role and instance: not in the Event.
     let message = load_fixture("error-access-denied")["response"]["body"]["message"]
@@ -960,17 +1076,19 @@ async fn refused_node_credentials_are_a_warning_on_the_node() {
 
 /// The API server hanging, refusing (403) or failing (500) on Events: refusals and cached
 /// credentials are answered as fast as ever; a 403 is tried once per Event (the client logs it
-/// once), a 500 within the client's three attempts; every failure is counted.
+/// once), a hang (each attempt timed out) and a 500 within the client's three attempts; every
+/// failure is counted, and nothing is tried after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_server_that_hangs_or_refuses_delays_no_answer() {
+    const TIMEOUT: Duration = Duration::from_millis(300);
     for (answer, posts_per_event) in [
-        (Answer::Hang, 1),
+        (Answer::Hang, 3),
         (Answer::recording("events/forbidden"), 1),
         (Answer::recording("events/server-error"), 3),
     ] {
         let cluster = Cluster::new().await;
         cluster.kube.script("POST", EVENTS, vec![answer.clone()]);
-        let h = reporting(&cluster, true, |_| {}).await;
+        let h = reporting(&cluster, true, |_, k| k.timeout = TIMEOUT).await;
         h.fake
             .answer_namespace("payments", "error-resource-not-found");
         let cached = pod_in("team", 100).token(&cluster.issuer, 0, 3600);
@@ -1005,14 +1123,13 @@ async fn an_api_server_that_hangs_or_refuses_delays_no_answer() {
             "{answer:?}: {} posts",
             cluster.posted().len()
         );
-        if answer != Answer::Hang {
-            assert!(
-                until(Duration::from_secs(3), || failed(&h) == 3).await,
-                "{answer:?}"
-            );
-        }
-        // Nothing more: a failed Event is not tried again (beyond the client's attempts).
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(
+            until(Duration::from_secs(3), || failed(&h) == 3).await,
+            "{answer:?}"
+        );
+        // Nothing more: a failed Event is not tried again (beyond the client's attempts). Longer
+        // than all of one Event's attempts with their backoff (3 × 300 ms + 600 ms).
+        tokio::time::sleep(TIMEOUT * 3 + Duration::from_millis(1000)).await;
         assert_eq!(cluster.posted().len(), posts, "{answer:?}");
     }
 }
@@ -1033,7 +1150,7 @@ async fn an_event_gone_from_the_api_server_is_created_again() {
     cluster
         .kube
         .script("PATCH", EVENT, vec![Answer::recording("events/gone")]);
-    let h = reporting(&cluster, true, |_| {}).await;
+    let h = reporting(&cluster, true, |_, _| {}).await;
     h.fake
         .answer_namespace("payments", "error-resource-not-found");
     let t = Pod::new(5).token(&cluster.issuer, 0, 3600);
@@ -1046,4 +1163,306 @@ async fn an_event_gone_from_the_api_server_is_created_again() {
     assert_eq!(posted[1]["series"]["count"], 3, "{}", posted[1]);
     typed_event(&posted[1]);
     assert_eq!(cluster.kube.seen_matching("PATCH", EVENT).len(), 1);
+}
+
+/// Review M2: an answer that comes after its series' interval ended belongs to that series, not
+/// to the next one under the same pod and reason. The last patch of the first series finds its
+/// Event gone (after 300 ms); the second series, created meanwhile, is not taken for gone, so
+/// its next refusal is counted into it, not created again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_for_an_ended_series_leaves_the_next_one_alone() {
+    let cluster = Cluster::new().await;
+    cluster.kube.script(
+        "PATCH",
+        EVENT,
+        vec![Answer::After(
+            Duration::from_millis(300),
+            "events/gone".into(),
+        )],
+    );
+    let h = reporting(&cluster, true, |e, _| {
+        e.interval = Duration::from_secs(1);
+        e.series_every = Duration::from_secs(30);
+    })
+    .await;
+    h.fake
+        .answer_namespace("payments", "error-resource-not-found");
+    let t = Pod::new(5).token(&cluster.issuer, 0, 3600);
+    for _ in 0..2 {
+        assert_eq!(h.get(&t).await.status, 404);
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(h.get(&t).await.status, 404);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(h.get(&t).await.status, 404);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // One Event per interval; the first interval's last count went to its own (gone) Event.
+    assert_eq!(cluster.posted().len(), 2, "{:?}", cluster.posted());
+    let patches = cluster.kube.seen_matching("PATCH", EVENT);
+    assert_eq!(patches.len(), 1);
+    assert!(patches[0].path.ends_with(
+        cluster.posted()[0]["metadata"]["name"]
+            .as_str()
+            .expect("name")
+    ));
+    assert_eq!(
+        events_metric(&h.metrics().await, "pod", "deduplicated"),
+        2.0
+    );
+}
+
+/// Review M3: Events the node's budget holds back go out as it refills (one every half second
+/// here), not when the next refusal or the next series tick (30 s) comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_back_events_go_out_as_the_budget_refills() {
+    let cluster = Cluster::new().await;
+    let h = reporting(&cluster, true, |e, _| {
+        e.burst = 5;
+        e.rate = 2.0;
+        e.series_every = Duration::from_secs(30);
+    })
+    .await;
+    h.fake
+        .answer_namespace("payments", "error-resource-not-found");
+    let started = Instant::now();
+    let addr = h.addr();
+    let asks: Vec<_> = (0..40)
+        .map(|i| {
+            let t = Pod::new(i).token(&cluster.issuer, 0, 3600);
+            tokio::spawn(
+                async move { get(addr, "/v1/credentials", &[("authorization", &t)]).await },
+            )
+        })
+        .collect();
+    for a in asks {
+        assert_eq!(a.await.expect("join").status, 404);
+    }
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(started.elapsed())).await;
+    let created = cluster.posted().len();
+    let allowed = 5 + (started.elapsed().as_secs_f64() * 2.0).ceil() as usize;
+    assert!(
+        created >= 13 && created <= allowed,
+        "{created} Events, {allowed} allowed"
+    );
+}
+
+/// Review M4: one pod flooding the agent with forged expired tokens (a key the cluster
+/// publishes, a signature that does not match) cannot spend what another pod's Event needs: a
+/// refusal EKS Auth made for a token the request path verified needs no second verification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_tokens_do_not_hide_another_pods_event() {
+    let cluster = Cluster::new().await;
+    let h = reporting(&cluster, true, |_, _| {}).await;
+    h.fake
+        .answer_namespace("payments", "error-resource-not-found");
+    let expired = pod_in("attacker", 9000).token(&cluster.issuer, 7200, 3600);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let addr = h.addr();
+    let flooding = Instant::now();
+    let flood: Vec<_> = (0..60)
+        .map(|c| {
+            let (stop, sent, expired) = (stop.clone(), sent.clone(), expired.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    // A distinct token each time: no verdict is remembered for the next.
+                    let forged = jwt::tampered(&expired, "attacker", &format!("a{c:03}x{n:09}"));
+                    if let Ok(r) =
+                        get_result(addr, "/v1/credentials", &[("authorization", &forged)]).await
+                    {
+                        assert_eq!(r.status, 400);
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for victim in 0..5 {
+        let before = cluster.posted().len();
+        let t = Pod::new(victim).token(&cluster.issuer, 0, 3600);
+        assert_eq!(h.get(&t).await.status, 404);
+        assert!(
+            until(Duration::from_secs(3), || cluster.posted().len()
+                == before + 1)
+            .await,
+            "victim {victim}: no Event within 3 s under the flood"
+        );
+        let posted = cluster.posted();
+        assert_eq!(
+            posted[before]["regarding"]["uid"],
+            Pod::new(victim).uid.as_str()
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for f in flood {
+        f.await.expect("flood task");
+    }
+    // It was a flood: more forged tokens than Events may verify, every second.
+    let rate = sent.load(Ordering::Relaxed) as f64 / flooding.elapsed().as_secs_f64();
+    let budget = f64::from(pod_identity_agent::kube::events::VERIFY_RATE);
+    assert!(rate > 2.0 * budget, "{rate:.0} forged tokens a second");
+    assert_eq!(cluster.posted().len(), 5, "forged tokens name no pod");
+}
+
+/// Review L7: a token of the cluster that expired long ago (a copy of a pod perhaps gone) names
+/// no pod: replaying it writes no Event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_expired_long_ago_names_no_pod() {
+    let cluster = Cluster::new().await;
+    let h = reporting(&cluster, true, |_, _| {}).await;
+    let old = Pod::new(3).token(&cluster.issuer, 49 * 3600, 3600);
+    let r = h.get(&old).await;
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (400, Some("ExpiredToken"))
+    );
+    // The same pod's token expired two hours ago is still reported: the cut is the age.
+    let recent = Pod::new(4).token(&cluster.issuer, 3 * 3600, 3600);
+    assert_eq!(h.get(&recent).await.status, 400);
+    assert!(until(Duration::from_secs(3), || cluster.posted().len() == 1).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let posted = cluster.posted();
+    assert_eq!(posted.len(), 1, "{posted:?}");
+    assert_eq!(posted[0]["regarding"]["uid"], Pod::new(4).uid.as_str());
+    assert_eq!(events_metric(&h.metrics().await, "pod", "unverified"), 1.0);
+}
+
+/// Review L8: a verified token that names another node gets no Event on this one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_another_node_names_no_pod() {
+    let cluster = Cluster::new().await;
+    let h = reporting(&cluster, true, |_, _| {}).await;
+    let elsewhere = Pod {
+        node: Some("node-b".into()),
+        ..Pod::new(6)
+    };
+    let here = Pod::new(7);
+    for pod in [&elsewhere, &here] {
+        let r = h.get(&pod.token(&cluster.issuer, 7200, 3600)).await;
+        assert_eq!(
+            (r.status, r.json()["code"].as_str()),
+            (400, Some("ExpiredToken"))
+        );
+    }
+    assert!(until(Duration::from_secs(3), || cluster.posted().len() == 1).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let posted = cluster.posted();
+    assert_eq!(posted.len(), 1, "{posted:?}");
+    assert_eq!(posted[0]["regarding"]["uid"], here.uid.as_str());
+}
+
+/// Review L15: EKS Auth refusing the node's credentials at a background refresh (no pod asked,
+/// so no request reports it) is a warning on the Node too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_refused_for_the_nodes_credentials_warns_on_the_node() {
+    let cluster = Cluster::new().await;
+    let url = cluster.kube.url();
+    let file = cluster.token_file.clone();
+    let h = Harness::start_with(move |s, _| {
+        s.cache.policy.max_retention = Duration::from_millis(300);
+        s.kube = Some(kube_settings(&url, &file));
+        s.node_name = Some(NODE.into());
+        s.events = Some(EventSettings::new(NODE.into()));
+    })
+    .await;
+    let t = token();
+    assert_eq!(h.get(&t).await.status, 200);
+    assert_eq!(h.get(&t).await.status, 200, "used, so it is renewed");
+    h.fake.set_default(Step::fixture("error-access-denied"));
+    // No request from here on: only the refresh meets the refusal.
+    assert!(
+        until(Duration::from_secs(3), || cluster.posted().len() == 1).await,
+        "no Event on the Node"
+    );
+    let e = typed_event(&cluster.posted()[0]);
+    assert_eq!(e.reason.as_deref(), Some(NODE_REASON));
+    assert_eq!(e.regarding.and_then(|r| r.kind).as_deref(), Some("Node"));
+    assert!(
+        h.agent
+            .metrics
+            .node_refused
+            .with_label_values(&["AccessDeniedException"])
+            .get()
+            >= 1
+    );
+}
+
+/// Review L16: a taint put back on the node after the agent removed it (a managed node group's
+/// taints applied to existing nodes) is removed at the next re-check; the agent only removes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taint_put_back_is_removed_at_the_next_check() {
+    let cluster = Cluster::new().await;
+    cluster.node_answers(&[
+        "nodes/node-tainted",
+        "nodes/node-untainted",
+        "nodes/node-tainted",
+        "nodes/node-untainted",
+    ]);
+    let h = Harness::start().await;
+    let serving = Serving {
+        probe: h.agent.probe_addr,
+        credentials: h.agent.credential_addrs.clone(),
+        verifier: None,
+    };
+    let counted = h.agent.metrics.startup_taint.clone();
+    let mut settings = cluster.taint();
+    settings.recheck = Duration::from_millis(300);
+    let task = StartupTaint::spawn(&settings, serving, Some(counted.clone()), cluster.client());
+    assert!(
+        until(Duration::from_secs(5), || counted
+            .with_label_values(&["removed"])
+            .get()
+            == 2)
+        .await
+    );
+    // Checked again and again, patched only when the taint was there.
+    assert!(until(Duration::from_secs(3), || cluster.node_reads().len() >= 6).await);
+    assert_eq!(cluster.patches().len(), 2);
+    for p in cluster.patches() {
+        assert_removal_patch(&p);
+    }
+    assert_eq!(counted.with_label_values(&["absent"]).get(), 0);
+    task.stop().await;
+}
+
+/// Every resource verb the ClusterRole grants (`kube::PERMISSIONS`) is one the agent uses: the
+/// taint reads and patches the node, Events are created and their series patched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_permission_granted_is_used() {
+    let cluster = Cluster::new().await;
+    cluster.node_answers(&["nodes/node-tainted"]);
+    let h = reporting(&cluster, true, |_, _| {}).await;
+    let (task, counted) = taint_for(&cluster, &h);
+    h.fake
+        .answer_namespace("payments", "error-resource-not-found");
+    let t = Pod::new(1).token(&cluster.issuer, 0, 3600);
+    for _ in 0..3 {
+        assert_eq!(h.get(&t).await.status, 404);
+    }
+    assert!(counted_once(&counted, "removed", 5).await);
+    assert!(
+        until(Duration::from_secs(3), || !cluster
+            .kube
+            .seen_matching("PATCH", EVENT)
+            .is_empty())
+        .await
+    );
+    let used = cluster.assert_permitted();
+    for p in PERMISSIONS {
+        for verb in p.verbs {
+            assert!(
+                used.contains(&(
+                    p.api_group.to_owned(),
+                    p.resource.to_owned(),
+                    (*verb).to_owned()
+                )),
+                "{verb} {} is granted but never used: {used:?}",
+                p.resource
+            );
+        }
+    }
+    task.stop().await;
 }

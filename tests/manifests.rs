@@ -1,6 +1,9 @@
 //! The Kubernetes manifests in `daemonset/`: every file and every kustomize render parses into
 //! the `k8s-openapi` types with no unknown field; container args parse with the binary's own
-//! parser; probes, ports, capabilities and the hybrid variants match what the agent does.
+//! parser; probes, ports, capabilities and the hybrid variants match what the agent does. The
+//! admission policy that narrows the agent's `nodes patch` to removing its own node's startup
+//! taint is checked in every render that grants it, and its CEL is evaluated (cel-python) against
+//! changes it must allow and refuse.
 //!
 //! Renders need `kubectl` (kustomize is built in); without it they are skipped with a message,
 //! unless PIA_REQUIRE_KUBECTL=1 (CI), where that fails.
@@ -8,6 +11,9 @@
 mod support;
 
 use clap::Parser;
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding, ValidatingAdmissionPolicySpec,
+};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -37,6 +43,8 @@ struct Rendered {
     service_accounts: Vec<ServiceAccount>,
     cluster_roles: Vec<ClusterRole>,
     bindings: Vec<ClusterRoleBinding>,
+    policies: Vec<ValidatingAdmissionPolicy>,
+    policy_bindings: Vec<ValidatingAdmissionPolicyBinding>,
 }
 
 fn check(docs: Vec<Value>, source: &str) -> Rendered {
@@ -49,6 +57,20 @@ fn check(docs: Vec<Value>, source: &str) -> Rendered {
             "ServiceAccount" => r.service_accounts.push(typed(&doc, &what)),
             "ClusterRole" => r.cluster_roles.push(typed(&doc, &what)),
             "ClusterRoleBinding" => r.bindings.push(typed(&doc, &what)),
+            "ValidatingAdmissionPolicy" => {
+                assert_eq!(
+                    doc["apiVersion"], "admissionregistration.k8s.io/v1",
+                    "{what}"
+                );
+                r.policies.push(typed(&doc, &what));
+            }
+            "ValidatingAdmissionPolicyBinding" => {
+                assert_eq!(
+                    doc["apiVersion"], "admissionregistration.k8s.io/v1",
+                    "{what}"
+                );
+                r.policy_bindings.push(typed(&doc, &what));
+            }
             "ConfigMap" => {
                 let map = typed::<ConfigMap>(&doc, &what);
                 let labels = map.metadata.labels.clone().unwrap_or_default();
@@ -214,6 +236,320 @@ fn api_access(
     }
 }
 
+/// Every render that grants `nodes patch` narrows it with the admission policy: bound (Deny) to
+/// this render's service account, asking the token's node name and comparing the node with what
+/// it was, for the taint key the DaemonSet removes.
+fn node_policy(r: &Rendered, args: &pod_identity_agent::cli::ServerArgs, variant: &str) {
+    let grants_patch = r
+        .cluster_roles
+        .iter()
+        .flat_map(|role| role.rules.clone().unwrap_or_default())
+        .any(|rule| {
+            rule.resources
+                .as_ref()
+                .is_some_and(|r| r.iter().any(|r| r == "nodes"))
+                && rule.verbs.iter().any(|v| v == "patch" || v == "*")
+        });
+    if !grants_patch {
+        return;
+    }
+    assert_eq!(
+        (r.policies.len(), r.policy_bindings.len()),
+        (1, 1),
+        "{variant}: nodes patch without the admission policy"
+    );
+    let policy = &r.policies[0];
+    let name = policy.metadata.name.clone().unwrap_or_default();
+    let binding = r.policy_bindings[0].spec.as_ref().expect("binding spec");
+    assert_eq!(
+        binding.policy_name.as_deref(),
+        Some(name.as_str()),
+        "{variant}"
+    );
+    assert_eq!(
+        binding.validation_actions.as_deref(),
+        Some(&["Deny".to_owned()][..]),
+        "{variant}"
+    );
+    assert!(
+        binding.param_ref.is_none() && binding.match_resources.is_none(),
+        "{variant}"
+    );
+    let spec = policy.spec.as_ref().expect("policy spec");
+    assert_eq!(spec.failure_policy.as_deref(), Some("Fail"), "{variant}");
+    let rules = spec
+        .match_constraints
+        .as_ref()
+        .and_then(|m| m.resource_rules.clone())
+        .unwrap_or_default();
+    assert_eq!(rules.len(), 1, "{variant}");
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["nodes".to_owned()][..])
+    );
+    assert_eq!(
+        rules[0].operations.as_deref(),
+        Some(&["UPDATE".to_owned()][..])
+    );
+    let text = serde_json::to_string(spec).expect("json");
+    for needed in [
+        "authentication.kubernetes.io/node-name",
+        "object.metadata.name",
+        "oldObject.spec.taints",
+        "oldObject.metadata.labels",
+    ] {
+        assert!(
+            text.contains(needed),
+            "{variant}: the policy does not check {needed}"
+        );
+    }
+    let key = args.identity.node_startup_taint.as_deref().expect("taint");
+    assert!(
+        text.contains(&format!("o.key == '{key}'")),
+        "{variant}: the policy allows removing another key than {key}"
+    );
+    // It applies to this render's service account (and not to the kubelet).
+    let sa = &r.service_accounts[0].metadata;
+    let user = format!(
+        "system:serviceaccount:{}:{}",
+        sa.namespace.as_deref().unwrap_or_default(),
+        sa.name.as_deref().unwrap_or_default()
+    );
+    let node = node_object("n", &[taint(key)], &[]);
+    let cases = [
+        (request(&user, Some("n")), node.clone(), node.clone()),
+        (request("system:node:n", Some("n")), node.clone(), node),
+    ];
+    if let Some(results) = evaluate(spec, &cases) {
+        assert!(results[0].0, "{variant}: the policy does not select {user}");
+        assert!(!results[1].0, "{variant}: the policy selects the kubelet");
+    }
+}
+
+/// A Node as the API server holds it: `taints`, and `labels` besides the usual ones.
+fn node_object(name: &str, taints: &[Value], labels: &[(&str, &str)]) -> Value {
+    let mut all = serde_json::json!({"kubernetes.io/hostname": name});
+    for (k, v) in labels {
+        all[*k] = (*v).into();
+    }
+    let mut node = serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": all, "annotations": {"node.alpha.kubernetes.io/ttl": "0"}},
+        "spec": {"providerID": format!("aws:///us-west-2a/i-{name}"), "podCIDR": "10.0.0.0/24"},
+    });
+    if !taints.is_empty() {
+        node["spec"]["taints"] = Value::Array(taints.to_vec());
+    }
+    node
+}
+
+fn taint(key: &str) -> Value {
+    serde_json::json!({"key": key, "effect": "NoSchedule"})
+}
+
+/// An admission request's `request` as CEL sees it: the user and, for a pod-bound token, the
+/// node it was issued for.
+fn request(user: &str, node: Option<&str>) -> Value {
+    let extra = match node {
+        Some(n) => serde_json::json!({"authentication.kubernetes.io/node-name": [n],
+            "authentication.kubernetes.io/pod-name": ["pod-identity-agent-x1"]}),
+        None => serde_json::json!({}),
+    };
+    serde_json::json!({"operation": "UPDATE", "userInfo": {"username": user, "extra": extra}})
+}
+
+/// The policy evaluated for each (request, old node, new node): whether it applies, and the
+/// messages of the validations that refuse. `None` (after a message) without cel-python, a
+/// failure under PIA_REQUIRE_SDKS=1 (CI).
+fn evaluate(
+    spec: &ValidatingAdmissionPolicySpec,
+    cases: &[(Value, Value, Value)],
+) -> Option<Vec<(bool, Vec<String>)>> {
+    use std::io::Write;
+    let python = support::python::python_with(&["celpy"])?;
+    let input = serde_json::json!({
+        "policy": spec,
+        "cases": cases.iter().map(|(request, old, new)| serde_json::json!({
+            "request": request, "oldObject": old, "object": new,
+        })).collect::<Vec<_>>(),
+    });
+    let mut child = std::process::Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/admission_policy.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.to_string().as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+    Some(
+        results
+            .iter()
+            .map(|r| {
+                let denied = r["denied"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|m| m.as_str().map(str::to_owned))
+                    .collect();
+                (r["matched"] == true, denied)
+            })
+            .collect(),
+    )
+}
+
+/// The policy as shipped, evaluated as the API server evaluates it: the agent may remove its
+/// startup taint from the node its token was issued for, and nothing else: not on another
+/// node, not without the node name, not another taint, not adding one, not a label, not a
+/// cordon. Other users are left to RBAC.
+#[test]
+fn the_node_policy_allows_only_removing_the_startup_taint_of_its_own_node() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("daemonset/base/node-policy.yaml");
+    let r = check(
+        docs(&std::fs::read_to_string(&file).expect("read")),
+        "node-policy.yaml",
+    );
+    let spec = r.policies[0].spec.clone().expect("spec");
+    let agent = "system:serviceaccount:kube-system:pod-identity-agent";
+    let (ours, dedicated) = (
+        taint(DEFAULT_KEY),
+        serde_json::json!({"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}),
+    );
+    let execute = serde_json::json!({"key": DEFAULT_KEY, "effect": "NoExecute"});
+    let tainted = node_object(
+        "n1",
+        &[ours.clone(), dedicated.clone(), execute.clone()],
+        &[],
+    );
+    let removed = node_object("n1", std::slice::from_ref(&dedicated), &[]);
+    let mut cordoned = removed.clone();
+    cordoned["spec"]["unschedulable"] = true.into();
+    let mut cidr = removed.clone();
+    cidr["spec"]["podCIDR"] = "10.9.9.0/24".into();
+    let other = |n: &Value| {
+        let mut n = n.clone();
+        n["metadata"]["name"] = "n2".into();
+        n
+    };
+    let me = request(agent, Some("n1"));
+    // What, whether the policy applies, whether it allows, and (request, old node, new node).
+    type Case<'a> = (&'a str, bool, bool, (Value, Value, Value));
+    let cases: Vec<Case> = vec![
+        (
+            "remove the startup taint",
+            true,
+            true,
+            (me.clone(), tainted.clone(), removed.clone()),
+        ),
+        (
+            "hybrid's account",
+            true,
+            true,
+            (
+                request(&format!("{agent}-hybrid"), Some("n1")),
+                tainted.clone(),
+                removed.clone(),
+            ),
+        ),
+        (
+            "nothing changed",
+            true,
+            true,
+            (me.clone(), removed.clone(), removed.clone()),
+        ),
+        (
+            "another node",
+            true,
+            false,
+            (me.clone(), other(&tainted), other(&removed)),
+        ),
+        (
+            "no node name",
+            true,
+            false,
+            (request(agent, None), tainted.clone(), removed.clone()),
+        ),
+        (
+            "remove another taint",
+            true,
+            false,
+            (
+                me.clone(),
+                tainted.clone(),
+                node_object("n1", &[ours.clone(), execute.clone()], &[]),
+            ),
+        ),
+        (
+            "add a taint",
+            true,
+            false,
+            (me.clone(), removed.clone(), tainted.clone()),
+        ),
+        (
+            "change a taint",
+            true,
+            false,
+            (
+                me.clone(),
+                node_object("n1", std::slice::from_ref(&dedicated), &[]),
+                node_object(
+                    "n1",
+                    &[
+                        serde_json::json!({"key": "dedicated", "value": "none", "effect": "NoSchedule"}),
+                    ],
+                    &[],
+                ),
+            ),
+        ),
+        (
+            "relabel",
+            true,
+            false,
+            (
+                me.clone(),
+                tainted.clone(),
+                node_object("n1", std::slice::from_ref(&dedicated), &[("team", "x")]),
+            ),
+        ),
+        (
+            "cordon",
+            true,
+            false,
+            (me.clone(), removed.clone(), cordoned),
+        ),
+        ("pod CIDR", true, false, (me.clone(), removed.clone(), cidr)),
+        (
+            "the kubelet",
+            false,
+            true,
+            (
+                request("system:node:n1", Some("n1")),
+                removed.clone(),
+                tainted.clone(),
+            ),
+        ),
+    ];
+    let inputs: Vec<_> = cases.iter().map(|c| c.3.clone()).collect();
+    let Some(results) = evaluate(&spec, &inputs) else {
+        return;
+    };
+    for ((what, applies, allowed, _), (matched, denied)) in cases.iter().zip(&results) {
+        assert_eq!(matched, applies, "{what}: applies");
+        assert_eq!(denied.is_empty(), *allowed, "{what}: {denied:?}");
+    }
+}
+
 #[test]
 fn renders_are_valid_and_match_the_agent() {
     for variant in VARIANTS {
@@ -312,6 +648,7 @@ fn renders_are_valid_and_match_the_agent() {
             "{variant}"
         );
         api_access(&r, pod, main, &args, variant);
+        node_policy(&r, &args, variant);
         // The node's startup taint: the agent removes the one it tolerates by name, and reports
         // refusals as Events (both off outside the manifests).
         let taint = args.identity.node_startup_taint.as_deref();

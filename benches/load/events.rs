@@ -71,6 +71,8 @@ pub async fn events() -> Vec<Row> {
         "60s",
     ]);
     let a = agent_with_defaults(&fake, &args).await;
+    // The counts are on the metrics listener (the probe port answers /metrics with 404).
+    let counts_at = a.process.listening("serving metrics").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let posts = || keys.kube.seen_matching("POST", EVENTS).len();
     let patches = || keys.kube.seen_matching("PATCH", EVENT).len();
@@ -102,7 +104,7 @@ pub async fn events() -> Vec<Row> {
     let elapsed = started.elapsed();
     // Series are sent at most every 30 s: the flood's count goes out with the next one.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let m = metrics(a.probe).await;
+    let m = metrics(counts_at).await;
     let (created, updates) = (posts(), patches());
     let one_pod = Row {
         scenario: "12 events, one pod",
@@ -127,7 +129,7 @@ pub async fn events() -> Vec<Row> {
     };
 
     // 500 pods refused within 10 s, one request each.
-    let (before, before_m) = (posts(), metrics(a.probe).await);
+    let (before, before_m) = (posts(), metrics(counts_at).await);
     let tokens: Vec<String> = (0..500)
         .map(|i| pod_token(&keys.issuer, 2_000_007 + 50 * i, 0))
         .collect();
@@ -135,7 +137,7 @@ pub async fn events() -> Vec<Row> {
     let run = burst(a.addr, tokens, Duration::from_secs(10)).await;
     let elapsed = started.elapsed();
     let created = posts() - before;
-    let m = metrics(a.probe).await;
+    let m = metrics(counts_at).await;
     let limited = counted(&m, "rate_limited") - counted(&before_m, "rate_limited");
     let allowed = 10 + elapsed.as_secs_f64().ceil() as usize;
     let many = Row {

@@ -97,11 +97,21 @@ impl Inner {
             .admit(caller)
             .await
             .map_err(CacheError::Denied)?;
+        let pod = pod.map(Arc::new);
         let entry = self
-            .exchange(&token, pod.map(|p| p.key()), Trigger::Request(Some(source)))
+            .exchange(
+                &token,
+                pod.as_ref().map(|p| p.key()),
+                Trigger::Request(Some(source)),
+            )
             .await;
         drop(ticket);
-        Ok((entry?, Found::Exchanged))
+        match entry {
+            Ok(entry) => Ok((entry, Found::Exchanged)),
+            // Who the token is goes with the refusal: an Event on the pod needs no second check.
+            Err(CacheError::Exchange(e, _)) => Err(CacheError::Exchange(e, pod)),
+            Err(e) => Err(e),
+        }
     }
 
     fn remember_denial(&self, token: &Token, denial: &Denial) {
@@ -183,6 +193,11 @@ impl Inner {
             }
             Err(e) => {
                 self.apply_failure(token, &e);
+                if trigger == Trigger::Refresh && e.fault() == Fault::Node {
+                    if let Some(tell) = self.node_refused.get() {
+                        tell(&e);
+                    }
+                }
                 Err(e.into())
             }
         }

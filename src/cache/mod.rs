@@ -18,8 +18,9 @@
 //! join it never pay and one denial reaches them all, and then EKS Auth. A remembered refusal of
 //! the token ([`negative`]) answers before any flight. What happens to cached credentials when an
 //! exchange fails depends on whose fault it is ([`Fault`]): the token's evicts and is remembered;
-//! the node's keeps the pod's valid credentials (with a warning and a metric); a transient one
-//! backs off.
+//! the node's keeps the pod's valid credentials (with a warning and a metric; one a refresh met
+//! is also told to whoever listens, [`NodeRefused`], since no request reports it); a transient
+//! one backs off. A refusal from a request's flight carries who the token is, if it was verified.
 //!
 //! Entries ([`entry`]) are keyed by SHA-256 of the token, and those of verified tokens also by
 //! pod; the raw token lives only inside the entry, for refresh. The map is bounded by
@@ -48,7 +49,7 @@ pub use snapshot::{Exported, Imported};
 
 use crate::eks_auth::{CredentialSource, ExchangeError};
 use crate::metrics::Metrics;
-use crate::token::{PodKey, Token, TokenHash};
+use crate::token::{PodIdentity, PodKey, Token, TokenHash};
 use exchange::Start;
 use flight::Flights;
 use moka::policy::EvictionPolicy;
@@ -81,9 +82,11 @@ enum Found {
 /// Why the cache could not answer a request.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CacheError {
-    /// The exchange for this token failed, and nothing cached may be served instead.
-    #[error(transparent)]
-    Exchange(#[from] ExchangeError),
+    /// The exchange for this token failed, and nothing cached may be served instead; with who
+    /// the token is, if the request's flight verified it (an Event on the pod needs no second
+    /// verification).
+    #[error("{0}")]
+    Exchange(ExchangeError, Option<Arc<PodIdentity>>),
     /// This token was refused a short while ago; it was not asked about again.
     #[error("refused {:?} ago", .0.age())]
     Remembered(Arc<Remembered>),
@@ -94,6 +97,16 @@ pub enum CacheError {
     #[error("the agent is shutting down; retry")]
     ShuttingDown,
 }
+
+impl From<ExchangeError> for CacheError {
+    fn from(e: ExchangeError) -> Self {
+        CacheError::Exchange(e, None)
+    }
+}
+
+/// Told of every refusal of the node's own credentials that a refresh met (no request waits on
+/// a refresh, so no request reports it): the cache does not know who listens (Events).
+pub type NodeRefused = Arc<dyn Fn(&ExchangeError) + Send + Sync>;
 
 /// Settings of the cache, from the command line.
 #[derive(Debug, Clone)]
@@ -164,6 +177,8 @@ struct Inner {
     stop_refreshing: CancellationToken,
     /// Cancelled to end exchanges still under way after the shutdown grace period.
     abort: CancellationToken,
+    /// Told of the node's credentials refused at a refresh, once someone listens.
+    node_refused: std::sync::OnceLock<NodeRefused>,
 }
 
 /// The cache; cheap to clone, all clones share one map and one scheduler.
@@ -258,6 +273,7 @@ impl CredentialCache {
             tasks: tasks.clone(),
             stop_refreshing: stop_refreshing.clone(),
             abort: CancellationToken::new(),
+            node_refused: std::sync::OnceLock::new(),
         });
         scheduler::spawn(
             Arc::new(refresh::Refresh(Arc::downgrade(&inner))),
@@ -271,6 +287,12 @@ impl CredentialCache {
             &inner.scheduler_health,
         );
         CredentialCache { inner }
+    }
+
+    /// Tell `hook` of every refusal of the node's own credentials a refresh meets (see
+    /// [`NodeRefused`]); the first hook set stays.
+    pub fn on_node_refused(&self, hook: NodeRefused) {
+        let _ = self.inner.node_refused.set(hook);
     }
 
     /// Credentials for `token`, whose time claims the caller has checked, asked for from
@@ -317,13 +339,13 @@ impl CredentialCache {
         let (entry, found) = match result {
             Ok(found) => found,
             // Static stability: the token's credentials, while valid, outlive a failed renewal.
-            Err(CacheError::Exchange(e)) if e.recoverable() => {
+            Err(CacheError::Exchange(e, pod)) if e.recoverable() => {
                 return match cached.filter(|c| now < c.valid_until) {
                     Some(old) => {
                         old.mark_used();
                         Ok((old, Outcome::Stale))
                     }
-                    None => Err(e.into()),
+                    None => Err(CacheError::Exchange(e, pod)),
                 }
             }
             Err(e) => return Err(e),

@@ -56,7 +56,7 @@ impl scheduler::Refresher for Refresh {
             };
             let label = match result {
                 Some(Ok(_)) => "success",
-                Some(Err(super::CacheError::Exchange(e))) if !e.recoverable() => {
+                Some(Err(super::CacheError::Exchange(e, _))) if !e.recoverable() => {
                     "irrecoverable_error"
                 }
                 Some(Err(_)) | None => "recoverable_error",

@@ -12,15 +12,21 @@
 //! removes every taint with the configured key from this node: `GET /api/v1/nodes/{name}`, and
 //! if the key is there a JSON patch whose `test` of `/spec/taints` (the list as read) makes a
 //! concurrent change to the taints fail (409 or 422), after which the node is read again. A
-//! node without the key is not patched. 5xx, 429 and an unreachable server are retried with
-//! backoff and jitter (the client's own attempts, then this task's, up to
-//! [`MAX_BACKOFF`] apart) until it succeeds or the agent stops; a 403 or a node that does not
-//! exist ends it (the client logs a 403 once). Each outcome is counted in
-//! `pod_identity_startup_taint_total{result}`. The task touches nothing serving needs, so an
-//! API server that hangs or refuses delays no credential; [`StartupTaint::stop`] ends it within
-//! [`STOP_BOUND`].
+//! node without the key is not patched. Every failure is retried with backoff and jitter (the
+//! client's own attempts for 5xx, 429 and an unreachable server, then this task's rounds, from
+//! one second doubling up to `max_backoff`, five minutes by default) until it succeeds or the
+//! agent stops: a 403 (RBAC or the admission policy not in place yet at install), a node not
+//! found, any other answer. The first failure of a kind is logged at warn (the client logs a 403
+//! once more, for every caller); later ones at debug. After that it re-checks the node every
+//! `recheck` (five minutes, jittered): one GET, and a patch only if the taint is back (a managed
+//! node group applies its taints to existing nodes when they change). It only ever removes the
+//! taint, never adds it. Each outcome is counted in `pod_identity_startup_taint_total{result}`
+//! (`removed`, `absent`; `forbidden`, `not_found`, `failed`, `conflict` and `retried` per round
+//! along the way; a re-check counts only a removal). The task touches nothing serving needs, so
+//! an API server that hangs or refuses delays no credential; [`StartupTaint::stop`] ends it
+//! within [`STOP_BOUND`].
 
-use super::{KubeClient, KubeError, KubeSettings};
+use super::{KubeClient, KubeError};
 use crate::verify::{KeysState, Verifier};
 use bytes::Bytes;
 use serde_json::{json, Value};
@@ -32,8 +38,10 @@ use tokio_util::sync::CancellationToken;
 /// The taint key the manifests put on new nodes and the agent removes, in the project's own
 /// domain (`--node-startup-taint` with no value).
 pub const DEFAULT_KEY: &str = "pod-identity.agent/not-ready";
-/// Backoff between rounds after the API server failed, doubling from one second up to this.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Backoff between rounds after a failure, doubling from one second up to this by default.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How often the node is checked again once the taint is gone, by default (jittered).
+pub const RECHECK: Duration = Duration::from_secs(300);
 /// Conflicts in a row after which the task backs off as after a failure.
 const CONFLICTS_IN_A_ROW: u32 = 5;
 /// How often readiness is checked while waiting to serve.
@@ -41,14 +49,29 @@ const POLL: Duration = Duration::from_millis(100);
 /// How long stopping waits for the task; past it, the task is aborted.
 pub const STOP_BOUND: Duration = Duration::from_secs(1);
 
-/// `--node-startup-taint`, with the API server and this node.
+/// `--node-startup-taint`, with this node.
 #[derive(Debug, Clone)]
 pub struct TaintSettings {
-    pub kube: KubeSettings,
     /// `--node-name`.
     pub node: String,
     /// The taint key to remove.
     pub key: String,
+    /// The longest wait between rounds after failures.
+    pub max_backoff: Duration,
+    /// How often the node is checked again after the taint went.
+    pub recheck: Duration,
+}
+
+impl TaintSettings {
+    /// `key` on `node`, with the default backoff and re-check.
+    pub fn new(node: String, key: String) -> TaintSettings {
+        TaintSettings {
+            node,
+            key,
+            max_backoff: MAX_BACKOFF,
+            recheck: RECHECK,
+        }
+    }
 }
 
 /// What says the agent serves.
@@ -68,12 +91,8 @@ pub enum Removal {
     Removed,
     /// The node had no such taint: nothing was patched.
     Absent,
-    /// The API server forbids reading or patching the node.
-    Forbidden,
-    /// No node has this name.
-    NoSuchNode,
-    /// Something that retrying cannot fix (an answer that is not a node, a 4xx).
-    Failed(String),
+    /// The node's name is not one Kubernetes gives (nothing to retry).
+    BadName(String),
 }
 
 impl Removal {
@@ -81,9 +100,7 @@ impl Removal {
         match self {
             Removal::Removed => "removed",
             Removal::Absent => "absent",
-            Removal::Forbidden => "forbidden",
-            Removal::NoSuchNode => "not_found",
-            Removal::Failed(_) => "failed",
+            Removal::BadName(_) => "failed",
         }
     }
 }
@@ -95,23 +112,16 @@ pub struct StartupTaint {
 }
 
 impl StartupTaint {
-    /// Start the task (see the module contract); `None` if the API client cannot be built (a
-    /// CA that cannot be read), which is logged.
+    /// Start the task (see the module contract), calling the API server through `client` (the
+    /// agent's one client).
     pub fn spawn(
         settings: &TaintSettings,
         serving: Serving,
         results: Option<prometheus::IntCounterVec>,
-        kube_calls: Option<prometheus::IntCounterVec>,
-    ) -> Option<StartupTaint> {
-        let client = match KubeClient::new(settings.kube.clone(), kube_calls) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, taint = %settings.key, "cannot reach the API server to remove the node's startup taint; pods that do not tolerate it stay off this node");
-                return None;
-            }
-        };
+        client: Arc<KubeClient>,
+    ) -> StartupTaint {
         let stop = CancellationToken::new();
-        let (node, key, stopped) = (settings.node.clone(), settings.key.clone(), stop.clone());
+        let (settings, stopped) = (settings.clone(), stop.clone());
         let task = tokio::spawn(async move {
             tokio::select! {
                 _ = until_serving(&serving) => {}
@@ -123,20 +133,11 @@ impl StartupTaint {
                 }
             };
             tokio::select! {
-                removal = remove(&client, &node, &key, &count) => {
-                    count(removal.label());
-                    match removal {
-                        Removal::Removed => tracing::info!(node = %node, taint = %key, "removed the node's startup taint: pods may now be scheduled here"),
-                        Removal::Absent => tracing::info!(node = %node, taint = %key, "the node has no startup taint to remove"),
-                        Removal::Forbidden => tracing::warn!(node = %node, taint = %key, "the API server forbids the agent to get or patch its node; the startup taint stays (grant nodes get and patch)"),
-                        Removal::NoSuchNode => tracing::warn!(node = %node, "no node has this --node-name; the startup taint stays"),
-                        Removal::Failed(why) => tracing::warn!(node = %node, taint = %key, error = %why, "cannot remove the node's startup taint"),
-                    }
-                }
+                _ = keep_removed(&client, &settings, &count) => {}
                 _ = stopped.cancelled() => {}
             }
         });
-        Some(StartupTaint { task, stop })
+        StartupTaint { task, stop }
     }
 
     /// End the task: at once if it is waiting, within [`STOP_BOUND`] otherwise.
@@ -145,6 +146,32 @@ impl StartupTaint {
         let mut task = self.task;
         if tokio::time::timeout(STOP_BOUND, &mut task).await.is_err() {
             task.abort();
+        }
+    }
+}
+
+/// Remove the taint, then check again every `recheck` (see the module contract).
+async fn keep_removed(client: &KubeClient, s: &TaintSettings, count: &impl Fn(&str)) {
+    let (node, key) = (&s.node, &s.key);
+    let removal = remove(client, s, count).await;
+    count(removal.label());
+    match &removal {
+        Removal::Removed => {
+            tracing::info!(node = %node, taint = %key, "removed the node's startup taint: pods may now be scheduled here")
+        }
+        Removal::Absent => {
+            tracing::info!(node = %node, taint = %key, "the node has no startup taint to remove")
+        }
+        Removal::BadName(why) => {
+            tracing::warn!(node = %node, taint = %key, error = %why, "cannot remove the node's startup taint");
+            return;
+        }
+    }
+    loop {
+        tokio::time::sleep(s.recheck.mul_f64(0.8 + fastrand::f64() * 0.4)).await;
+        if remove(client, s, count).await == Removal::Removed {
+            count("removed");
+            tracing::info!(node = %node, taint = %key, "removed the node's startup taint again: it was put back after this agent removed it (a node group's taints?)");
         }
     }
 }
@@ -198,17 +225,20 @@ async fn readyz(probe: SocketAddr) -> bool {
     matches!(tokio::time::timeout(POLL * 10, ask).await, Ok(Some(true)))
 }
 
-/// Remove every taint with `key` from `node` (see the module contract); `count` is told of
-/// each conflict (`conflict`) and each round retried after a failure (`retried`).
-pub async fn remove(client: &KubeClient, node: &str, key: &str, count: &impl Fn(&str)) -> Removal {
+/// Remove every taint with the key from the node (see the module contract), retrying every
+/// failure; `count` is told of each conflict (`conflict`), each failed round (`forbidden`,
+/// `not_found`, `failed`) and each round retried after a failure (`retried`).
+pub async fn remove(client: &KubeClient, s: &TaintSettings, count: &impl Fn(&str)) -> Removal {
+    let node = s.node.as_str();
     if !super::is_dns_subdomain(node) {
-        return Removal::Failed(format!("{node:?} is not a node name"));
+        return Removal::BadName(format!("{node:?} is not a node name"));
     }
     let path = format!("/api/v1/nodes/{node}");
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = Duration::from_secs(1).min(s.max_backoff);
     let mut conflicts = 0;
+    let mut warned: Vec<&'static str> = Vec::new();
     loop {
-        let failed = match round(client, &path, key).await {
+        let (label, failed) = match round(client, &path, &s.key).await {
             Round::Done(removal) => return removal,
             Round::Conflict => {
                 count("conflict");
@@ -218,37 +248,53 @@ pub async fn remove(client: &KubeClient, node: &str, key: &str, count: &impl Fn(
                     tokio::time::sleep(Duration::from_millis(fastrand::u64(10..100))).await;
                     continue;
                 }
-                "the node's taints kept changing under the patch".to_owned()
+                (
+                    "failed",
+                    "the node's taints kept changing under the patch".to_owned(),
+                )
             }
-            Round::Retry(e) => e.to_string(),
+            Round::Failed(e) => (failure_label(&e), e.to_string()),
         };
         conflicts = 0;
+        count(label);
         count("retried");
-        tracing::debug!(node, error = %failed, retry_in_ms = backoff.as_millis() as u64,
-            "cannot remove the node's startup taint yet; retrying");
+        let retry_in_s = backoff.as_secs();
+        if warned.contains(&label) {
+            tracing::debug!(node, error = %failed, retry_in_s, "cannot remove the node's startup taint yet; retrying");
+        } else {
+            warned.push(label);
+            let why = match label {
+                "forbidden" => "the API server forbids the agent to get or patch its node (grant nodes get and patch; the admission policy must allow its own node); the startup taint stays until it may, retrying",
+                "not_found" => "no node has this --node-name; the startup taint stays, retrying",
+                _ => "cannot remove the node's startup taint yet; retrying",
+            };
+            tracing::warn!(node, taint = %s.key, error = %failed, retry_in_s, "{why}");
+        }
         tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64() * 0.5)).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        backoff = (backoff * 2).min(s.max_backoff);
+    }
+}
+
+/// How a failed round is counted.
+fn failure_label(e: &KubeError) -> &'static str {
+    match e {
+        KubeError::Forbidden(_) => "forbidden",
+        KubeError::Status(404) => "not_found",
+        _ => "failed",
     }
 }
 
 enum Round {
     Done(Removal),
     Conflict,
-    Retry(KubeError),
+    Failed(KubeError),
 }
 
 /// One read and, if needed, one patch.
 async fn round(client: &KubeClient, path: &str, key: &str) -> Round {
     let settle = |e: KubeError| match e {
-        KubeError::Forbidden(_) => Round::Done(Removal::Forbidden),
-        KubeError::Status(404) => Round::Done(Removal::NoSuchNode),
         KubeError::Status(409 | 422) => Round::Conflict,
-        KubeError::Status(s) if s == 429 || s >= 500 => Round::Retry(e),
-        KubeError::Status(s) => {
-            Round::Done(Removal::Failed(format!("the API server answered HTTP {s}")))
-        }
-        // The token file may appear (a projected volume being written), the server come back.
-        KubeError::Unreachable(_) | KubeError::Token(_) => Round::Retry(e),
+        e => Round::Failed(e),
     };
     let node = match client.get(path).await {
         Ok(body) => body,
@@ -257,7 +303,8 @@ async fn round(client: &KubeClient, path: &str, key: &str) -> Round {
     let patch = match patch_removing(&node, key) {
         Ok(Some(patch)) => patch,
         Ok(None) => return Round::Done(Removal::Absent),
-        Err(why) => return Round::Done(Removal::Failed(why)),
+        // Not a Node (a proxy's page?): retried like any failure.
+        Err(why) => return Round::Failed(KubeError::Unreachable(why)),
     };
     match client
         .patch(path, "application/json-patch+json", patch)

@@ -22,7 +22,7 @@ use crate::error::Error;
 use crate::kube::events::Events;
 use crate::metrics::Metrics;
 use crate::request::{self, AllowedHosts};
-use crate::token::{Token, TokenError, TokenHash};
+use crate::token::{PodIdentity, Token, TokenError, TokenHash};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
@@ -82,7 +82,7 @@ fn local_reason(e: &CacheError) -> Option<Reason> {
         CacheError::Denied(Denial::Busy {
             scope: Scope::Node, ..
         }) => Some(Reason::NodeBudget),
-        CacheError::Exchange(_) | CacheError::ShuttingDown => None,
+        CacheError::Exchange(..) | CacheError::ShuttingDown => None,
     }
 }
 
@@ -94,6 +94,8 @@ struct Refused {
     /// The token of a request refused for its time, read again for an Event only (the audit
     /// line of such a refusal names no token).
     expired: Option<Token>,
+    /// Who the token is, if the request's flight verified it before EKS Auth refused it.
+    pod: Option<Arc<PodIdentity>>,
 }
 
 impl CredentialHandler {
@@ -115,6 +117,7 @@ impl CredentialHandler {
                     error,
                     decided: Decided::Locally,
                     expired,
+                    pod: None,
                 })
             }
         };
@@ -135,9 +138,9 @@ impl CredentialHandler {
         pace: &Pace,
     ) -> Refused {
         let reason = local_reason(&e);
-        let decided = match e {
-            CacheError::Exchange(_) => Decided::EksAuth,
-            _ => Decided::Locally,
+        let (decided, pod) = match &e {
+            CacheError::Exchange(_, pod) => (Decided::EksAuth, pod.clone()),
+            _ => (Decided::Locally, None),
         };
         let error = Error::from(e);
         if let Some(reason) = reason {
@@ -156,6 +159,7 @@ impl CredentialHandler {
             error,
             decided,
             expired: None,
+            pod,
         }
     }
 
@@ -239,7 +243,7 @@ impl CredentialHandler {
                 );
             }
             if let Some(events) = &self.events {
-                events.refused(r.token.as_ref().or(r.expired.as_ref()), e);
+                events.refused(r.token.as_ref().or(r.expired.as_ref()), r.pod.as_ref(), e);
             }
         }
         m.http_response

@@ -4,7 +4,10 @@
 //! bind failure means), starts serving, and returns the addresses actually bound, so callers
 //! (the binary, tests, benchmarks) can use port 0. Everything it starts (listeners, their
 //! connections, the cache's scheduler and exchanges, the verifier's fetches, the Events task, the memory task,
-//! the re-reading of the node's addresses) is owned by the returned [`RunningServer`].
+//! the re-reading of the node's addresses) is owned by the returned [`RunningServer`]. It builds
+//! the agent's one Kubernetes API client ([`crate::kube`]) when `kube` is set: key fetches and
+//! Events use it, and [`RunningServer::kube`] hands it to the startup taint, so the agent has
+//! one connection pool, one token cache and one "refuses the agent" warning.
 //! [`RunningServer::shutdown`] stops accepting on every listener at once, stops refreshing and
 //! fetching keys, and lets in-flight requests and exchanges finish within the grace period.
 //! Past it, it ends the exchanges still running (the requests waiting on them answer
@@ -22,6 +25,7 @@ use crate::admission::{Admission, AdmissionSettings};
 use crate::cache::{CacheSettings, CredentialCache};
 use crate::client::{Clients, NODE_ADDRESSES_EVERY};
 use crate::eks_auth::CredentialSource;
+use crate::kube::KubeClient;
 use crate::metrics::Metrics;
 use crate::request::AllowedHosts;
 use crate::verify::keys::Stored;
@@ -62,6 +66,9 @@ pub struct ServerSettings {
     pub connections: ConnectionLimits,
     /// `--events`: refusals reported as Kubernetes Events; `None`: off.
     pub events: Option<crate::kube::events::EventSettings>,
+    /// The API server, when something asks it (api-server key fetches, Events, the startup
+    /// taint): the one client the server builds from it serves them all.
+    pub kube: Option<crate::kube::KubeSettings>,
 }
 
 /// The probes have a pool of their own, so neither a flood on the credential listeners nor a
@@ -95,6 +102,8 @@ pub struct Preload {
 pub struct Prepared {
     pub cache: CredentialCache,
     pub verifier: Option<Arc<Verifier>>,
+    /// The agent's one Kubernetes API client, when configured and buildable.
+    pub kube: Option<Arc<KubeClient>>,
     /// Where credentials will be served; the actual ports when 0 was asked for.
     pub credential_addrs: Vec<SocketAddr>,
     metrics: Arc<Metrics>,
@@ -124,6 +133,8 @@ pub struct RunningServer {
     pub cache: CredentialCache,
     /// The verifier, when verification is on: its keys go to a successor.
     pub verifier: Option<Arc<Verifier>>,
+    /// The agent's one Kubernetes API client (key fetches, Events; the startup taint's too).
+    pub kube: Option<Arc<KubeClient>>,
     pub metrics: Arc<Metrics>,
     /// Cancelled to stop accepting on every listener (and the background tasks).
     stop: CancellationToken,
@@ -179,17 +190,19 @@ impl Server {
         )?;
         let stop = CancellationToken::new();
         let connections = Connections::default();
-        let verifier = start_verifier(settings, &metrics, keys, &connections, &stop);
-        let events = settings.events.as_ref().and_then(|e| {
-            crate::kube::events::Events::start(
+        let kube = kube_client(settings, &metrics);
+        let verifier = start_verifier(settings, &metrics, kube.as_ref(), keys, &connections, &stop);
+        let events = match (&settings.events, &kube) {
+            (Some(e), Some(client)) => Some(crate::kube::events::Events::start(
                 e,
+                client.clone(),
                 verifier.clone(),
                 Some(metrics.events.clone()),
-                Some(metrics.kube_requests.clone()),
                 connections.tracker(),
                 stop.clone(),
-            )
-        });
+            )),
+            _ => None,
+        };
         let bound_ips: Vec<IpAddr> = creds.iter().map(|b| b.addr.ip()).collect();
         let clients = Arc::new(Clients::new(&bound_ips, settings.client_ipv6_prefix));
         let admission = Arc::new(Admission::new(
@@ -205,6 +218,10 @@ impl Server {
             settings.leeway,
             metrics.clone(),
         );
+        if let Some(events) = &events {
+            let events = events.clone();
+            cache.on_node_refused(Arc::new(move |e| events.node_refused(e)));
+        }
         let handler = Arc::new(CredentialHandler {
             cache: cache.clone(),
             hosts: AllowedHosts::new(&bound_ips),
@@ -219,6 +236,7 @@ impl Server {
         Ok(Prepared {
             cache,
             verifier,
+            kube,
             credential_addrs: creds.iter().map(|b| b.addr).collect(),
             metrics,
             creds,
@@ -236,10 +254,24 @@ impl Server {
     }
 }
 
+/// The agent's one Kubernetes API client, if the API server is configured; one that cannot be
+/// built (a CA that cannot be read) is logged, and what needs it is off: pods are still served.
+fn kube_client(settings: &ServerSettings, metrics: &Metrics) -> Option<Arc<KubeClient>> {
+    let k = settings.kube.as_ref()?;
+    match KubeClient::new(k.clone(), Some(metrics.kube_requests.clone())) {
+        Ok(client) => Some(Arc::new(client)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot reach the Kubernetes API server: api-server token verification, Events and the startup taint are off");
+            None
+        }
+    }
+}
+
 /// Local verification, when configured and buildable; its fetches run on the server's tracker.
 fn start_verifier(
     settings: &ServerSettings,
     metrics: &Arc<Metrics>,
+    kube: Option<&Arc<KubeClient>>,
     keys: Option<Stored>,
     connections: &Connections,
     stop: &CancellationToken,
@@ -247,7 +279,7 @@ fn start_verifier(
     let v = settings.verification.as_ref()?;
     // A source that cannot even be built (no service-account token or CA mounted) is the
     // operator's to fix, loudly; pods are served meanwhile, as without verification.
-    let source = match v.keys.source(Some(metrics.kube_requests.clone())) {
+    let source = match v.keys.source(kube) {
         Ok(source) => source,
         Err(e) => {
             tracing::error!(error = %e, "token verification is configured but cannot run; tokens go to EKS Auth unverified");
@@ -274,6 +306,7 @@ impl Prepared {
         let Prepared {
             cache,
             verifier,
+            kube,
             credential_addrs,
             metrics,
             creds,
@@ -356,6 +389,7 @@ impl Prepared {
             metrics_addr,
             cache,
             verifier,
+            kube,
             metrics,
             stop,
             connections,

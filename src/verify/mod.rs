@@ -61,8 +61,8 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 /// Where the keys come from, as configured.
 #[derive(Debug, Clone)]
 pub enum KeysFrom {
-    /// The API server (in-cluster configuration, or overrides).
-    ApiServer(crate::kube::KubeSettings),
+    /// The API server, through the agent's one client ([`crate::kube`]).
+    ApiServer,
     /// An issuer's discovery document.
     Issuer {
         issuer: String,
@@ -71,15 +71,12 @@ pub enum KeysFrom {
 }
 
 impl KeysFrom {
-    /// The source these settings name; `kube_calls` counts the API server's answers.
-    pub fn source(
-        &self,
-        kube_calls: Option<prometheus::IntCounterVec>,
-    ) -> Result<KeySource, String> {
+    /// The source these settings name; the API server's through `kube`, the agent's client.
+    pub fn source(&self, kube: Option<&Arc<crate::kube::KubeClient>>) -> Result<KeySource, String> {
         match self {
-            KeysFrom::ApiServer(k) => Ok(KeySource::ApiServer(Arc::new(
-                crate::kube::KubeClient::new(k.clone(), kube_calls)?,
-            ))),
+            KeysFrom::ApiServer => kube
+                .map(|k| KeySource::ApiServer(k.clone()))
+                .ok_or_else(|| "no Kubernetes API client (see the error above)".to_owned()),
             KeysFrom::Issuer {
                 issuer,
                 discovery_url,
@@ -458,6 +455,16 @@ impl Verifier {
             }
         }
         verdict
+    }
+
+    /// Whether a key held now is the one `token` names: only then can [`Verifier::identify_held`]
+    /// verify it. Reads the token's header, checks no signature: a made-up `kid` costs nothing.
+    pub fn holds_key_for(&self, token: &Token) -> bool {
+        let Ok(jws) = Jws::parse(token.raw()) else {
+            return false;
+        };
+        self.keys()
+            .is_some_and(|k| k.knows(jws.header.kid.as_deref(), SystemTime::now()))
     }
 
     /// Who `token` speaks for, if the keys held now verify it: no fetch, no count, no warning.

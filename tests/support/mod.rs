@@ -99,6 +99,7 @@ pub fn settings() -> ServerSettings {
             ..ConnectionLimits::default()
         },
         events: None,
+        kube: None,
     }
 }
 
@@ -338,20 +339,31 @@ pub fn verify_with_issuer(
     }
 }
 
-/// Local verification against a (fake) API server at `url`, with a token file of its own.
-pub fn verify_with_api_server(
+/// The (fake) API server at `url`, with a token file of its own: plain http, a 2 s timeout.
+pub fn kube_settings(
     url: &str,
     token_file: &std::path::Path,
-) -> pod_identity_agent::verify::VerificationSettings {
-    use pod_identity_agent::verify::{KeysFrom, VerificationSettings, VerifySettings};
+) -> pod_identity_agent::kube::KubeSettings {
     let mut kube = pod_identity_agent::kube::KubeSettings::new(url.to_owned());
     kube.token_file = token_file.to_owned();
     kube.ca_file = None;
     kube.timeout = Duration::from_secs(2);
-    VerificationSettings {
-        keys: KeysFrom::ApiServer(kube),
+    kube
+}
+
+/// Local verification against a (fake) API server at `url` ([`kube_settings`]), set on `s`; the
+/// verification settings, to adjust.
+pub fn verify_with_api_server<'a>(
+    s: &'a mut ServerSettings,
+    url: &str,
+    token_file: &std::path::Path,
+) -> &'a mut pod_identity_agent::verify::VerificationSettings {
+    use pod_identity_agent::verify::{KeysFrom, VerificationSettings, VerifySettings};
+    s.kube = Some(kube_settings(url, token_file));
+    s.verification.insert(VerificationSettings {
+        keys: KeysFrom::ApiServer,
         verify: VerifySettings::default(),
-    }
+    })
 }
 
 /// The `kubernetes.io.namespace` claim of a JWT.

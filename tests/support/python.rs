@@ -20,7 +20,7 @@ pub fn python_with(modules: &[&str]) -> Option<&'static str> {
         std::env::var("PIA_REQUIRE_SDKS").as_deref() != Ok("1"),
         "{modules:?} required (PIA_REQUIRE_SDKS=1) but not importable"
     );
-    eprintln!("SKIPPED: python3 cannot import {modules:?} (pip install boto3 'moto[server]')");
+    eprintln!("SKIPPED: python3 cannot import {modules:?} (pip install them, as .ci/run does)");
     None
 }
 

@@ -1,0 +1,104 @@
+//! What a refusal means, in plain words: the one table `diagnose` prints after an agent's answer
+//! and the agent's Events carry ([`crate::kube::events`]), so the two never disagree.
+//!
+//! Contract: [`explain`] gives every code the agent answers with (its own and EKS Auth's) its
+//! own sentence, and a catch-all for a code it does not know. A code whose meaning depends on
+//! whose fault it is (`AccessDeniedException`: the node's permission to call EKS Auth, or the
+//! association's role refusing the pod) is told from `side` when the caller knows it (an Event
+//! on a pod is the pod's side only, one on the Node the node's); without it (`diagnose`, inside
+//! the pod, sees only the code) both causes are named, each in the words its side gets alone.
+//! A 403 is always the node's own credentials. No sentence names an account, a role or a token.
+
+use crate::eks_auth::Fault;
+
+/// The node's side of `AccessDeniedException`.
+macro_rules! node_may_not_call {
+    () => {
+        "the node's IAM role may not call eks-auth:AssumeRoleForPodIdentity (add the AmazonEKSWorkerNodePolicy)."
+    };
+}
+
+/// The pod's side of `AccessDeniedException`: its association's role.
+macro_rules! role_does_not_trust {
+    () => {
+        "the association's role does not trust pods.eks.amazonaws.com with sts:AssumeRole and sts:TagSession (fix the role's trust policy)."
+    };
+}
+
+/// A refusal in plain words, as `diagnose` prints it after the status and as the agent's Event
+/// says it: `<code>: <what it means>`.
+pub fn explained(code: &str, status: u16, side: Option<Fault>) -> String {
+    format!("{code}: {}", explain(code, status, side))
+}
+
+/// What an agent error, by code and status (and whose fault it is, if known), means for the
+/// person reading it.
+pub fn explain(code: &str, status: u16, side: Option<Fault>) -> &'static str {
+    if status == 403 && !matches!(code, "HostNotAllowed") {
+        // EKS Auth's 403s are about the request's signature: the node's keys, not the pod.
+        return "EKS Auth refused the node's own credentials, not the pod's: the node's instance profile or hybrid credentials are wrong or expired, or its clock is off. Every new pod on this node is affected; tell the cluster's operators.";
+    }
+    match code {
+        "MissingToken" => "the request carried no token: the SDK did not read the token file (is it too old to support AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE?).",
+        "InvalidToken" => "the token is not a well-formed service-account token, or it failed the agent's own signature check (--token-issuer).",
+        "ExpiredToken" => "the token has expired: the kubelet is not renewing the projected token, or the file is a stale copy.",
+        "TokenNotYetValid" => "the token is not valid yet: the node's clock and the cluster's disagree.",
+        "HostNotAllowed" => "the request named a host the agent does not serve: use the IP address exactly as in AWS_CONTAINER_CREDENTIALS_FULL_URI.",
+        "NotFound" => "the URI's path is wrong: credentials are served at /v1/credentials.",
+        "MethodNotAllowed" => "only GET is answered.",
+        "TooManyConnections" => "this pod (its IP address) holds too many open connections to the agent; something in it leaks connections.",
+        "ExchangeRateExceeded" => "this pod asked for new credentials too often (many distinct tokens): the agent limits new exchanges per pod; retry after the Retry-After seconds. Cached credentials are never limited.",
+        "ExchangeCapacityExceeded" => "the node as a whole is at its limit of new exchanges (many pods starting at once); retry shortly.",
+        "ShuttingDown" => "the agent is restarting; retry.",
+        "EksAuthUnavailable" => "the agent cannot reach EKS Auth (eks-auth.<region>.api.aws): check the node's egress, DNS and proxy settings.",
+        "EksAuthInvalidResponse" => "EKS Auth answered with something that is not credentials; retry, and report it if it persists.",
+        "InternalError" => "the agent failed internally; its logs say why. Please report it.",
+        "AccessDeniedException" => match side {
+            Some(Fault::Node) => node_may_not_call!(),
+            Some(Fault::Token) => role_does_not_trust!(),
+            _ => concat!("one of two: ", node_may_not_call!(), " Or: ", role_does_not_trust!()),
+        },
+        "InvalidTokenException" => "EKS Auth rejected the token: it was not issued by this cluster's API server (wrong cluster name in the agent, or a token copied from elsewhere).",
+        "ExpiredTokenException" => "EKS Auth says the token has expired: the kubelet is not renewing it, or the node's clock is wrong.",
+        "ResourceNotFoundException" => "there is no Pod Identity association for this namespace and service account in this cluster (aws eks list-pod-identity-associations --cluster-name …), or the agent's --cluster-name is wrong.",
+        "InvalidParameterException" | "InvalidRequestException" => "EKS Auth refused the request as malformed: check the agent's --cluster-name and version.",
+        "UnrecognizedClientException" | "InvalidSignatureException" => "EKS Auth refused the node's own credentials (not the pod's): the node's instance profile or hybrid credentials are wrong or expired.",
+        "ThrottlingException" => "EKS Auth is throttling this account: too many exchanges cluster-wide; the SDK will retry.",
+        "InternalServerException" | "ServiceUnavailableException" => "EKS Auth failed; retry. Cached credentials keep being served meanwhile.",
+        "UnknownError" => "something between the node and EKS Auth (a proxy or gateway) answered instead of EKS Auth: check the node's HTTPS_PROXY and NO_PROXY.",
+        _ => "an error this version of diagnose does not know; the agent's message below says more.",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each side of a refusal that can be either names only its own cause; not knowing the side
+    /// names both, in the same words.
+    #[test]
+    fn access_denied_names_only_the_side_it_is_on() {
+        let code = "AccessDeniedException";
+        let node = explain(code, 400, Some(Fault::Node));
+        let pod = explain(code, 400, Some(Fault::Token));
+        let either = explain(code, 400, None);
+        assert!(
+            node.contains("node's IAM role") && !node.contains("trust"),
+            "{node}"
+        );
+        assert!(
+            pod.contains("trust policy") && !pod.contains("node"),
+            "{pod}"
+        );
+        assert!(either.contains(node) && either.contains(pod), "{either}");
+        // Codes with one meaning do not depend on the side.
+        for side in [None, Some(Fault::Node), Some(Fault::Token)] {
+            assert_eq!(
+                explain("ResourceNotFoundException", 400, side),
+                explain("ResourceNotFoundException", 400, None)
+            );
+        }
+        // A 403 is the node's credentials whatever the code.
+        assert!(explain(code, 403, Some(Fault::Token)).contains("node's own credentials"));
+    }
+}
