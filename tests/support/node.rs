@@ -46,9 +46,22 @@ impl Node {
     }
 
     pub fn agent(&self, handover_dir: &str, extra: &[&str]) -> Spawned {
+        self.agent_with_metrics_at(handover_dir, "127.0.0.1", extra)
+    }
+
+    /// [`Node::agent`] with its metrics listener on `metrics_ip` (same port).
+    pub fn agent_with_metrics_at(
+        &self,
+        handover_dir: &str,
+        metrics_ip: &str,
+        extra: &[&str],
+    ) -> Spawned {
         let endpoint = self.fake.endpoint();
         let [p, probe, metrics] = self.ports.map(|p| p.to_string());
         let mut args = loopback_server(CLUSTER, [&p, &probe, &metrics]);
+        if let Some(at) = args.iter().position(|a| *a == "--metrics-address") {
+            args[at + 1] = metrics_ip;
+        }
         // Pods are played by loopback addresses, which the agent counts as one client (the
         // host): budgets for them are not what these tests are about.
         args.extend([
