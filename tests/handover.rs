@@ -12,89 +12,10 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::node::{logged, Node};
+use support::node::{logged, Load, Node};
 use support::*;
-
-/// How long a pod's request may take before it counts as failed (nobody accepting leaves it
-/// in the listen backlog, unanswered).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Requests on fresh connections, round-robin over `tokens`, until stopped; counts outcomes.
-struct Load {
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
-}
-
-impl Load {
-    fn start(addr: SocketAddr, tokens: Arc<Vec<String>>, workers: usize) -> Load {
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..workers)
-            .map(|w| {
-                let (ok, failed, stop, tokens) = (
-                    Arc::clone(&ok),
-                    Arc::clone(&failed),
-                    stop.clone(),
-                    tokens.clone(),
-                );
-                tokio::spawn(async move {
-                    let mut errors = Vec::new();
-                    let mut i = w;
-                    while !stop.load(Ordering::Relaxed) {
-                        let t = &tokens[i % tokens.len()];
-                        i += workers;
-                        let asked = tokio::time::timeout(
-                            REQUEST_TIMEOUT,
-                            get_result(addr, "/v1/credentials", &[("authorization", t)]),
-                        )
-                        .await
-                        .unwrap_or_else(|_| Err("no answer in time".into()));
-                        match asked {
-                            Ok(r) if r.status == 200 => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(r) => {
-                                failed.fetch_add(1, Ordering::Relaxed);
-                                errors.push(format!("{}: {}", r.status, r.text()));
-                            }
-                            Err(e) => {
-                                failed.fetch_add(1, Ordering::Relaxed);
-                                errors.push(e);
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    errors
-                })
-            })
-            .collect();
-        Load {
-            ok,
-            failed,
-            stop,
-            tasks,
-        }
-    }
-
-    async fn stop(self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut errors = Vec::new();
-        for t in self.tasks {
-            errors.extend(t.await.unwrap_or_default());
-        }
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            errors,
-        )
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_agent_takes_over_without_a_failed_request_or_an_exchange() {
