@@ -101,7 +101,8 @@ pub async fn run(
             break;
         }
         // The successor this agent retired for failed or went: nobody else may be accepting.
-        handover.stop().await;
+        // The handover socket stays open and named, for the offer below.
+        let named = handover.stop_keeping_socket().await;
         let resumed = running
             .resume(&settings.server, source.clone(), metrics.clone())
             .await;
@@ -114,7 +115,7 @@ pub async fn run(
         };
         running = again;
         retired.push(old);
-        handover = Handover::offer(&settings, &running, metrics.clone());
+        handover = Handover::offer(&settings, &running, metrics.clone(), named);
     }
     // A predecessor still there serves again at once, while this agent drains.
     drop(link);
@@ -181,7 +182,7 @@ async fn start(
                 link = Some(l);
             }
         }
-        let handover = Handover::offer(settings, &running, metrics);
+        let handover = Handover::offer(settings, &running, metrics, None);
         return Ok((running, handover, link));
     }
     let running = Server::start(server, source, metrics)
@@ -275,6 +276,12 @@ fn uncovered(
         .collect()
 }
 
+/// The socket an agent that serves again offers itself on (see [`Handover::stop_keeping_socket`]).
+#[cfg(target_os = "linux")]
+type Named = Option<crate::handover::rendezvous::Published>;
+#[cfg(not(target_os = "linux"))]
+type Named = ();
+
 /// This agent's side as a predecessor, when handover is on.
 enum Handover {
     Off,
@@ -283,8 +290,13 @@ enum Handover {
 }
 
 impl Handover {
-    /// Offer this agent to a successor, when handover is on.
-    fn offer(settings: &AgentSettings, running: &RunningServer, metrics: Arc<Metrics>) -> Handover {
+    /// Offer this agent to a successor, when handover is on (on `named`, if given).
+    fn offer(
+        settings: &AgentSettings,
+        running: &RunningServer,
+        metrics: Arc<Metrics>,
+        named: Named,
+    ) -> Handover {
         #[cfg(target_os = "linux")]
         if let Some(h) = &settings.handover {
             let offer = crate::handover::Offer {
@@ -293,7 +305,7 @@ impl Handover {
                 verifier: running.verifier.clone(),
                 retire: Arc::new(running.retirer()),
             };
-            return match crate::handover::Predecessor::listen(h, offer, metrics) {
+            return match crate::handover::Predecessor::listen(h, offer, metrics, named) {
                 Ok(p) => Handover::On(p, h.wait),
                 Err(e) => {
                     tracing::warn!(error = %e, "handover unavailable: the next agent will bind fresh after this one stops");
@@ -301,8 +313,21 @@ impl Handover {
                 }
             };
         }
-        let _ = (settings, running, metrics);
+        let _ = (settings, running, metrics, named);
         Handover::Off
+    }
+
+    /// Stop, keeping the handover socket open and named for the next [`Handover::offer`] of an
+    /// agent that serves again.
+    async fn stop_keeping_socket(self) -> Named {
+        match self {
+            #[cfg(target_os = "linux")]
+            Handover::On(p, _) => p.stop_keeping_socket().await,
+            #[cfg(target_os = "linux")]
+            Handover::Off => None,
+            #[cfg(not(target_os = "linux"))]
+            Handover::Off => (),
+        }
     }
 
     async fn lost(&self) {

@@ -3,12 +3,14 @@
 //! user that connects, so that no one peer holds up another; the first to commit gets the cache.
 //!
 //! Contract: a peer of another user is closed at accept, before a byte is read (counted
-//! `stranger`); at most [`MAX_PEERS`] peers are served at once (more are closed at accept); each
-//! peer is bounded by deadlines (its `Hello` within one handover timeout, in frames of at most
-//! [`wire::MAX_UNCOMMITTED_FRAME`] bytes; `Taken` within six). After handing over, the thread
-//! keeps the connection to its successor open: when the successor goes (it stopped, crashed or
-//! gave up on the last entries), or the handover fails after this agent retired, [`Predecessor::lost`]
-//! resolves so that the agent serves again on the sockets it still holds. While serving, the
+//! `stranger`); at most [`MAX_PEERS`] peers are served at once (more wait in the socket's queue
+//! until one is done); each peer is bounded by deadlines (its `Hello` within one handover
+//! timeout, in frames of at most [`wire::MAX_UNCOMMITTED_FRAME`] bytes; `Taken` within six).
+//! After handing over, the thread keeps the connection to its successor open: when the
+//! successor goes (it stopped, crashed or gave up on the last entries), or the handover fails
+//! after this agent retired, [`Predecessor::lost`] resolves so that the agent serves again on
+//! the sockets it still holds; until then nobody is accepted, and the socket stays open and
+//! named ([`Predecessor::stop_keeping_socket`]) for the agent's next offer. While serving, the
 //! thread checks every second that the name file names a live socket, and names its own if not
 //! (a successor that failed and left its name, a deleted file).
 //!
@@ -23,9 +25,10 @@ use crate::metrics::Metrics;
 use crate::server::listener::Role;
 use crate::verify::Verifier;
 use futures_util::future::BoxFuture;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,6 +38,8 @@ use tokio::sync::watch;
 const MAX_PEERS: usize = 4;
 /// How often the listening thread looks at the name file.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
+/// How often it looks for a free place, when [`MAX_PEERS`] are being served.
+const PLACE_FREE_EVERY: Duration = Duration::from_millis(50);
 /// At most one log line per this long about peers of another user.
 const STRANGER_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -127,23 +132,35 @@ pub struct Predecessor {
     handed_over: watch::Receiver<bool>,
     lost: watch::Receiver<bool>,
     /// Shared with the thread, so its descriptor stays this listener's until both are done.
-    listener: Arc<std::os::unix::net::UnixListener>,
+    listener: Arc<UnixListener>,
+    /// A byte written here wakes the thread's poll (to stop).
+    waker: UnixStream,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Predecessor {
-    /// Listen on a fresh abstract socket and name it in the handover directory.
+    /// Listen on `named` (what [`Predecessor::stop_keeping_socket`] returned), or else on a
+    /// fresh abstract socket, named in the handover directory now.
     pub fn listen(
         settings: &HandoverSettings,
         offer: Offer,
         metrics: Arc<Metrics>,
+        named: Option<Published>,
     ) -> Result<Predecessor, HandoverError> {
-        prepare_dir(&settings.dir)?;
-        let published = Published::listen()?;
+        let published = match named {
+            Some(p) => p,
+            None => {
+                prepare_dir(&settings.dir)?;
+                let p = Published::listen()?;
+                p.publish(&settings.dir)?;
+                p
+            }
+        };
         published.listener.set_nonblocking(true)?;
-        published.publish(&settings.dir)?;
         let Published { listener, name } = published;
         let listener = Arc::new(listener);
+        let (waker, woken) = UnixStream::pair()?;
+        woken.set_nonblocking(true)?;
         let (handed_tx, handed_over) = watch::channel(false);
         let (lost_tx, lost) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -161,12 +178,13 @@ impl Predecessor {
         let (s, l) = (shared.clone(), listener.clone());
         let thread = std::thread::Builder::new()
             .name("handover".into())
-            .spawn(move || accept_loop(&s, &l))?;
+            .spawn(move || accept_loop(&s, &l, &woken))?;
         Ok(Predecessor {
             shared,
             handed_over,
             lost,
             listener,
+            waker,
             thread: Some(thread),
         })
     }
@@ -197,32 +215,51 @@ impl Predecessor {
     }
 
     /// Stop listening, end every peer's connection and join the threads.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        drop(self.stop_keeping_socket().await);
+    }
+
+    /// [`Predecessor::stop`], but keep the socket open and named, for the next
+    /// [`Predecessor::listen`] of an agent that serves again ([`Predecessor::lost`]): a successor
+    /// that connects meanwhile waits in its queue, instead of finding a name that is gone and
+    /// waiting for the ports this agent holds. `None` if the thread could not be joined.
+    pub async fn stop_keeping_socket(mut self) -> Option<Published> {
         self.shared.stopping.store(true, Ordering::Relaxed);
-        // SAFETY: shutdown on a descriptor this value keeps open (the `Arc` above); it only
-        // wakes the thread's poll.
-        unsafe {
-            libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR);
-        }
+        let _ = (&self.waker).write_all(&[1]);
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
+        let listener = Arc::try_unwrap(self.listener).ok()?;
+        Some(Published {
+            listener,
+            name: self.shared.name.clone(),
+        })
     }
 }
 
-/// Wait up to `timeout` for a connection on `listener`; whether one may be there.
-fn readable(listener: &std::os::unix::net::UnixListener, timeout: Duration) -> bool {
-    let mut fds = [libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    }];
+/// Wait up to `timeout` for a connection on `listener` (or, with `accept` false, for nothing
+/// but `woken`); whether a connection may be there.
+fn readable(listener: &UnixListener, woken: &UnixStream, accept: bool, timeout: Duration) -> bool {
+    let mut fds = [
+        libc::pollfd {
+            fd: woken.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let n: libc::nfds_t = if accept { 2 } else { 1 };
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd, for a descriptor kept open by the caller.
-    unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) > 0 }
+    // SAFETY: `n` valid pollfds, for descriptors kept open by the caller.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), n, ms) };
+    ready > 0 && fds[1].revents != 0
 }
 
-fn accept_loop(shared: &Arc<Shared>, listener: &std::os::unix::net::UnixListener) {
+fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, woken: &UnixStream) {
     let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
     let mut next_peer = 0u64;
     let mut stranger_logged: Option<Instant> = None;
@@ -236,16 +273,20 @@ fn accept_loop(shared: &Arc<Shared>, listener: &std::os::unix::net::UnixListener
                 keep_named(shared);
             }
         }
-        if !readable(listener, LOOK_EVERY) {
+        // Once lost, nobody is accepted until this agent serves again: a successor queues for
+        // the next listener on this socket, instead of being told this one handed over. With
+        // every peer's place taken, a newcomer queues until one is free (each peer is held to
+        // deadlines), instead of being turned away.
+        let full = threads.len() >= MAX_PEERS;
+        let accepting = !full && shared.phase() != Phase::Lost;
+        let wait = if full { PLACE_FREE_EVERY } else { LOOK_EVERY };
+        if !readable(listener, woken, accepting, wait) || shared.stopping.load(Ordering::Relaxed) {
             continue;
         }
         let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(_) => continue,
         };
-        if shared.stopping.load(Ordering::Relaxed) {
-            break;
-        }
         // Anyone in this namespace can connect to an abstract name: only this user is heard.
         if let Err(e) = rendezvous::check_peer(&stream) {
             shared.count("stranger");
@@ -253,10 +294,6 @@ fn accept_loop(shared: &Arc<Shared>, listener: &std::os::unix::net::UnixListener
                 stranger_logged = Some(Instant::now());
                 tracing::warn!(error = %e, "closed a connection to the handover socket from another user");
             }
-            continue;
-        }
-        if threads.len() >= MAX_PEERS {
-            tracing::warn!("closed a connection to the handover socket: {MAX_PEERS} peers are being served already");
             continue;
         }
         let Ok(handle) = stream.try_clone() else {

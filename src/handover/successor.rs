@@ -152,7 +152,12 @@ fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         pid: std::process::id(),
     })?;
-    let grace = match channel.recv()? {
+    // The predecessor serves a few peers at once; others wait in its queue for a place, which
+    // one that never committed gives up within a handover timeout.
+    channel.set_timeout(settings.timeout * 2);
+    let welcome = channel.recv()?;
+    channel.set_timeout(settings.timeout);
+    let grace = match welcome {
         (Msg::Welcome { protocol, grace_ms }, _)
             if (MIN_PROTOCOL..=PROTOCOL).contains(&protocol) =>
         {
