@@ -82,7 +82,7 @@ async fn a_new_agent_takes_over_without_a_failed_request_or_an_exchange() {
         .expect("name file")
         .expect("named");
     assert!(rendezvous::listening(&named));
-    assert!(rendezvous::connect(&named).is_ok());
+    assert!(rendezvous::connect(&named, Duration::ZERO).is_ok());
     drop(second);
 }
 

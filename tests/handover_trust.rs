@@ -34,7 +34,7 @@ fn connect_to(dir: &str) -> UnixStream {
     let name = rendezvous::read_name(Path::new(dir))
         .expect("name file")
         .expect("named");
-    rendezvous::connect(&name).expect("connect")
+    rendezvous::connect(&name, Duration::ZERO).expect("connect")
 }
 
 /// A peer posing as a successor: says hello, and reads until `Listeners`.
@@ -353,6 +353,39 @@ async fn refusals_the_predecessor_remembers_are_remembered_after_it() {
     drop((first, second));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_planted_for_the_name_wedges_no_agent() {
+    let node = Node::new().await;
+    let dir = node.handover_dir();
+    let mut first = serving_agent(&node, &dir, &[]).await;
+    warm(&node, 2).await;
+    // Root elsewhere with the directory: a FIFO where the name goes, which blocks whoever
+    // opens it to read until someone writes.
+    let file = Path::new(&dir).join(rendezvous::NAME_FILE);
+    std::fs::remove_file(&file).expect("remove");
+    let path = std::ffi::CString::new(file.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    // The serving agent names its socket again, and a new agent takes over as usual.
+    first
+        .stderr
+        .find(|l| {
+            l.contains("named this agent's handover socket again")
+                .then_some(())
+        })
+        .await;
+    let second = node.agent(&dir, &[]);
+    let took = logged(&second, "took over from the previous agent").await;
+    assert_eq!(took["entries"], 2, "{took}");
+    first.sigterm();
+    let status = tokio::time::timeout(Duration::from_secs(10), first.child.wait())
+        .await
+        .expect("it stops")
+        .expect("status");
+    assert!(status.success(), "{}", first.stderr.joined());
+    drop(second);
+}
+
 #[tokio::test]
 async fn a_name_in_a_directory_someone_else_owns_is_not_followed() {
     let node = Node::new().await;
@@ -404,7 +437,7 @@ fn a_relay_in_another_network_namespace_sits_between_no_one() {
         std::fs::rename(dir.join(rendezvous::NAME_FILE), dir.join("agent.name.real"))
             .expect("rename");
         let mut got = Relayed {
-            reached_predecessor: rendezvous::connect(&real).is_ok(),
+            reached_predecessor: rendezvous::connect(&real, Duration::ZERO).is_ok(),
             ..Relayed::default()
         };
         let own = Published::listen().expect("listen in the pod namespace");
@@ -424,7 +457,7 @@ fn a_relay_in_another_network_namespace_sits_between_no_one() {
                 if let Ok((mut s, _)) = l.accept() {
                     got.accepted += 1;
                     // Whatever comes goes to the predecessor, if it can be reached.
-                    got.reached_predecessor |= rendezvous::connect(&real).is_ok();
+                    got.reached_predecessor |= rendezvous::connect(&real, Duration::ZERO).is_ok();
                     s.set_nonblocking(false).expect("blocking");
                     s.set_read_timeout(Some(Duration::from_millis(500)))
                         .expect("timeout");
@@ -524,7 +557,7 @@ fn another_user_in_the_agents_namespace_gets_nothing_and_holds_up_no_one() {
     // Abstract names are listed in /proc/net/unix for anyone: it can find and connect to it.
     let (connected_tx, connected_rx) = std::sync::mpsc::channel();
     let stranger = as_nobody(move || {
-        let mut s = rendezvous::connect(&name).expect("anyone can connect");
+        let mut s = rendezvous::connect(&name, Duration::ZERO).expect("anyone can connect");
         let hello = br#"{"type":"hello","protocol":3,"min_protocol":3,"version":"x","pid":1}"#;
         let _ = s.write_all(&(hello.len() as u32).to_be_bytes());
         let _ = s.write_all(hello);

@@ -127,7 +127,7 @@ fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
             ))
         }
     };
-    let stream = match rendezvous::connect(&name) {
+    let stream = match rendezvous::connect(&name, settings.timeout) {
         Ok(s) => s,
         Err(e)
             if matches!(
@@ -140,6 +140,8 @@ fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
                 "the agent named in the handover directory is gone",
             ))
         }
+        // Its queue stayed full: it does not accept.
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(HandoverError::Timeout),
         Err(e) => return Err(e.into()),
     };
     rendezvous::check_peer(&stream)?;
