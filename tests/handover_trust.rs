@@ -537,15 +537,70 @@ fn as_nobody<T: Send + 'static>(
     })
 }
 
+/// Whether this test can play another user (root only); skipped with a message otherwise,
+/// unless CI requires it.
+fn can_play_another_user() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("PIA_REQUIRE_NETNS").as_deref() != Ok("1"),
+        "needs root"
+    );
+    eprintln!("SKIPPED: needs root to play another user");
+    false
+}
+
+#[test]
+fn a_predecessor_of_another_user_is_sent_nothing() {
+    if !can_play_another_user() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _in = rt.enter();
+    let node = rt.block_on(Node::new());
+    let dir = node.handover_dir();
+    std::fs::create_dir_all(&dir).expect("dir");
+    // Another user in the agent's namespace listens on an abstract name, and the name file
+    // (written by root elsewhere, say) names it.
+    let (named_tx, named_rx) = std::sync::mpsc::channel();
+    let impostor = as_nobody(move || {
+        let p = Published::listen().expect("listen as nobody");
+        named_tx.send(p.name.clone()).expect("send");
+        p.listener.set_nonblocking(true).expect("nonblocking");
+        let until = Instant::now() + Duration::from_secs(3);
+        let (mut accepted, mut got) = (0, Vec::new());
+        while Instant::now() < until {
+            if let Ok((mut s, _)) = p.listener.accept() {
+                accepted += 1;
+                s.set_nonblocking(false).expect("blocking");
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .expect("timeout");
+                let _ = s.read_to_end(&mut got);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (accepted, got)
+    });
+    let name = named_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("named");
+    std::fs::write(Path::new(&dir).join(rendezvous::NAME_FILE), &name).expect("name");
+    let agent = node.agent(&dir, &[]);
+    rt.block_on(logged(&agent, "ready"));
+    let (accepted, got) = impostor.join().expect("impostor");
+    assert_eq!(accepted, 1, "the successor connected");
+    assert!(got.is_empty(), "the impostor was sent {} bytes", got.len());
+    let logs = agent.stderr.joined();
+    assert!(logs.contains("runs as user 65534"), "{logs}");
+    rt.block_on(node.serves());
+    drop(agent);
+}
+
 #[test]
 fn another_user_in_the_agents_namespace_gets_nothing_and_holds_up_no_one() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var("PIA_REQUIRE_NETNS").as_deref() != Ok("1"),
-            "needs root"
-        );
-        eprintln!("SKIPPED: needs root to play another user");
+    if !can_play_another_user() {
         return;
     }
     let rt = tokio::runtime::Runtime::new().expect("runtime");
