@@ -121,6 +121,35 @@ async fn a_stale_name_does_not_stop_a_new_agent() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_file_that_names_no_handover_socket_is_bound_around() {
+    let node = Node::new().await;
+    let dir = node.handover_dir();
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = Path::new(&dir).join(rendezvous::NAME_FILE);
+    for garbage in [
+        "/run/containerd/containerd.sock".as_bytes(),
+        b"pod-identity-agent/handover/../../x",
+        &[0xff; 40],
+        &[b'a'; 4096],
+    ] {
+        std::fs::write(&file, garbage).expect("write");
+        let started = Instant::now();
+        let agent = node.agent(&dir, &[]);
+        logged(&agent, "ready").await;
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        let logs = agent.stderr.joined();
+        assert!(logs.contains("did not hand over"), "{logs}");
+        node.serves().await;
+        drop(agent);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_predecessor_that_never_answers_is_given_up_on() {
     let node = Node::new().await;
