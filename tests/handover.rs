@@ -94,15 +94,10 @@ fn fake_predecessor(dir: &str) -> Published {
     p
 }
 
-#[tokio::test]
-async fn a_stale_name_does_not_stop_a_new_agent() {
-    let node = Node::new().await;
-    let dir = node.handover_dir();
-    // An agent that crashed left its name behind, and one of protocol 1 its socket.
-    drop(fake_predecessor(&dir));
-    drop(UnixListener::bind(Path::new(&dir).join("agent.sock")).expect("bind"));
+/// An agent started with `dir` that binds fresh and serves within 3 s.
+async fn serves_at_once(node: &Node, dir: &str) -> support::process::Spawned {
     let started = Instant::now();
-    let agent = node.agent(&dir, &[]);
+    let agent = node.agent(dir, &[]);
     logged(&agent, "ready").await;
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -110,6 +105,17 @@ async fn a_stale_name_does_not_stop_a_new_agent() {
         started.elapsed()
     );
     node.serves().await;
+    agent
+}
+
+#[tokio::test]
+async fn a_stale_name_does_not_stop_a_new_agent() {
+    let node = Node::new().await;
+    let dir = node.handover_dir();
+    // An agent that crashed left its name behind, and one of protocol 1 its socket.
+    drop(fake_predecessor(&dir));
+    drop(UnixListener::bind(Path::new(&dir).join("agent.sock")).expect("bind"));
+    let agent = serves_at_once(&node, &dir).await;
     let logs = agent.stderr.joined();
     assert!(
         !logs.contains("did not hand over") && logs.contains("is gone"),
@@ -134,17 +140,9 @@ async fn a_name_file_that_names_no_handover_socket_is_bound_around() {
         &[b'a'; 4096],
     ] {
         std::fs::write(&file, garbage).expect("write");
-        let started = Instant::now();
-        let agent = node.agent(&dir, &[]);
-        logged(&agent, "ready").await;
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "{:?}",
-            started.elapsed()
-        );
+        let agent = serves_at_once(&node, &dir).await;
         let logs = agent.stderr.joined();
         assert!(logs.contains("did not hand over"), "{logs}");
-        node.serves().await;
         drop(agent);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
