@@ -80,9 +80,11 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 /// `path`'s content if it is a regular file owned by this user of at most `max` bytes;
 /// `Ok(None)` if it does not exist.
 pub fn read_private(path: &Path, max: u64) -> Result<Option<Vec<u8>>, String> {
+    // O_NONBLOCK: a FIFO planted here would otherwise block the open until someone writes to
+    // it (it is refused below, as not a regular file); regular files ignore the flag.
     let f = match std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
     {
         Ok(f) => f,

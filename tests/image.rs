@@ -921,10 +921,10 @@ fn the_image_runs_as_the_daemonset_runs_it_and_upgrades_without_a_gap() {
             .to_string()
     );
     assert_eq!(sec["root"], "ro", "read-only root: {sec:?}");
-    // The agent's handover socket is on the host side of the hostPath.
+    // The agent names its handover socket on the host side of the hostPath.
     assert!(
-        handover.join("agent.sock").exists(),
-        "no socket in the handover directory"
+        handover.join("agent.name").exists(),
+        "no socket named in the handover directory"
     );
 
     // A pod's boto3, through the standard chain, from 169.254.170.23 in the pod namespace.

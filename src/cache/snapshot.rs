@@ -2,10 +2,12 @@
 //!
 //! Contract: [`CredentialCache::export`] lists every valid entry made or renewed at or after a
 //! generation, with the generation to ask from next time, so a delta after a snapshot misses
-//! nothing made in between. [`CredentialCache::import`] installs entries one by one as they
-//! arrive, each checked as if it had just been fetched (the token parses and is within its
-//! time, the credentials are complete and unexpired), with a refresh plan that is consistent with
-//! the credentials (an inconsistent one is computed afresh), and queues their refreshes. An entry
+//! nothing made in between; [`CredentialCache::export_iter`] makes the same list one entry at a
+//! time as it is taken, so a snapshot sent in chunks holds one chunk in memory, never a copy of
+//! the cache. [`CredentialCache::import`] installs entries one by one as they arrive, each
+//! checked as if it had just been fetched (the token parses and is within its time, the
+//! credentials are complete and unexpired), with a refresh plan that is consistent with the
+//! credentials (an inconsistent one is computed afresh), and queues their refreshes. An entry
 //! this cache already has with credentials lasting as long or longer is left alone; nothing is
 //! installed beyond this cache's own capacity. Evictions for a token's fault after a snapshot,
 //! and remembered refusals, go along too, so a successor neither revives what its predecessor
@@ -55,6 +57,15 @@ impl CredentialCache {
     /// Every valid entry of generation `since` or later (0: all), and the generation to ask
     /// from next time.
     pub fn export(&self, since: u64) -> (Vec<Exported>, u64) {
+        let (entries, next) = self.export_iter(since);
+        (entries.collect(), next)
+    }
+
+    /// [`CredentialCache::export`], made one entry at a time as the caller takes them, so a
+    /// snapshot sent in chunks is never all in memory at once. The map's iterator holds no lock
+    /// between entries (it lists one shard's keys at a time), so a caller that stops to send a
+    /// chunk holds up no request.
+    pub fn export_iter(&self, since: u64) -> (impl Iterator<Item = Exported> + '_, u64) {
         // Read before listing: every entry up to it is in the map, and one installed while
         // listing has a later generation, so the next export finds it even if this one did not.
         let next = self.inner.newest_generation() + 1;
@@ -63,7 +74,9 @@ impl CredentialCache {
             .inner
             .entries
             .iter()
-            .filter(|(_, e)| e.generation >= since && now < e.valid_until && !e.is_superseded())
+            .filter(move |(_, e)| {
+                e.generation >= since && now < e.valid_until && !e.is_superseded()
+            })
             .filter_map(|(_, e)| {
                 Some(Exported {
                     token: e.token.raw().to_owned(),
@@ -73,8 +86,7 @@ impl CredentialCache {
                     state: e.carried(),
                     pod: e.pod,
                 })
-            })
-            .collect();
+            });
         (entries, next)
     }
 

@@ -1,64 +1,83 @@
 //! Upgrades and restarts without a gap: a starting agent takes its predecessor's listening
 //! sockets and cached credentials over a Unix socket, instead of binding fresh after it is gone.
 //!
-//! Contract. Every agent, once serving, listens on `<dir>/agent.sock` (`--handover-dir`,
-//! default `/run/pod-identity-agent`; the directory is made mode 0700 and must belong to this
-//! user, and a peer must run as this user too, checked with `SO_PEERCRED`). A starting agent
-//! that finds a live socket there (a *successor*) takes over from the agent behind it (its
-//! *predecessor*), in this order ([`wire`] has the frames, protocol [`wire::PROTOCOL`]):
-//! 1. successor → `Hello` (the protocols it speaks, and a challenge); the predecessor answers
-//!    the challenge ([`proof`]: only a process in the same network namespace can), then sends
-//!    `Prove` with its own challenge, which the successor answers. Nothing is sent to a peer that
-//!    has not proved it shares the namespace; a predecessor with no protocol in common, or one
-//!    that already handed over, answers `Refused`;
-//! 2. predecessor → its verification keys (`Keys`) and its listening sockets (`Listeners`,
-//!    passed with `SCM_RIGHTS`: the same sockets, one accept queue). The successor checks every
-//!    descriptor ([`sockets`]: listening TCP, bound where the message says and where it would
-//!    bind itself, in its namespace) or refuses the whole handover;
+//! Contract. Every agent, once serving, listens on an abstract Unix socket with a fresh random
+//! name and writes that name to `<dir>/agent.name` ([`rendezvous`]; `--handover-dir`, default
+//! `/run/pod-identity-agent`, made mode 0700 and required to belong to this user). Abstract names
+//! exist per network namespace: the predecessor and its successor can only meet in theirs, and a
+//! process elsewhere can be an end of neither side's connection, whatever files it reaches. Both
+//! sides require the other to run as this user (`SO_PEERCRED`; the predecessor closes anyone else
+//! at accept, before reading a byte). A starting agent that finds a live predecessor there (a
+//! *successor*) takes over from it, in this order ([`wire`] has the frames, protocol
+//! [`wire::PROTOCOL`]):
+//! 1. successor → `Hello` (the protocols it speaks); the predecessor answers `Welcome` (the
+//!    protocol agreed, and its shutdown grace), or `Refused` if they have none in common or it
+//!    handed over already;
+//! 2. predecessor → its verification keys (`Keys`, public) and its listening sockets
+//!    (`Listeners`, passed with `SCM_RIGHTS`: the same sockets, one accept queue). The successor
+//!    checks every descriptor ([`sockets`]: listening TCP, bound where the message says and
+//!    where it would bind itself, in its namespace); one that fails is closed, and the successor
+//!    binds that address itself;
 //! 3. the successor builds its server on those sockets, not accepting yet, and says `Taken`;
-//! 4. only now the predecessor sends its cache (`Entries`, in chunks: tokens, credentials,
-//!    refresh plans, backoff state, the pod of a verified token; in memory only, never on disk),
-//!    then `Retiring`, and retires: it stops accepting and refreshing and lets its requests in
-//!    flight finish (within its shutdown grace). The successor imports each chunk as it arrives,
-//!    within its own capacity and a byte cap, and starts accepting at `Retiring`;
+//! 4. only now the predecessor sends its cache (`Entries`, in chunks made as they are sent:
+//!    tokens, credentials, refresh plans, backoff state, the pod of a verified token; in memory
+//!    only, never on disk), then `Retiring`, and retires: it stops accepting and refreshing and
+//!    lets its requests in flight finish (within its shutdown grace). The successor imports each
+//!    chunk as it arrives, within its own capacity and a byte cap, and starts accepting at
+//!    `Retiring`;
 //! 5. the predecessor sends what it exchanged meanwhile (`Entries`), the tokens it evicted for
 //!    their own fault since the snapshot (`Evicted`), the refusals it remembers (`Refusals`) and
-//!    `Done`, then idles until it is terminated. The successor listens on the socket path.
+//!    `Done`; the successor waits for them for its handover timeout plus the longer of the two
+//!    shutdown graces. The successor names its own socket.
 //!
-//! A peer that says `Hello` and never `Taken` gets no token, no credentials and no socket
-//! (counted as `abandoned`). A predecessor whose successor fails after it retired exits at once
-//! (its owned descriptors close, pods see refused connections, which SDKs retry, instead of a
-//! silent queue) so that the kubelet restarts an agent that binds fresh.
+//! Until it is authenticated and has committed, a peer is held to frames of 4 KiB and to
+//! deadlines (its `Hello` within one handover timeout, `Taken` within six); the predecessor
+//! serves a few peers at once, so a slow one does not hold up a successor. A peer that says
+//! `Hello` and never `Taken` gets the public keys and the listening sockets (which, as root in
+//! this namespace, it could bind anyway), and no token or credential (counted `abandoned`).
 //!
-//! Anything else falls back to binding fresh. No socket file, or a stale one (connection
-//! refused): the predecessor is gone, bind as on a first start. A predecessor that does not
-//! answer within the handover timeout, refuses, breaks off, or offers descriptors that fail the
-//! checks: bind fresh, retrying while its ports are still held (with a warning), so the node never
-//! ends up with no listener. An agent that receives SIGTERM before anyone took over keeps serving
-//! for up to `--handover-wait`, in case its successor is on its way.
+//! The connection stays open after `Done` for as long as the successor runs. A predecessor whose
+//! successor fails after it retired, or goes after taking over (it crashed, or stopped first,
+//! as when a restarted old agent took over from the new one), serves again on the sockets it
+//! still holds, with its cache, instead of idling while nobody accepts, and offers itself
+//! again on the same abstract socket (a successor that connects meanwhile waits in its queue,
+//! instead of being refused or finding a name that is gone); a successor that stops
+//! closes the connection before it drains, so its predecessor, if still there, accepts at once.
+//! Both serving one accept queue for a while is harmless. An agent that handed over idles
+//! otherwise until it is terminated.
 //!
-//! Trust boundary: a process that is root (this agent's user), in the host's network namespace,
-//! and can reach the handover directory can take over credential serving, and so read every
-//! pod's token and credentials; root on the node can do that anyway (ptrace, `/proc/<pid>/mem`).
-//! Root in another network namespace (a root container with the directory mounted) cannot.
+//! Anything else binds fresh, retrying while the ports are held (with a warning), so the node
+//! never ends up with no listener and a start is never refused over a port a predecessor is
+//! about to free: no name file, or one that names a socket nobody listens on (the predecessor is
+//! gone; a first start), an invalid or planted one, a predecessor that does not answer in time,
+//! refuses or breaks off. A live pathname `agent.sock` (an agent of protocol 1) means an older
+//! agent holds the ports: it is never sent or asked anything. An agent that receives SIGTERM
+//! before anyone took over keeps serving for up to `--handover-wait`, in case its successor is
+//! on its way. A serving agent names its socket again if the name file goes missing or names an
+//! agent that is gone.
+//!
+//! Trust boundary: a process that is root (this agent's user) in the host's network namespace
+//! can take over credential serving, and so read every pod's token and credentials; root on the
+//! node can do that anyway (ptrace, `/proc/<pid>/mem`). Root in another network namespace (a
+//! root container with the directory mounted) can delete or replace the name file, which only
+//! makes the next start bind fresh, and gets nothing. Another user in the host's namespace can
+//! connect to the abstract socket and is closed at once.
 
 mod convert;
 pub mod predecessor;
-mod proof;
+pub mod rendezvous;
 pub mod sockets;
 pub mod successor;
 pub mod wire;
 
 pub use predecessor::{Offer, Predecessor};
 pub use sockets::Expected;
-pub use successor::{take_over, Offered, Takeover};
+pub use successor::{take_over, Link, Offered, Takeover};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use wire::{Channel, WireError};
+use wire::WireError;
 
-/// The socket's name in the handover directory.
-pub const SOCKET: &str = "agent.sock";
 /// Entries per `Entries` frame (about 3 KB each).
 const CHUNK: usize = 1000;
 /// Bytes of tokens and bodies a successor accepts per entry it can hold (a 16 KiB token at most,
@@ -74,8 +93,8 @@ pub struct HandoverSettings {
     pub timeout: Duration,
     /// `--handover-wait`: after SIGTERM, how long to keep serving for a successor to take over.
     pub wait: Duration,
-    /// The predecessor's shutdown grace: how long its requests in flight may take before the
-    /// delta is sent; the successor waits that long for it.
+    /// This agent's shutdown grace: as a predecessor, how long its requests in flight may take
+    /// before the delta is sent (it tells the successor, which waits at least that long).
     pub grace: Duration,
     /// The sockets this agent would bind: a successor accepts no other.
     pub expected: Expected,
@@ -84,10 +103,6 @@ pub struct HandoverSettings {
 }
 
 impl HandoverSettings {
-    pub fn socket(&self) -> PathBuf {
-        self.dir.join(SOCKET)
-    }
-
     /// The most bytes of cache a successor accepts.
     fn byte_cap(&self) -> usize {
         usize::try_from(self.max_entries)
@@ -107,8 +122,6 @@ pub enum HandoverError {
     Refused(String),
     #[error("the peer runs as user {0}, not this agent's")]
     Stranger(u32),
-    #[error("the peer did not prove it shares this agent's network namespace")]
-    OtherNamespace,
     #[error("unexpected {0} message")]
     Unexpected(&'static str),
     #[error("handover directory {0}: {1}")]
@@ -125,14 +138,4 @@ pub enum HandoverError {
 /// owns (a socket there could be anyone's).
 pub fn prepare_dir(dir: &Path) -> Result<(), HandoverError> {
     crate::files::private_dir(dir).map_err(|e| HandoverError::Directory(dir.to_owned(), e))
-}
-
-fn check_peer(channel: &Channel) -> Result<(), HandoverError> {
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    let peer = channel.peer_uid()?;
-    if peer != me {
-        return Err(HandoverError::Stranger(peer));
-    }
-    Ok(())
 }

@@ -1,23 +1,47 @@
-//! The predecessor's side of a handover (steps in [`super`]): a thread that listens on the
-//! handover socket for as long as the agent serves, and hands over to the first successor that
-//! proves itself and commits.
+//! The predecessor's side of a handover (steps in [`super`]): a thread that listens on this
+//! agent's abstract socket for as long as the agent serves, and a thread for each peer of this
+//! user that connects, so that no one peer holds up another; the first to commit gets the cache.
+//!
+//! Contract: a peer of another user is closed at accept, before a byte is read (counted
+//! `stranger`); at most [`MAX_PEERS`] peers are served at once (more wait in the socket's queue
+//! until one is done); each peer is bounded by deadlines (its `Hello` within one handover
+//! timeout, in frames of at most [`wire::MAX_UNCOMMITTED_FRAME`] bytes; `Taken` within six).
+//! After handing over, the thread keeps the connection to its successor open: when the
+//! successor goes (it stopped, crashed or gave up on the last entries), or the handover fails
+//! after this agent retired, [`Predecessor::lost`] resolves so that the agent serves again on
+//! the sockets it still holds; until then nobody is accepted, and the socket stays open and
+//! named ([`Predecessor::stop_keeping_socket`]) for the agent's next offer. While serving, the
+//! thread checks every second that the name file names a live socket, and names its own if not
+//! (a successor that failed and left its name, a deleted file).
+//!
+//! [`wire::MAX_UNCOMMITTED_FRAME`]: super::wire::MAX_UNCOMMITTED_FRAME
 
 use super::convert::{entry_to_wire, hash_to_wire, refusal_to_wire};
-use super::proof::{self, Issued};
+use super::rendezvous::{self, Published};
 use super::wire::{Channel, Msg, WireListener, MIN_PROTOCOL, PROTOCOL};
-use super::{check_peer, prepare_dir, HandoverError, HandoverSettings, CHUNK};
-use crate::cache::CredentialCache;
+use super::{prepare_dir, HandoverError, HandoverSettings, CHUNK};
+use crate::cache::{CredentialCache, Exported};
 use crate::metrics::Metrics;
 use crate::server::listener::Role;
 use crate::verify::Verifier;
 use futures_util::future::BoxFuture;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+
+/// Peers served at once; a handover needs one.
+const MAX_PEERS: usize = 4;
+/// How often the listening thread looks at the name file.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+/// How often it looks for a free place, when [`MAX_PEERS`] are being served.
+const PLACE_FREE_EVERY: Duration = Duration::from_millis(50);
+/// At most one log line per this long about peers of another user.
+const STRANGER_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// What the predecessor side needs of the running server.
 #[derive(Clone)]
@@ -31,96 +55,136 @@ pub struct Offer {
     pub retire: Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>,
 }
 
-/// Where one handover ended.
+/// Where one peer's handover ended.
 enum Ended {
-    Completed(usize),
-    /// The peer never committed (`Taken`): it got no token, credential or socket.
+    /// Handed over: the connection stays open as the link to the successor.
+    Completed(usize, Channel),
+    /// The peer never committed (`Taken`): it got the keys and the listening sockets, no token
+    /// or credential.
     Abandoned(HandoverError),
     /// Failed before this agent retired: it still serves.
     Failed(HandoverError),
-    /// Failed after this agent retired: it no longer accepts, so it must go.
+    /// Failed after this agent retired: it accepts nothing until it serves again.
     FailedRetired(HandoverError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// A successor said `Taken`: no other may.
+    Committed,
+    HandedOver,
+    /// The successor failed or went after this agent retired: it must serve again.
+    Lost,
+}
+
+/// What the listening thread and the peer threads share.
+struct Shared {
+    settings: HandoverSettings,
+    offer: Offer,
+    metrics: Arc<Metrics>,
+    runtime: tokio::runtime::Handle,
+    name: String,
+    phase: Mutex<Phase>,
+    handed_tx: watch::Sender<bool>,
+    lost_tx: watch::Sender<bool>,
+    /// Set before everything is shut down, so the threads end instead of carrying on.
+    stopping: AtomicBool,
+    /// A handle on each peer's connection, so stopping can end them.
+    peers: Mutex<Vec<(u64, UnixStream)>>,
+}
+
+impl Shared {
+    fn phase(&self) -> Phase {
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+    }
+
+    /// Move from `from` to `to`; whether this call did.
+    fn advance(&self, from: Phase, to: Phase) -> bool {
+        let mut p = self.phase.lock().unwrap_or_else(|p| p.into_inner());
+        if *p != from {
+            return false;
+        }
+        *p = to;
+        true
+    }
+
+    fn count(&self, outcome: &str) {
+        self.metrics
+            .handover
+            .with_label_values(&["predecessor", outcome])
+            .inc();
+    }
+
+    fn lost(&self) {
+        self.set_phase(Phase::Lost);
+        let _ = self.lost_tx.send(true);
+    }
 }
 
 /// The predecessor side: listens for a successor for as long as this agent runs.
 pub struct Predecessor {
+    shared: Arc<Shared>,
     handed_over: watch::Receiver<bool>,
-    failed: watch::Receiver<bool>,
-    /// Set before the listener is shut down, so the thread ends instead of retrying.
-    stopping: Arc<AtomicBool>,
+    lost: watch::Receiver<bool>,
     /// Shared with the thread, so its descriptor stays this listener's until both are done.
     listener: Arc<UnixListener>,
+    /// A byte written here wakes the thread's poll (to stop).
+    waker: UnixStream,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-fn count(metrics: &Metrics, outcome: &str) {
-    metrics
-        .handover
-        .with_label_values(&["predecessor", outcome])
-        .inc();
-}
-
 impl Predecessor {
-    /// Listen on the handover socket (replacing a stale or predecessor's one).
+    /// Listen on `named` (what [`Predecessor::stop_keeping_socket`] returned), or else on a
+    /// fresh abstract socket, named in the handover directory now.
     pub fn listen(
         settings: &HandoverSettings,
         offer: Offer,
         metrics: Arc<Metrics>,
+        named: Option<Published>,
     ) -> Result<Predecessor, HandoverError> {
-        prepare_dir(&settings.dir)?;
-        let path = settings.socket();
-        let _ = std::fs::remove_file(&path);
-        let listener = Arc::new(UnixListener::bind(&path)?);
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        }
+        let published = match named {
+            Some(p) => p,
+            None => {
+                prepare_dir(&settings.dir)?;
+                let p = Published::listen()?;
+                p.publish(&settings.dir)?;
+                p
+            }
+        };
+        published.listener.set_nonblocking(true)?;
+        let Published { listener, name } = published;
+        let listener = Arc::new(listener);
+        let (waker, woken) = UnixStream::pair()?;
+        woken.set_nonblocking(true)?;
         let (handed_tx, handed_over) = watch::channel(false);
-        let (failed_tx, failed) = watch::channel(false);
-        let stopping = Arc::new(AtomicBool::new(false));
-        let accepting = listener.clone();
-        let settings = settings.clone();
-        let runtime = tokio::runtime::Handle::current();
-        let stop = stopping.clone();
+        let (lost_tx, lost) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            settings: settings.clone(),
+            offer,
+            metrics,
+            runtime: tokio::runtime::Handle::current(),
+            name,
+            phase: Mutex::new(Phase::Serving),
+            handed_tx,
+            lost_tx,
+            stopping: AtomicBool::new(false),
+            peers: Mutex::default(),
+        });
+        let (s, l) = (shared.clone(), listener.clone());
         let thread = std::thread::Builder::new()
             .name("handover".into())
-            .spawn(move || {
-                for conn in accepting.incoming() {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let Ok(stream) = conn else { continue };
-                    if *handed_tx.borrow() {
-                        refuse(stream, &settings, "this agent already handed over");
-                        continue;
-                    }
-                    match hand_over(stream, &settings, &offer, &runtime, &metrics) {
-                        Ended::Completed(sent) => {
-                            tracing::info!(entries = sent, "handed over to the next agent; idle until terminated");
-                            let _ = handed_tx.send(true);
-                        }
-                        Ended::Abandoned(e) => {
-                            count(&metrics, "abandoned");
-                            tracing::warn!(error = %e, "a peer on the handover socket never took over; it got no token, credential or socket");
-                        }
-                        Ended::Failed(e) => {
-                            count(&metrics, "failed");
-                            tracing::warn!(error = %e, "a handover to a new agent failed; still serving");
-                        }
-                        Ended::FailedRetired(e) => {
-                            count(&metrics, "failed");
-                            tracing::error!(error = %e, "the new agent failed after this one retired; exiting so that an agent binds fresh");
-                            let _ = failed_tx.send(true);
-                            return;
-                        }
-                    }
-                }
-            })?;
+            .spawn(move || accept_loop(&s, &l, &woken))?;
         Ok(Predecessor {
+            shared,
             handed_over,
-            failed,
-            stopping,
+            lost,
             listener,
+            waker,
             thread: Some(thread),
         })
     }
@@ -129,9 +193,10 @@ impl Predecessor {
         *self.handed_over.borrow()
     }
 
-    /// Resolves if a handover failed after this agent retired: it serves nothing any more.
-    pub async fn failed(&self) {
-        let mut rx = self.failed.clone();
+    /// Resolves when this agent retired and no successor serves for it any more (a handover
+    /// that failed after it retired, or a successor that went since): it must serve again.
+    pub async fn lost(&self) {
+        let mut rx = self.lost.clone();
         let _ = rx.wait_for(|f| *f).await;
     }
 
@@ -149,42 +214,215 @@ impl Predecessor {
         waited.unwrap_or(false)
     }
 
-    /// Stop listening and join the thread (a handover under way finishes first).
-    pub async fn stop(mut self) {
-        self.stopping.store(true, Ordering::Relaxed);
-        // SAFETY: shutdown on a descriptor this value keeps open (the `Arc` above); it only
-        // makes the thread's blocked accept return.
-        unsafe {
-            libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR);
-        }
+    /// Stop listening, end every peer's connection and join the threads.
+    pub async fn stop(self) {
+        drop(self.stop_keeping_socket().await);
+    }
+
+    /// [`Predecessor::stop`], but keep the socket open and named, for the next
+    /// [`Predecessor::listen`] of an agent that serves again ([`Predecessor::lost`]): a successor
+    /// that connects meanwhile waits in its queue, instead of finding a name that is gone and
+    /// waiting for the ports this agent holds. `None` if the thread could not be joined.
+    pub async fn stop_keeping_socket(mut self) -> Option<Published> {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        let _ = (&self.waker).write_all(&[1]);
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
+        let listener = Arc::try_unwrap(self.listener).ok()?;
+        Some(Published {
+            listener,
+            name: self.shared.name.clone(),
+        })
     }
 }
 
-fn refuse(stream: UnixStream, settings: &HandoverSettings, reason: &str) {
-    if let Ok(mut c) = Channel::new(stream, settings.timeout) {
-        let _ = c.recv();
-        let _ = c.send(&Msg::Refused {
-            reason: reason.to_owned(),
-        });
+/// Wait up to `timeout` for a connection on `listener` (or, with `accept` false, for nothing
+/// but `woken`); whether a connection may be there.
+fn readable(listener: &UnixListener, woken: &UnixStream, accept: bool, timeout: Duration) -> bool {
+    let mut fds = [
+        libc::pollfd {
+            fd: woken.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let n: libc::nfds_t = if accept { 2 } else { 1 };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `n` valid pollfds, for descriptors kept open by the caller.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), n, ms) };
+    ready > 0 && fds[1].revents != 0
+}
+
+fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, woken: &UnixStream) {
+    let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
+    let mut next_peer = 0u64;
+    let mut stranger_logged: Option<Instant> = None;
+    let mut looked = Instant::now();
+    while !shared.stopping.load(Ordering::Relaxed) {
+        threads.retain(|t| !t.is_finished());
+        // Also between connections, however many arrive.
+        if looked.elapsed() >= LOOK_EVERY {
+            looked = Instant::now();
+            if shared.phase() == Phase::Serving {
+                keep_named(shared);
+            }
+        }
+        // Once lost, nobody is accepted until this agent serves again: a successor queues for
+        // the next listener on this socket, instead of being told this one handed over. With
+        // every peer's place taken, a newcomer queues until one is free (each peer is held to
+        // deadlines), instead of being turned away.
+        let full = threads.len() >= MAX_PEERS;
+        let accepting = !full && shared.phase() != Phase::Lost;
+        let wait = if full { PLACE_FREE_EVERY } else { LOOK_EVERY };
+        if !readable(listener, woken, accepting, wait) || shared.stopping.load(Ordering::Relaxed) {
+            continue;
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(_) => continue,
+        };
+        // Anyone in this namespace can connect to an abstract name: only this user is heard.
+        if let Err(e) = rendezvous::check_peer(&stream) {
+            shared.count("stranger");
+            if stranger_logged.is_none_or(|t| t.elapsed() >= STRANGER_LOG_EVERY) {
+                stranger_logged = Some(Instant::now());
+                tracing::warn!(error = %e, "closed a connection to the handover socket from another user");
+            }
+            continue;
+        }
+        let Ok(handle) = stream.try_clone() else {
+            continue;
+        };
+        next_peer += 1;
+        let id = next_peer;
+        shared
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id, handle));
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("handover-peer".into())
+            .spawn(move || {
+                serve_peer(&s, stream);
+                s.peers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|(i, _)| *i != id);
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => tracing::warn!(error = %e, "cannot serve a handover peer"),
+        }
+    }
+    for (_, peer) in shared
+        .peers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        let _ = peer.shutdown(std::net::Shutdown::Both);
+    }
+    for t in threads {
+        let _ = t.join();
     }
 }
 
-/// Steps 1 and 2: the peer proves its namespace and gets the keys and sockets.
-fn offer_sockets(
+/// Name this agent's socket again if the name file is gone, unreadable, or names a socket
+/// nobody listens on.
+fn keep_named(shared: &Shared) {
+    let dir = &shared.settings.dir;
+    let named = rendezvous::read_name(dir);
+    let fine = match &named {
+        Ok(Some(name)) => *name == shared.name || rendezvous::listening(name),
+        _ => false,
+    };
+    if fine {
+        return;
+    }
+    let published =
+        crate::files::write_private(&dir.join(rendezvous::NAME_FILE), shared.name.as_bytes());
+    match published {
+        Ok(()) => tracing::info!("named this agent's handover socket again (the name file was missing, or named an agent that is gone)"),
+        Err(e) => tracing::warn!(error = %e, "cannot name this agent's handover socket; the next agent will bind fresh"),
+    }
+}
+
+/// One peer, from its `Hello` to the end of the link to it.
+fn serve_peer(shared: &Shared, stream: UnixStream) {
+    let started = Instant::now();
+    match hand_over(shared, stream) {
+        Ended::Completed(sent, mut link) => {
+            shared.set_phase(Phase::HandedOver);
+            let _ = shared.handed_tx.send(true);
+            shared.count("completed");
+            shared
+                .metrics
+                .handover_entries
+                .with_label_values(&["sent"])
+                .inc_by(sent as u64);
+            shared
+                .metrics
+                .handover_seconds
+                .with_label_values(&["predecessor"])
+                .set(started.elapsed().as_secs_f64());
+            tracing::info!(
+                entries = sent,
+                "handed over to the next agent; idle until terminated, or until it goes"
+            );
+            link.wait_closed();
+            if !shared.stopping.load(Ordering::Relaxed) {
+                shared.count("resumed");
+                tracing::warn!("the agent that took over is gone; serving again on the sockets this one still holds");
+                shared.lost();
+            }
+        }
+        Ended::Abandoned(e) => {
+            shared.count("abandoned");
+            tracing::warn!(error = %e, "a peer on the handover socket never took over; it got the keys and the listening sockets, no token or credential");
+        }
+        Ended::Failed(e) => {
+            shared.count("failed");
+            tracing::warn!(error = %e, "a handover to a new agent failed; still serving");
+        }
+        Ended::FailedRetired(e) => {
+            shared.count("failed");
+            if !shared.stopping.load(Ordering::Relaxed) {
+                shared.count("resumed");
+                tracing::error!(error = %e, "the new agent failed after this one retired; serving again on the sockets this one still holds");
+                shared.lost();
+            }
+        }
+    }
+}
+
+fn send_chunks(
     channel: &mut Channel,
-    settings: &HandoverSettings,
-    offer: &Offer,
-) -> Result<(), HandoverError> {
-    check_peer(channel)?;
-    let challenge = match channel.recv()? {
+    entries: impl Iterator<Item = Exported>,
+) -> Result<usize, HandoverError> {
+    let mut entries = entries.map(entry_to_wire).peekable();
+    let mut sent = 0;
+    while entries.peek().is_some() {
+        let chunk: Vec<_> = entries.by_ref().take(CHUNK).collect();
+        sent += chunk.len();
+        channel.send(&Msg::Entries { entries: chunk })?;
+    }
+    Ok(sent)
+}
+
+/// Steps 1 and 2: the peer says `Hello` and gets the keys and sockets.
+fn offer_sockets(channel: &mut Channel, shared: &Shared) -> Result<(), HandoverError> {
+    let agreed = match channel.recv()? {
         (
             Msg::Hello {
                 protocol,
                 min_protocol,
-                challenge,
                 ..
             },
             _,
@@ -197,17 +435,23 @@ fn offer_sockets(
                 });
                 return Err(HandoverError::Refused(reason));
             }
-            challenge.ok_or(HandoverError::OtherNamespace)?
+            agreed
         }
         (other, _) => return Err(HandoverError::Unexpected(other.name())),
     };
-    proof::answer(&challenge, settings.timeout)?;
-    let ours = Issued::new()?;
-    channel.send(&Msg::Prove {
-        protocol: PROTOCOL,
-        challenge: ours.challenge(),
+    if shared.phase() != Phase::Serving {
+        let reason = "this agent handed over already, or is handing over".to_owned();
+        let _ = channel.send(&Msg::Refused {
+            reason: reason.clone(),
+        });
+        return Err(HandoverError::Refused(reason));
+    }
+    let grace_ms = u64::try_from(shared.settings.grace.as_millis()).unwrap_or(u64::MAX);
+    channel.send(&Msg::Welcome {
+        protocol: agreed,
+        grace_ms,
     })?;
-    ours.check(settings.timeout)?;
+    let offer = &shared.offer;
     if let Some(keys) = offer.verifier.as_ref().and_then(|v| v.snapshot()) {
         channel.send(&Msg::Keys { keys })?;
     }
@@ -228,61 +472,56 @@ fn offer_sockets(
     Ok(())
 }
 
-fn send_chunks(
-    channel: &mut Channel,
-    entries: Vec<crate::cache::Exported>,
-) -> Result<(), HandoverError> {
-    let mut entries = entries.into_iter().map(entry_to_wire).peekable();
-    while entries.peek().is_some() {
-        let chunk = entries.by_ref().take(CHUNK).collect();
-        channel.send(&Msg::Entries { entries: chunk })?;
-    }
-    Ok(())
-}
-
 /// The predecessor's side of one handover, blocking.
-fn hand_over(
-    stream: UnixStream,
-    settings: &HandoverSettings,
-    offer: &Offer,
-    runtime: &tokio::runtime::Handle,
-    metrics: &Metrics,
-) -> Ended {
-    let started = Instant::now();
+fn hand_over(shared: &Shared, stream: UnixStream) -> Ended {
+    let settings = &shared.settings;
+    let offer = &shared.offer;
     let mut channel = match Channel::new(stream, settings.timeout) {
         Ok(c) => c,
         Err(e) => return Ended::Failed(e.into()),
     };
-    if let Err(e) = offer_sockets(&mut channel, settings, offer) {
+    // Its hello within one step; and the successor builds its server on the sockets before it
+    // commits, which may take a while.
+    channel.set_deadline(settings.timeout);
+    if let Err(e) = offer_sockets(&mut channel, shared) {
         return Ended::Failed(e);
     }
-    count(metrics, "started");
-    // The successor builds its server on the sockets, then commits. It may take a while.
-    let taken = channel
-        .set_timeout(settings.timeout * 5)
-        .map_err(HandoverError::from)
-        .and_then(|()| Ok(channel.recv()?));
-    match taken {
+    shared.count("started");
+    channel.set_timeout(settings.timeout * 6);
+    channel.set_deadline(settings.timeout * 6);
+    match channel.recv() {
         Ok((Msg::Taken, _)) => {}
         Ok((other, _)) => return Ended::Abandoned(HandoverError::Unexpected(other.name())),
-        Err(e) => return Ended::Abandoned(e),
+        Err(e) => return Ended::Abandoned(e.into()),
     }
-    let (snapshot, newest) = offer.cache.export(0);
-    let mut sent = snapshot.len();
-    let before_retiring = channel
-        .set_timeout(settings.timeout)
-        .map_err(HandoverError::from)
-        .and_then(|()| send_chunks(&mut channel, snapshot))
-        .and_then(|()| Ok(channel.send(&Msg::Retiring)?));
-    if let Err(e) = before_retiring {
-        return Ended::Failed(e);
+    if !shared.advance(Phase::Serving, Phase::Committed) {
+        let _ = channel.send(&Msg::Refused {
+            reason: "another agent took over first".into(),
+        });
+        return Ended::Abandoned(HandoverError::Refused(
+            "another agent took over first".into(),
+        ));
     }
+    // The successor gives the snapshot four steps.
+    channel.set_timeout(settings.timeout);
+    channel.set_deadline(settings.timeout * 4);
+    let (snapshot, newest) = offer.cache.export_iter(0);
+    let before_retiring = send_chunks(&mut channel, snapshot)
+        .and_then(|n| Ok(channel.send(&Msg::Retiring).map(|()| n)?));
+    let mut sent = match before_retiring {
+        Ok(n) => n,
+        Err(e) => {
+            // Not retired: still serving, and free to hand over to another.
+            shared.set_phase(Phase::Serving);
+            return Ended::Failed(e);
+        }
+    };
     // Both serve on the same sockets now; stop here, finish what is in flight.
-    runtime.block_on((offer.retire)());
+    shared.runtime.block_on((offer.retire)());
+    channel.set_deadline(settings.timeout * 2);
     let after = (|| -> Result<(), HandoverError> {
-        let (delta, _) = offer.cache.export(newest);
-        sent += delta.len();
-        send_chunks(&mut channel, delta)?;
+        let (delta, _) = offer.cache.export_iter(newest);
+        sent += send_chunks(&mut channel, delta)?;
         let evicted = offer.cache.evicted_since(newest);
         channel.send(&Msg::Evicted {
             tokens: evicted.iter().map(hash_to_wire).collect(),
@@ -299,14 +538,5 @@ fn hand_over(
     if let Err(e) = after {
         return Ended::FailedRetired(e);
     }
-    count(metrics, "completed");
-    metrics
-        .handover_entries
-        .with_label_values(&["sent"])
-        .inc_by(sent as u64);
-    metrics
-        .handover_seconds
-        .with_label_values(&["predecessor"])
-        .set(started.elapsed().as_secs_f64());
-    Ended::Completed(sent)
+    Ended::Completed(sent, channel)
 }

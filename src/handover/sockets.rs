@@ -3,11 +3,15 @@
 //! Contract: [`check`] passes a received descriptor only if it is a listening TCP socket
 //! (`SO_DOMAIN` IPv4 or IPv6, `SO_TYPE` stream, `SO_ACCEPTCONN`), bound (`getsockname`) to
 //! exactly the address the message claims, that address is one this agent is configured to serve
-//! in that role, and (where the kernel says, 5.14+) it belongs to this agent's network namespace
-//! (`SO_NETNS_COOKIE`). Anything else (a UDP or Unix socket, a file, a listener on another
-//! address or in another namespace) refuses the whole handover: the successor binds fresh.
+//! in that role, and it belongs to this agent's network namespace: by `SO_NETNS_COOKIE` where the
+//! kernel has it (5.14+), else by finding its inode among the listening sockets of
+//! `/proc/thread-self/net/tcp` and `tcp6` (which list this namespace's only); a namespace that
+//! cannot be told fails the check. Anything else (a UDP or Unix socket, a file, a listener on
+//! another address or in another namespace) is refused: the successor closes it and binds that
+//! address itself.
 
 use crate::server::listener::Role;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -58,19 +62,82 @@ fn int_option(fd: &OwnedFd, level: libc::c_int, name: libc::c_int) -> std::io::R
     Ok(if len == 4 { value & 0xffff_ffff } else { value })
 }
 
-/// This process's network namespace cookie, if the kernel has them.
-fn own_cookie() -> Option<u64> {
-    let probe = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
-    let fd = OwnedFd::from(probe);
-    int_option(&fd, libc::SOL_SOCKET, SO_NETNS_COOKIE).ok()
+/// How to tell whether a socket is in this agent's network namespace, worked out once per
+/// handover.
+pub enum Namespace {
+    /// This namespace's cookie.
+    Cookie(u64),
+    /// Inodes of the TCP sockets listening in this namespace (kernels without cookies).
+    Listening(HashSet<u64>),
+    /// Neither works here: no socket passes.
+    Unknown(String),
 }
 
-/// Whether `fd` is a listening socket at `claimed` that this agent would serve in `role`.
+impl Namespace {
+    pub fn here() -> Namespace {
+        let cookie = std::net::UdpSocket::bind("127.0.0.1:0")
+            .map(OwnedFd::from)
+            .and_then(|fd| int_option(&fd, libc::SOL_SOCKET, SO_NETNS_COOKIE));
+        match cookie {
+            Ok(c) => Namespace::Cookie(c),
+            Err(_) => match listening_inodes() {
+                Ok(inodes) => Namespace::Listening(inodes),
+                Err(e) => Namespace::Unknown(e.to_string()),
+            },
+        }
+    }
+
+    fn holds(&self, fd: &OwnedFd) -> Result<bool, String> {
+        match self {
+            Namespace::Cookie(ours) => int_option(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE)
+                .map(|theirs| theirs == *ours)
+                .map_err(|e| e.to_string()),
+            Namespace::Listening(inodes) => Ok(inodes.contains(&inode(fd)?)),
+            Namespace::Unknown(why) => Err(format!("cannot tell its network namespace: {why}")),
+        }
+    }
+}
+
+fn inode(fd: &OwnedFd) -> Result<u64, String> {
+    // SAFETY: an all-zero `stat` is valid, and fstat fills it for an open descriptor.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid `stat` to write to; the descriptor is open for the call.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(st.st_ino)
+}
+
+/// Inodes of the TCP sockets in state `LISTEN` (`0A`) in this thread's network namespace.
+fn listening_inodes() -> std::io::Result<HashSet<u64>> {
+    let mut inodes = HashSet::new();
+    for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+        let text = match std::fs::read_to_string(table) {
+            Ok(t) => t,
+            // No IPv6 in this kernel: its table is missing, not empty.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && table.ends_with('6') => continue,
+            Err(e) => return Err(e),
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() > 9 && cols[3] == "0A" {
+                if let Ok(inode) = cols[9].parse() {
+                    inodes.insert(inode);
+                }
+            }
+        }
+    }
+    Ok(inodes)
+}
+
+/// Whether `fd` is a listening socket at `claimed`, in `namespace`, that this agent would serve
+/// in `role`.
 pub fn check(
     role: Role,
     claimed: SocketAddr,
     fd: &OwnedFd,
     expected: &Expected,
+    namespace: &Namespace,
 ) -> Result<(), String> {
     let domain =
         int_option(fd, libc::SOL_SOCKET, SO_DOMAIN).map_err(|e| format!("not a socket ({e})"))?;
@@ -95,13 +162,8 @@ pub fn check(
             "{bound} is not an address this agent serves as {role:?}"
         ));
     }
-    if let (Some(ours), Ok(theirs)) = (
-        own_cookie(),
-        int_option(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE),
-    ) {
-        if ours != theirs {
-            return Err(format!("{bound} is in another network namespace"));
-        }
+    if !namespace.holds(fd)? {
+        return Err(format!("{bound} is in another network namespace"));
     }
     Ok(())
 }
@@ -109,6 +171,10 @@ pub fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn here() -> Namespace {
+        Namespace::here()
+    }
 
     fn expected(addr: SocketAddr) -> Expected {
         Expected {
@@ -122,12 +188,15 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr");
         let fd = OwnedFd::from(l.try_clone().expect("dup"));
-        assert_eq!(check(Role::Credentials, addr, &fd, &expected(addr)), Ok(()));
+        assert_eq!(
+            check(Role::Credentials, addr, &fd, &expected(addr), &here()),
+            Ok(())
+        );
         // Claimed as something else, or in another role, or at an address we do not serve.
         let other: SocketAddr = "127.0.0.9:80".parse().expect("addr");
-        assert!(check(Role::Credentials, other, &fd, &expected(other)).is_err());
-        assert!(check(Role::Metrics, addr, &fd, &expected(addr)).is_err());
-        assert!(check(Role::Credentials, addr, &fd, &expected(other)).is_err());
+        assert!(check(Role::Credentials, other, &fd, &expected(other), &here()).is_err());
+        assert!(check(Role::Metrics, addr, &fd, &expected(addr), &here()).is_err());
+        assert!(check(Role::Credentials, addr, &fd, &expected(other), &here()).is_err());
         // A UDP socket, a connected stream, a file.
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
         let uaddr = udp.local_addr().expect("addr");
@@ -135,7 +204,8 @@ mod tests {
             Role::Credentials,
             uaddr,
             &OwnedFd::from(udp),
-            &expected(uaddr)
+            &expected(uaddr),
+            &here()
         )
         .is_err());
         let stream = std::net::TcpStream::connect(addr).expect("connect");
@@ -144,7 +214,8 @@ mod tests {
             Role::Credentials,
             saddr,
             &OwnedFd::from(stream),
-            &expected(saddr)
+            &expected(saddr),
+            &here()
         )
         .is_err());
         let file = std::fs::File::open("/dev/null").expect("file");
@@ -152,8 +223,44 @@ mod tests {
             Role::Credentials,
             addr,
             &OwnedFd::from(file),
-            &expected(addr)
+            &expected(addr),
+            &here()
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_listener_in_another_namespace_fails_both_ways_of_telling() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let ours = OwnedFd::from(l);
+        let by_table = Namespace::Listening(listening_inodes().expect("/proc"));
+        assert_eq!(by_table.holds(&ours), Ok(true));
+        assert_eq!(
+            check(Role::Credentials, addr, &ours, &expected(addr), &by_table),
+            Ok(())
+        );
+        assert!(Namespace::Unknown("no /proc".into()).holds(&ours).is_err());
+        // A listener made in a network namespace of its own (needs root; skipped without).
+        let theirs = std::thread::spawn(|| {
+            // SAFETY: unshare(CLONE_NEWNET) moves only this thread to a new namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return None;
+            }
+            let l = std::net::TcpListener::bind("0.0.0.0:0").ok()?;
+            Some((l.local_addr().ok()?, OwnedFd::from(l)))
+        })
+        .join()
+        .expect("thread");
+        let Some((addr, theirs)) = theirs else {
+            eprintln!("SKIPPED: cannot make a network namespace here (needs root)");
+            return;
+        };
+        assert_eq!(by_table.holds(&theirs), Ok(false));
+        let err = check(Role::Credentials, addr, &theirs, &expected(addr), &by_table);
+        assert!(err.is_err_and(|e| e.contains("another network namespace")));
+        if let Namespace::Cookie(_) = here() {
+            assert_eq!(here().holds(&theirs), Ok(false));
+        }
     }
 }

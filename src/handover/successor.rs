@@ -1,38 +1,50 @@
-//! The successor's side of a handover (steps in [`super`]): find a predecessor, prove each
-//! other's network namespace, receive and check its sockets, then take over its cache.
+//! The successor's side of a handover (steps in [`super`]): find the predecessor's abstract
+//! socket by the name in the handover directory, receive and check its sockets, then take over
+//! its cache, and keep the connection open as long as this agent runs.
 
 use super::convert::{entry_from_wire, hash_from_wire, refusal_from_wire};
-use super::proof::{self, Issued};
-use super::sockets;
-use super::wire::{Channel, Msg, MIN_PROTOCOL, PROTOCOL};
-use super::{check_peer, prepare_dir, HandoverError, HandoverSettings};
+use super::rendezvous::{self, Legacy};
+use super::sockets::{self, Namespace};
+use super::wire::{Channel, Msg, MAX_FRAME, MIN_PROTOCOL, PROTOCOL};
+use super::{prepare_dir, HandoverError, HandoverSettings};
 use crate::cache::{CredentialCache, Imported};
 use crate::metrics::Metrics;
 use crate::server::listener::Role;
 use crate::verify::keys::Stored;
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-/// What a successor found when it looked for a predecessor.
+/// The largest frame before `Taken`: the verification keys, a few kilobytes.
+const OFFER_FRAME: usize = 1024 * 1024;
+/// The most a predecessor's shutdown grace is waited for (`--shutdown-grace`'s own limit).
+const MAX_GRACE: Duration = Duration::from_secs(3600);
+
+/// What a successor found when it looked for a predecessor. Whatever it is, an agent that
+/// takes nothing over binds fresh, retrying while its ports are held.
 pub enum Takeover {
-    /// No agent runs here (first start, or after a crash: a stale socket was removed).
-    Alone,
+    /// No agent to take over from (a first start, or the one named is gone), and why.
+    Alone(&'static str),
+    /// An agent of protocol 1 listens on `agent.sock`: it is never handed anything, and holds
+    /// the ports until it stops.
+    Older,
     /// A predecessor offered its sockets (checked) and keys; take its cache with
     /// [`Offered::take`] once a server is built on them.
     Offered(Offered),
-    /// An agent is there but the handover failed: bind fresh, waiting while it holds the ports.
+    /// An agent is there but the handover failed.
     Failed(HandoverError),
 }
 
 /// A predecessor's offer: its sockets and keys, before this agent committed to taking over.
 pub struct Offered {
     channel: Channel,
-    /// The predecessor's listening sockets, by what they are for.
+    /// The predecessor's listening sockets that passed the checks, by what they are for.
     pub listeners: Vec<(Role, SocketAddr, std::net::TcpListener)>,
+    /// The sockets it offered that did not (closed here), and why: this agent binds its own.
+    pub dropped: Vec<String>,
     /// The predecessor's verification keys, so this agent verifies at once.
     pub keys: Option<Stored>,
+    /// The predecessor's shutdown grace: how long its last entries may take after it retires.
+    grace: Duration,
     started: Instant,
 }
 
@@ -43,7 +55,14 @@ pub struct Taking {
     room: usize,
     /// What the snapshot installed.
     pub snapshot: Imported,
+    grace: Duration,
     started: Instant,
+}
+
+/// The connection to the predecessor, kept for as long as this agent runs: the predecessor
+/// serves again when it closes (this agent stopped, or died), if it still runs.
+pub struct Link {
+    _channel: Channel,
 }
 
 fn count(metrics: &Metrics, outcome: &str) {
@@ -55,38 +74,60 @@ fn count(metrics: &Metrics, outcome: &str) {
 
 /// Look for a predecessor and take its offer.
 pub async fn take_over(settings: &HandoverSettings, metrics: &Metrics) -> Takeover {
-    let path = settings.socket();
-    if !path.exists() {
-        return Takeover::Alone;
-    }
-    // A socket in a directory someone else controls could be anyone's: do not talk to it, and
-    // do not take ports over from it either (bind fresh, waiting while they are held).
+    // A name in a directory someone else controls could be anyone's: do not follow it.
     if let Err(e) = prepare_dir(&settings.dir) {
         return Takeover::Failed(e);
     }
-    count(metrics, "started");
     let owned = settings.clone();
-    let blocking = tokio::task::spawn_blocking(move || receive(&path, &owned));
-    // The blocking side has its own socket timeouts; this bounds the whole of it.
-    let result = match tokio::time::timeout(settings.timeout * 4, blocking).await {
+    let blocking = tokio::task::spawn_blocking(move || receive(&owned));
+    // The channel's deadline bounds the blocking side; this only backs it up.
+    let result = match tokio::time::timeout(settings.timeout * 5, blocking).await {
         Ok(Ok(r)) => r,
         Ok(Err(join)) => Err(HandoverError::Io(std::io::Error::other(join.to_string()))),
         Err(_) => Err(HandoverError::Timeout),
     };
     match result {
-        Ok(Some(offered)) => Takeover::Offered(offered),
-        Ok(None) => Takeover::Alone,
+        Ok(found) => {
+            if let Takeover::Offered(_) = found {
+                count(metrics, "started");
+            }
+            found
+        }
         Err(e) => {
+            count(metrics, "started");
             count(metrics, "failed");
             Takeover::Failed(e)
         }
     }
 }
 
-/// Steps 1 and 2, blocking: `None` if the socket is stale.
-fn receive(path: &Path, settings: &HandoverSettings) -> Result<Option<Offered>, HandoverError> {
+/// Nobody answers at the name: an older agent, if one listens on `agent.sock`, else nobody.
+fn nobody(settings: &HandoverSettings, why: &'static str) -> Takeover {
+    match rendezvous::legacy(&settings.dir) {
+        Legacy::Live => Takeover::Older,
+        Legacy::None | Legacy::Stale => Takeover::Alone(why),
+    }
+}
+
+/// Steps 1 and 2, blocking.
+fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
     let started = Instant::now();
-    let stream = match UnixStream::connect(path) {
+    let name = match rendezvous::read_name(&settings.dir) {
+        Ok(Some(name)) => name,
+        Ok(None) => {
+            return Ok(nobody(
+                settings,
+                "no agent is named in the handover directory",
+            ))
+        }
+        Err(why) => {
+            return Err(HandoverError::Directory(
+                settings.dir.join(rendezvous::NAME_FILE),
+                why,
+            ))
+        }
+    };
+    let stream = match rendezvous::connect(&name, settings.timeout) {
         Ok(s) => s,
         Err(e)
             if matches!(
@@ -94,51 +135,64 @@ fn receive(path: &Path, settings: &HandoverSettings) -> Result<Option<Offered>, 
                 std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
             ) =>
         {
-            // Nobody listens: the agent that made it is gone.
-            let _ = std::fs::remove_file(path);
-            return Ok(None);
+            return Ok(nobody(
+                settings,
+                "the agent named in the handover directory is gone",
+            ))
         }
+        // Its queue stayed full: it does not accept.
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(HandoverError::Timeout),
         Err(e) => return Err(e.into()),
     };
+    rendezvous::check_peer(&stream)?;
     let mut channel = Channel::new(stream, settings.timeout)?;
-    check_peer(&channel)?;
-    let ours = Issued::new()?;
+    channel.set_deadline(settings.timeout * 4);
+    channel.set_max_frame(OFFER_FRAME);
     channel.send(&Msg::Hello {
         protocol: PROTOCOL,
         min_protocol: MIN_PROTOCOL,
         version: env!("CARGO_PKG_VERSION").to_owned(),
         pid: std::process::id(),
-        challenge: Some(ours.challenge()),
     })?;
-    match channel.recv()? {
-        // The predecessor answered our challenge before it sent its own.
-        (Msg::Prove { challenge, .. }, _) => {
-            ours.check(settings.timeout)?;
-            proof::answer(&challenge, settings.timeout)?;
+    // The predecessor serves a few peers at once; others wait in its queue for a place, which
+    // one that never committed gives up within a handover timeout.
+    channel.set_timeout(settings.timeout * 2);
+    let welcome = channel.recv()?;
+    channel.set_timeout(settings.timeout);
+    let grace = match welcome {
+        (Msg::Welcome { protocol, grace_ms }, _)
+            if (MIN_PROTOCOL..=PROTOCOL).contains(&protocol) =>
+        {
+            Duration::from_millis(grace_ms).min(MAX_GRACE)
+        }
+        (Msg::Welcome { protocol, .. }, _) => {
+            return Err(HandoverError::Refused(format!(
+                "the predecessor chose protocol {protocol}, which this agent does not speak"
+            )))
         }
         (Msg::Refused { reason }, _) => return Err(HandoverError::Refused(reason)),
         (other, _) => return Err(HandoverError::Unexpected(other.name())),
-    }
+    };
+    let namespace = Namespace::here();
     let mut keys = None;
     loop {
         match channel.recv()? {
             (Msg::Keys { keys: k }, _) => keys = Some(k),
             (Msg::Listeners { listeners }, fds) => {
                 let mut checked = Vec::with_capacity(fds.len());
+                let mut dropped = Vec::new();
                 for (l, fd) in listeners.into_iter().zip(fds) {
-                    if let Err(why) = sockets::check(l.role, l.addr, &fd, &settings.expected) {
-                        let reason = format!("{:?} {}: {why}", l.role, l.addr);
-                        let _ = channel.send(&Msg::Refused {
-                            reason: reason.clone(),
-                        });
-                        return Err(HandoverError::BadSocket(reason));
+                    match sockets::check(l.role, l.addr, &fd, &settings.expected, &namespace) {
+                        Ok(()) => checked.push((l.role, l.addr, std::net::TcpListener::from(fd))),
+                        Err(why) => dropped.push(format!("{:?} {}: {why}", l.role, l.addr)),
                     }
-                    checked.push((l.role, l.addr, std::net::TcpListener::from(fd)));
                 }
-                return Ok(Some(Offered {
+                return Ok(Takeover::Offered(Offered {
                     channel,
                     listeners: checked,
+                    dropped,
                     keys,
+                    grace,
                     started,
                 }));
             }
@@ -178,6 +232,15 @@ fn import(
 }
 
 impl Offered {
+    /// Turn the offer down (this agent cannot use it): the predecessor is told why and keeps
+    /// serving; the sockets received are closed.
+    pub async fn refuse(mut self, reason: String) {
+        let told = tokio::task::spawn_blocking(move || {
+            let _ = self.channel.send(&Msg::Refused { reason });
+        });
+        let _ = told.await;
+    }
+
     /// Step 3 and 4: say `Taken` (the server on the sockets is built), then import the snapshot
     /// into `cache` chunk by chunk as it arrives, until `Retiring`.
     pub async fn take(
@@ -188,6 +251,7 @@ impl Offered {
         let Offered {
             mut channel,
             started,
+            grace,
             ..
         } = self;
         let cache = cache.clone();
@@ -195,20 +259,19 @@ impl Offered {
         let deadline = settings.timeout * 4;
         // The predecessor refreshes until it retires, and finishes those under way within its
         // grace: none of ours before that.
-        let settle = SystemTime::now() + deadline + settings.grace;
+        let settle = SystemTime::now() + deadline + grace;
         let blocking = tokio::task::spawn_blocking(move || -> Result<Taking, HandoverError> {
+            channel.set_max_frame(MAX_FRAME);
+            channel.set_deadline(deadline);
             channel.send(&Msg::Taken)?;
             let mut taking = Taking {
                 channel,
                 room,
                 snapshot: Imported::default(),
+                grace,
                 started,
             };
-            let until = Instant::now() + deadline;
             loop {
-                if Instant::now() > until {
-                    return Err(HandoverError::Timeout);
-                }
                 let (msg, _) = taking.channel.recv()?;
                 if import(msg, &cache, &mut taking.room, &mut taking.snapshot, settle)? {
                     return Ok(taking);
@@ -223,43 +286,48 @@ impl Offered {
 
 impl Taking {
     /// Step 5: what the predecessor exchanged meanwhile, its evictions and remembered refusals,
-    /// until `Done`; then log and count the handover. Returns the entries installed in all.
+    /// until `Done`; then log and count the handover. Returns the entries installed in all, and
+    /// the link to keep; without the link (the last entries did not all arrive), the
+    /// predecessor serves again beside this agent.
     pub async fn finish(
         self,
         cache: &CredentialCache,
         metrics: &Metrics,
         settings: &HandoverSettings,
-    ) -> Result<Imported, HandoverError> {
+    ) -> Result<(Imported, Link), HandoverError> {
         let Taking {
             mut channel,
             mut room,
             snapshot,
+            grace,
             started,
         } = self;
-        // The predecessor sends the rest after its requests in flight finish.
-        let patience = settings.timeout + settings.grace;
+        // The predecessor sends the rest after its requests in flight finish, within its grace.
+        let patience = settings.timeout + grace.max(settings.grace);
         let owned = cache.clone();
-        let rest = tokio::task::spawn_blocking(move || -> Result<Imported, HandoverError> {
-            channel.set_timeout(patience)?;
-            let mut imported = Imported::default();
-            loop {
-                let (msg, _) = channel.recv()?;
-                if import(msg, &owned, &mut room, &mut imported, SystemTime::now())? {
-                    return Ok(imported);
+        let rest =
+            tokio::task::spawn_blocking(move || -> Result<(Imported, Link), HandoverError> {
+                channel.set_timeout(patience);
+                channel.set_deadline(patience);
+                let mut imported = Imported::default();
+                loop {
+                    let (msg, _) = channel.recv()?;
+                    if import(msg, &owned, &mut room, &mut imported, SystemTime::now())? {
+                        return Ok((imported, Link { _channel: channel }));
+                    }
                 }
-            }
-        })
-        .await
-        .map_err(|e| HandoverError::Io(std::io::Error::other(e.to_string())))?;
+            })
+            .await
+            .map_err(|e| HandoverError::Io(std::io::Error::other(e.to_string())))?;
         let mut total = snapshot;
         let (outcome, result) = match rest {
-            Ok(more) => {
+            Ok((more, link)) => {
                 total.add(more);
-                ("completed", Ok(total))
+                ("completed", Ok((total, link)))
             }
             // The sockets are ours already: a lost delta costs exchanges, not availability.
             Err(e) => {
-                tracing::warn!(error = %e, "the predecessor's last entries did not arrive; those tokens will be exchanged again");
+                tracing::warn!(error = %e, "the predecessor's last entries did not arrive; those tokens will be exchanged again, and it serves again beside this agent");
                 ("completed_without_delta", Err(e))
             }
         };

@@ -1,11 +1,15 @@
 //! The handover protocol on the wire: length-prefixed JSON frames on a Unix stream socket, with
 //! listening sockets passed as `SCM_RIGHTS` on the frame that lists them.
 //!
-//! Contract: a frame is a 4-byte big-endian length (at most [`MAX_FRAME`]) and that many bytes
-//! of JSON, one [`Msg`]. File descriptors ride on the first bytes of the frame that names them,
-//! in the order it names them. Every read and write is bounded by the channel's timeout; a peer
-//! that stops talking, sends an oversized or unparseable frame, or sends descriptors with a
-//! frame that does not name them, is an error, never a hang. Frames carry tokens and
+//! Contract: a frame is a 4-byte big-endian length and that many bytes of JSON, one [`Msg`].
+//! A channel reads frames of at most [`MAX_UNCOMMITTED_FRAME`] bytes until told otherwise (the
+//! predecessor never reads more from a successor; a successor allows more from the predecessor it
+//! authenticated), so a peer cannot make the agent allocate more by claiming a long frame.
+//! File descriptors ride on the first bytes of the frame that names them, in the order it names
+//! them. Every read and write is bounded by the channel's step timeout and by its deadline, if it
+//! has one, checked between system calls: a peer that stops talking, or trickles a byte at a time,
+//! is cut off when the deadline passes, never a hang. An oversized or unparseable frame, or
+//! descriptors with a frame that does not name them, is an error. Frames carry tokens and
 //! credentials: nothing here implements `Debug` for them or logs them, and they exist only in
 //! memory and in the socket's kernel buffers, never on disk.
 
@@ -14,44 +18,40 @@ use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The newest protocol this build speaks, and the oldest. Peers agree on the newest both
-/// speak; with none in common the handover is refused and the successor binds fresh. Version 2
-/// sends a peer nothing secret before it proved it shares the agent's network namespace and
-/// committed to taking over.
-pub const PROTOCOL: u32 = 2;
-pub const MIN_PROTOCOL: u32 = 2;
+/// speak; with none in common the handover is refused and the successor binds fresh. Version 3
+/// runs over an abstract Unix socket, which only this network namespace reaches (see
+/// [`super::rendezvous`]), instead of version 2's pathname socket and namespace proofs; version
+/// 1 agents sent secrets to any peer and are never handed anything.
+pub const PROTOCOL: u32 = 3;
+pub const MIN_PROTOCOL: u32 = 3;
 /// Frames larger than this are refused: entries travel in chunks well below it.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+/// What a channel reads per frame until it is told it may read more: a `Hello`, `Taken` or
+/// `Refused` is a few hundred bytes.
+pub const MAX_UNCOMMITTED_FRAME: usize = 4 * 1024;
 /// Descriptors accepted with one frame.
 const MAX_FDS: usize = 32;
-
-/// A proof that the peer shares this agent's network namespace: connect to this abstract Unix
-/// socket name (abstract names exist per network namespace) and write the nonce.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Challenge {
-    pub name: String,
-    pub nonce: String,
-}
 
 /// One message of the protocol. See [`super`] for the order they come in.
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Msg {
-    /// Successor → predecessor: who is asking, the protocols it speaks, and its challenge.
+    /// Successor → predecessor: who is asking, and the protocols it speaks.
     Hello {
         protocol: u32,
         #[serde(default = "one")]
         min_protocol: u32,
         version: String,
         pid: u32,
-        challenge: Option<Challenge>,
     },
     /// Either way: no handover, and why.
     Refused { reason: String },
-    /// Predecessor → successor: the protocol agreed, and the predecessor's own challenge.
-    Prove { protocol: u32, challenge: Challenge },
+    /// Predecessor → successor: the protocol agreed, and the predecessor's shutdown grace: after
+    /// `Retiring` it sends the rest once its requests in flight finish, within that long.
+    Welcome { protocol: u32, grace_ms: u64 },
     /// Predecessor → successor: the cluster's verification keys it holds.
     Keys { keys: crate::verify::keys::Stored },
     /// Predecessor → successor: its listening sockets, descriptors attached in this order.
@@ -80,7 +80,7 @@ impl Msg {
         match self {
             Msg::Hello { .. } => "hello",
             Msg::Refused { .. } => "refused",
-            Msg::Prove { .. } => "prove",
+            Msg::Welcome { .. } => "welcome",
             Msg::Keys { .. } => "keys",
             Msg::Listeners { .. } => "listeners",
             Msg::Taken => "taken",
@@ -169,39 +169,112 @@ pub enum WireError {
     Malformed(String),
     #[error("{0} descriptors came with a frame that names {1}")]
     Descriptors(usize, usize),
+    #[error("the peer did not answer in time")]
+    Timeout,
 }
 
 /// One end of a handover connection (blocking; run it off the async runtime).
 pub struct Channel {
     stream: UnixStream,
+    /// How long one read or write may wait.
+    step: Duration,
+    /// When everything on this channel must be done by, if ever.
+    deadline: Option<Instant>,
+    /// The largest frame [`Channel::recv`] reads.
+    max_frame: usize,
 }
 
 fn io_err(e: nix::Error) -> std::io::Error {
     std::io::Error::from_raw_os_error(e as i32)
 }
 
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
 impl Channel {
-    pub fn new(stream: UnixStream, timeout: Duration) -> std::io::Result<Channel> {
+    /// A channel on `stream` whose reads and writes each wait at most `step`, with no deadline,
+    /// reading frames of at most [`MAX_UNCOMMITTED_FRAME`].
+    pub fn new(stream: UnixStream, step: Duration) -> std::io::Result<Channel> {
         stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        Ok(Channel { stream })
+        Ok(Channel {
+            stream,
+            step,
+            deadline: None,
+            max_frame: MAX_UNCOMMITTED_FRAME,
+        })
     }
 
-    pub fn set_timeout(&mut self, timeout: Duration) -> std::io::Result<()> {
-        self.stream.set_read_timeout(Some(timeout))?;
-        self.stream.set_write_timeout(Some(timeout))
+    pub fn set_timeout(&mut self, step: Duration) {
+        self.step = step;
+    }
+
+    /// Everything from now on must be done within `within` (replacing any earlier deadline).
+    pub fn set_deadline(&mut self, within: Duration) {
+        self.deadline = Some(Instant::now() + within);
+    }
+
+    /// Read frames of up to `max` bytes (at most [`MAX_FRAME`]).
+    pub fn set_max_frame(&mut self, max: usize) {
+        self.max_frame = max.min(MAX_FRAME);
     }
 
     pub fn stream(&self) -> &UnixStream {
         &self.stream
     }
 
-    /// The peer's user id (`SO_PEERCRED`): handovers happen only between processes of one user.
+    /// The peer's user id (`SO_PEERCRED`, as it was when it connected).
     pub fn peer_uid(&self) -> std::io::Result<u32> {
-        nix::sys::socket::getsockopt(&self.stream, nix::sys::socket::sockopt::PeerCredentials)
-            .map(|c| c.uid())
-            .map_err(io_err)
+        super::rendezvous::peer_uid(&self.stream)
+    }
+
+    /// Set the socket's timeouts for the next system call: the step, or what is left of the
+    /// deadline if that is shorter; past the deadline, [`WireError::Timeout`].
+    fn arm(&self) -> Result<(), WireError> {
+        let mut wait = self.step;
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(WireError::Timeout);
+            }
+            wait = wait.min(left);
+        }
+        // A zero timeout would mean "wait forever".
+        let wait = Some(wait.max(Duration::from_millis(1)));
+        self.stream.set_read_timeout(wait)?;
+        self.stream.set_write_timeout(wait)?;
+        Ok(())
+    }
+
+    fn read_full(&mut self, mut buf: &mut [u8]) -> Result<(), WireError> {
+        while !buf.is_empty() {
+            self.arm()?;
+            match self.stream.read(buf) {
+                Ok(0) => return Err(WireError::Closed),
+                Ok(n) => buf = &mut buf[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if timed_out(&e) => return Err(WireError::Timeout),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_full(&mut self, mut buf: &[u8]) -> Result<(), WireError> {
+        while !buf.is_empty() {
+            self.arm()?;
+            match self.stream.write(buf) {
+                Ok(0) => return Err(WireError::Closed),
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if timed_out(&e) => return Err(WireError::Timeout),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     fn frame(msg: &Msg) -> Result<Vec<u8>, WireError> {
@@ -217,8 +290,7 @@ impl Channel {
 
     pub fn send(&mut self, msg: &Msg) -> Result<(), WireError> {
         let frame = Self::frame(msg)?;
-        self.stream.write_all(&frame)?;
-        Ok(())
+        self.write_full(&frame)
     }
 
     /// Send `msg` with `fds` attached to its first bytes.
@@ -227,6 +299,7 @@ impl Channel {
         let frame = Self::frame(msg)?;
         let cmsg = [ControlMessage::ScmRights(fds)];
         let sent = loop {
+            self.arm()?;
             match sendmsg::<UnixAddr>(
                 self.stream.as_raw_fd(),
                 &[IoSlice::new(&frame)],
@@ -236,11 +309,11 @@ impl Channel {
             ) {
                 Ok(n) => break n,
                 Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) => return Err(WireError::Timeout),
                 Err(e) => return Err(io_err(e).into()),
             }
         };
-        self.stream.write_all(&frame[sent..])?;
-        Ok(())
+        self.write_full(&frame[sent..])
     }
 
     /// The next message and the descriptors that came with it.
@@ -250,6 +323,7 @@ impl Channel {
         let mut fds = Vec::new();
         let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
         let got = loop {
+            self.arm()?;
             let mut iov = [IoSliceMut::new(&mut len)];
             match recvmsg::<UnixAddr>(
                 self.stream.as_raw_fd(),
@@ -271,19 +345,20 @@ impl Channel {
                     break msg.bytes;
                 }
                 Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) => return Err(WireError::Timeout),
                 Err(e) => return Err(io_err(e).into()),
             }
         };
         if got == 0 {
             return Err(WireError::Closed);
         }
-        self.stream.read_exact(&mut len[got..])?;
+        self.read_full(&mut len[got..])?;
         let n = u32::from_be_bytes(len) as usize;
-        if n > MAX_FRAME {
+        if n > self.max_frame {
             return Err(WireError::TooLarge(n));
         }
         let mut body = vec![0u8; n];
-        self.stream.read_exact(&mut body)?;
+        self.read_full(&mut body)?;
         let msg: Msg =
             serde_json::from_slice(&body).map_err(|e| WireError::Malformed(e.to_string()))?;
         let named = match &msg {
@@ -294,6 +369,20 @@ impl Channel {
             return Err(WireError::Descriptors(fds.len(), named));
         }
         Ok((msg, fds))
+    }
+
+    /// Block until the peer closes its end or sends anything (no timeout, no deadline): how a
+    /// predecessor that handed over learns that its successor is gone. Returns at once if this
+    /// end is shut down.
+    pub fn wait_closed(&mut self) {
+        let _ = self.stream.set_read_timeout(None);
+        let mut byte = [0u8; 1];
+        loop {
+            match self.stream.read(&mut byte) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                _ => return,
+            }
+        }
     }
 }
 
@@ -320,7 +409,6 @@ mod tests {
             min_protocol: MIN_PROTOCOL,
             version: "x".into(),
             pid: 1,
-            challenge: None,
         })
         .expect("send");
         a.send_with_fds(
@@ -370,7 +458,7 @@ mod tests {
         // A silent peer: the read times out.
         let (a, b) = UnixStream::pair().expect("pair");
         let mut b = Channel::new(b, Duration::from_millis(100)).expect("b");
-        assert!(matches!(b.recv(), Err(WireError::Io(_))));
+        assert!(matches!(b.recv(), Err(WireError::Timeout)));
         drop(a);
         // Descriptors with a frame that does not name them.
         let (mut a, mut b) = pair();
@@ -378,5 +466,50 @@ mod tests {
         a.send_with_fds(&Msg::Taken, &[l.as_raw_fd()])
             .expect("send");
         assert!(matches!(b.recv(), Err(WireError::Descriptors(1, 0))));
+    }
+
+    #[test]
+    fn frames_are_capped_until_the_channel_allows_more() {
+        let big = MAX_UNCOMMITTED_FRAME + 1;
+        let (mut a, mut b) = pair();
+        a.stream
+            .write_all(&(big as u32).to_be_bytes())
+            .expect("write");
+        assert!(matches!(b.recv(), Err(WireError::TooLarge(n)) if n == big));
+        let (mut a, mut b) = pair();
+        b.set_max_frame(MAX_FRAME);
+        let entries = Msg::Refused {
+            reason: "x".repeat(big),
+        };
+        a.send(&entries).expect("send");
+        assert!(matches!(b.recv(), Ok((Msg::Refused { .. }, _))));
+    }
+
+    #[test]
+    fn a_trickling_peer_is_cut_off_at_the_deadline() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let mut b = Channel::new(b, Duration::from_millis(300)).expect("b");
+        b.set_deadline(Duration::from_millis(500));
+        // A frame's length, then one byte of it every 100 ms: every read succeeds within the
+        // step timeout.
+        let trickle = std::thread::spawn(move || {
+            let mut a = a;
+            a.write_all(&100u32.to_be_bytes()).expect("length");
+            for _ in 0..30 {
+                if a.write_all(b"\x00").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let started = Instant::now();
+        assert!(matches!(b.recv(), Err(WireError::Timeout)));
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(450) && took < Duration::from_millis(1500),
+            "{took:?}"
+        );
+        drop(b);
+        trickle.join().expect("trickle");
     }
 }

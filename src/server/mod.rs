@@ -476,6 +476,43 @@ impl RunningServer {
         }
     }
 
+    /// Serve again after [`RunningServer::retirer`] retired this server, because the successor
+    /// it retired for failed or went: a new server on the listening sockets this one still holds
+    /// (the same sockets, so connections queued meanwhile are accepted), with this one's keys,
+    /// entries and remembered refusals. This one is shut down in a task whose handle is returned
+    /// (what its retirement left in flight may still take up to its grace).
+    pub async fn resume(
+        self,
+        settings: &ServerSettings,
+        source: Arc<dyn CredentialSource>,
+        metrics: Arc<Metrics>,
+    ) -> Result<(RunningServer, tokio::task::JoinHandle<()>), BindError> {
+        let mut inherited = Vec::with_capacity(self.sockets.len());
+        for (role, addr, fd) in self.sockets.iter() {
+            let dup = fd.try_clone().map_err(|source| BindError::Bind {
+                addr: *addr,
+                source,
+            })?;
+            inherited.push((*role, *addr, std::net::TcpListener::from(dup)));
+        }
+        let preload = Preload {
+            sockets: Sockets {
+                inherited,
+                wait_for_ports: true,
+            },
+            keys: self.verifier.as_ref().and_then(|v| v.snapshot()),
+        };
+        let prepared = Server::prepare(settings, source, metrics, preload).await?;
+        let imported = prepared.cache.import(self.cache.export_iter(0).0);
+        prepared.cache.remember(self.cache.refusals());
+        let running = prepared.serve();
+        tracing::info!(
+            entries = imported.installed,
+            "serving again, with this agent's cache"
+        );
+        Ok((running, tokio::spawn(self.shutdown())))
+    }
+
     /// Stop accepting everywhere and stop refreshing; drain within the grace period; then close
     /// what is left. Returns when every task the server started has ended.
     pub async fn shutdown(self) {
