@@ -359,7 +359,8 @@ async fn warm(node: &Node, n: usize) -> Arc<Vec<String>> {
     tokens
 }
 
-/// A first agent of `node`, warmed with `n` tokens, and a second (with `extra`) that took over.
+/// A first agent of `node`, warmed with `n` tokens, and a second (with `extra`) that took over
+/// and offers itself in turn.
 async fn handed_over(
     node: &Node,
     dir: &str,
@@ -375,6 +376,8 @@ async fn handed_over(
     let tokens = warm(node, n).await;
     let second = node.agent(dir, extra);
     logged(&second, "took over from the previous agent").await;
+    // Ready once it offers itself to the next agent in turn.
+    logged(&second, "ready").await;
     (first, second, tokens)
 }
 
@@ -429,12 +432,28 @@ async fn an_agent_that_stops_after_taking_over_hands_serving_back() {
     let (new, mut restarted_old, tokens) =
         handed_over(&node, &dir, 5, &["--handover-wait", "1s"]).await;
     let calls = node.fake.calls();
+    let theirs = rendezvous::read_name(Path::new(&dir)).expect("read");
     let load = Load::start(node.addr(), tokens.clone(), 4);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stops_cleanly(&mut restarted_old, Duration::from_secs(10)).await;
+    restarted_old.sigterm();
     new.stderr
         .find(|l| l.contains("the agent that took over is gone").then_some(()))
         .await;
+    // The name file names the agent that is going (for the second it serves on): this one
+    // names itself again at once, so an agent starting now finds the one that stays.
+    let gone = Instant::now();
+    loop {
+        let named = rendezvous::read_name(Path::new(&dir)).expect("read");
+        if named != theirs && named.as_deref().is_some_and(rendezvous::listening) {
+            break;
+        }
+        assert!(
+            gone.elapsed() < Duration::from_millis(500),
+            "not named again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stops_cleanly(&mut restarted_old, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (ok, failed, errors) = load.stop().await;
     assert_eq!(failed, 0, "failed requests: {errors:?}");
@@ -490,6 +509,8 @@ async fn a_socket_at_a_changed_address_is_left_and_the_rest_taken_over() {
     let second = node.agent_with_metrics_at(&dir, "127.0.0.2", &["--handover-wait", "1s"]);
     let took = logged(&second, "took over from the previous agent").await;
     assert_eq!(took["entries"], 5, "{took}");
+    // Ready once it offers itself to the next agent (the third, below).
+    logged(&second, "ready").await;
     let logs = second.stderr.joined();
     assert!(
         logs.contains("not taking over a socket") && logs.contains("Metrics 127.0.0.1"),

@@ -40,9 +40,10 @@
 //! successor fails after it retired, or goes after taking over (it crashed, or stopped first,
 //! as when a restarted old agent took over from the new one), serves again on the sockets it
 //! still holds, with its cache, instead of idling while nobody accepts, and offers itself
-//! again on the same abstract socket (a successor that connects meanwhile waits in its queue,
-//! instead of being refused or finding a name that is gone); a successor that stops
-//! closes the connection before it drains, so its predecessor, if still there, accepts at once.
+//! again on the same abstract socket, named again at once (a successor that connects meanwhile
+//! waits in its queue, instead of being refused or finding a name that is gone); a successor
+//! that stops closes the connection before it drains, so its predecessor, if still there,
+//! accepts at once.
 //! Both serving one accept queue for a while is harmless. An agent that handed over idles
 //! otherwise until it is terminated.
 //!

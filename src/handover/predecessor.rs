@@ -120,6 +120,12 @@ impl Shared {
             .inc();
     }
 
+    /// Write this agent's socket name to the name file, replacing whatever it names.
+    fn name_again(&self) -> std::io::Result<()> {
+        let file = self.settings.dir.join(rendezvous::NAME_FILE);
+        crate::files::write_private(&file, self.name.as_bytes())
+    }
+
     fn lost(&self) {
         self.set_phase(Phase::Lost);
         let _ = self.lost_tx.send(true);
@@ -216,14 +222,23 @@ impl Predecessor {
 
     /// Stop listening, end every peer's connection and join the threads.
     pub async fn stop(self) {
-        drop(self.stop_keeping_socket().await);
+        drop(self.halt().await);
     }
 
-    /// [`Predecessor::stop`], but keep the socket open and named, for the next
+    /// [`Predecessor::stop`], but keep the socket open and name it again at once (the name
+    /// file names the successor that went, if it took over), for the next
     /// [`Predecessor::listen`] of an agent that serves again ([`Predecessor::lost`]): a successor
     /// that connects meanwhile waits in its queue, instead of finding a name that is gone and
     /// waiting for the ports this agent holds. `None` if the thread could not be joined.
-    pub async fn stop_keeping_socket(mut self) -> Option<Published> {
+    pub async fn stop_keeping_socket(self) -> Option<Published> {
+        if let Err(e) = self.shared.name_again() {
+            tracing::warn!(error = %e, "cannot name this agent's handover socket again yet");
+        }
+        self.halt().await
+    }
+
+    /// End the threads; the socket, if they could be joined.
+    async fn halt(mut self) -> Option<Published> {
         self.shared.stopping.store(true, Ordering::Relaxed);
         let _ = (&self.waker).write_all(&[1]);
         if let Some(thread) = self.thread.take() {
@@ -337,8 +352,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, woken: &UnixStream
 /// Name this agent's socket again if the name file is gone, unreadable, or names a socket
 /// nobody listens on.
 fn keep_named(shared: &Shared) {
-    let dir = &shared.settings.dir;
-    let named = rendezvous::read_name(dir);
+    let named = rendezvous::read_name(&shared.settings.dir);
     let fine = match &named {
         Ok(Some(name)) => *name == shared.name || rendezvous::listening(name),
         _ => false,
@@ -346,9 +360,7 @@ fn keep_named(shared: &Shared) {
     if fine {
         return;
     }
-    let published =
-        crate::files::write_private(&dir.join(rendezvous::NAME_FILE), shared.name.as_bytes());
-    match published {
+    match shared.name_again() {
         Ok(()) => tracing::info!("named this agent's handover socket again (the name file was missing, or named an agent that is gone)"),
         Err(e) => tracing::warn!(error = %e, "cannot name this agent's handover socket; the next agent will bind fresh"),
     }
