@@ -921,11 +921,14 @@ fn the_image_runs_as_the_daemonset_runs_it_and_upgrades_without_a_gap() {
             .to_string()
     );
     assert_eq!(sec["root"], "ro", "read-only root: {sec:?}");
-    // The agent names its handover socket on the host side of the hostPath.
-    assert!(
-        handover.join("agent.name").exists(),
-        "no socket named in the handover directory"
-    );
+    // The agent names its handover socket on the host side of the hostPath, as it offers
+    // itself just after it is ready.
+    let named = handover.join("agent.name");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !named.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(named.exists(), "no socket named in the handover directory");
 
     // A pod's boto3, through the standard chain, from 169.254.170.23 in the pod namespace.
     let dir = tempfile::tempdir().expect("tempdir");
