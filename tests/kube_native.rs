@@ -699,6 +699,22 @@ fn pod_in(namespace: &str, i: usize) -> Pod {
     }
 }
 
+/// Ask with every token at once; each must be refused 404 (no association).
+async fn all_refused(h: &Harness, tokens: Vec<String>) {
+    let addr = h.addr();
+    let asks: Vec<_> = tokens
+        .into_iter()
+        .map(|t| {
+            tokio::spawn(
+                async move { get(addr, "/v1/credentials", &[("authorization", &t)]).await },
+            )
+        })
+        .collect();
+    for a in asks {
+        assert_eq!(a.await.expect("join").status, 404);
+    }
+}
+
 /// An Event body read into `k8s-openapi`'s type (no field it does not know), as a pod's.
 fn typed_event(body: &Value) -> k8s_openapi::api::events::v1::Event {
     support::manifest::typed(body, "Event")
@@ -861,18 +877,7 @@ async fn repeats_are_one_event_with_a_count() {
     h.fake
         .answer_namespace("payments", "error-resource-not-found");
     let t = Pod::new(1).token(&cluster.issuer, 0, 3600);
-    let addr = h.addr();
-    let asks: Vec<_> = (0..30)
-        .map(|_| {
-            let t = t.clone();
-            tokio::spawn(
-                async move { get(addr, "/v1/credentials", &[("authorization", &t)]).await },
-            )
-        })
-        .collect();
-    for a in asks {
-        assert_eq!(a.await.expect("join").status, 404);
-    }
+    all_refused(&h, vec![t.clone(); 30]).await;
     let last_count = || {
         cluster
             .kube
@@ -928,18 +933,8 @@ async fn a_flood_of_refused_pods_is_bounded_by_the_nodes_budget() {
     h.fake
         .answer_namespace("payments", "error-resource-not-found");
     let started = Instant::now();
-    let addr = h.addr();
-    let asks: Vec<_> = (0..40)
-        .map(|i| {
-            let t = Pod::new(i).token(&cluster.issuer, 0, 3600);
-            tokio::spawn(
-                async move { get(addr, "/v1/credentials", &[("authorization", &t)]).await },
-            )
-        })
-        .collect();
-    for a in asks {
-        assert_eq!(a.await.expect("join").status, 404);
-    }
+    let tokens = (0..40).map(|i| Pod::new(i).token(&cluster.issuer, 0, 3600));
+    all_refused(&h, tokens.collect()).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let created = cluster.posted().len();
     let allowed = 5 + (started.elapsed().as_secs_f64() * 2.0).ceil() as usize;
@@ -1225,18 +1220,8 @@ async fn held_back_events_go_out_as_the_budget_refills() {
     h.fake
         .answer_namespace("payments", "error-resource-not-found");
     let started = Instant::now();
-    let addr = h.addr();
-    let asks: Vec<_> = (0..40)
-        .map(|i| {
-            let t = Pod::new(i).token(&cluster.issuer, 0, 3600);
-            tokio::spawn(
-                async move { get(addr, "/v1/credentials", &[("authorization", &t)]).await },
-            )
-        })
-        .collect();
-    for a in asks {
-        assert_eq!(a.await.expect("join").status, 404);
-    }
+    let tokens = (0..40).map(|i| Pod::new(i).token(&cluster.issuer, 0, 3600));
+    all_refused(&h, tokens.collect()).await;
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(started.elapsed())).await;
     let created = cluster.posted().len();
     let allowed = 5 + (started.elapsed().as_secs_f64() * 2.0).ceil() as usize;
