@@ -10,14 +10,12 @@
 use crate::admission::AdmissionSettings;
 use crate::cache::policy::RefreshPolicy;
 use crate::cache::{CacheSettings, NegativeSettings};
+use crate::defaults::*;
 use crate::eks_auth::ExchangeSettings;
 #[cfg(feature = "emulator")]
 use crate::emulator::state::state_dir;
 #[cfg(feature = "emulator")]
-use crate::emulator::{
-    AssociationsFrom, ClusterConfig, CredentialsFrom, EmulatorConfig, DEFAULT_CLUSTER,
-    DEFAULT_CREATOR,
-};
+use crate::emulator::{AssociationsFrom, ClusterConfig, CredentialsFrom, EmulatorConfig};
 use crate::kube::events::EventSettings;
 use crate::kube::taint::{TaintSettings, DEFAULT_KEY as DEFAULT_TAINT_KEY};
 use crate::kube::KubeSettings;
@@ -30,11 +28,17 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Default credential addresses: EKS Pod Identity's IPv4 and IPv6 link-local addresses.
-pub const DEFAULT_BIND_HOSTS: [IpAddr; 2] = [
-    IpAddr::V4(Ipv4Addr::new(169, 254, 170, 23)),
-    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)),
-];
+pub use crate::defaults::DEFAULT_BIND_HOSTS;
+
+/// A default duration of [`crate::defaults`] as clap shows and parses it (`5s`, `3h`): clap
+/// wants a `&'static str`, made once.
+macro_rules! shown {
+    ($d:expr) => {{
+        static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        TEXT.get_or_init(|| crate::defaults::go_notation($d))
+            .as_str()
+    }};
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -75,23 +79,24 @@ pub struct DiagnoseArgs {
     #[arg(long)]
     pub no_sts: bool,
     /// How long to wait for the agent, and for STS.
-    #[arg(long, default_value = "5s", value_parser = duration_between(MS * 100, MINUTE * 10))]
+    #[arg(long, default_value = shown!(DEFAULT_DIAGNOSE_TIMEOUT),
+          value_parser = duration_between(MS * 100, MINUTE * 10))]
     pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct InitArgs {
     /// Name of the link that holds the addresses.
-    #[arg(long, default_value = "pod-id-link0")]
+    #[arg(long, default_value = DEFAULT_LINK_NAME)]
     pub link_name: String,
     /// Link kind [default: dummy, falling back to ifb on kernels without dummy].
     #[arg(long)]
     pub link_kind: Option<String>,
     /// IPv4 credential address.
-    #[arg(long, default_value = "169.254.170.23")]
+    #[arg(long, default_value_t = POD_IDENTITY_IPV4)]
     pub ipv4: Ipv4Addr,
     /// IPv6 credential address.
-    #[arg(long, default_value = "fd00:ec2::23")]
+    #[arg(long, default_value_t = POD_IDENTITY_IPV6)]
     pub ipv6: Ipv6Addr,
     /// Skip IPv6 altogether.
     #[arg(long)]
@@ -124,7 +129,7 @@ pub struct EmulatorArgs {
     #[arg(long)]
     pub from_cluster: Option<String>,
     /// Where credentials come from.
-    #[arg(long, value_enum, default_value = "fake")]
+    #[arg(long, value_enum, default_value = DEFAULT_CREDENTIAL_SOURCE)]
     pub credential_source: EmulatedCredentials,
     /// The emulated cluster's name (the agent sends it; tokens must be for it).
     #[arg(long, default_value = DEFAULT_CLUSTER)]
@@ -174,14 +179,14 @@ pub struct DevArgs {
     #[command(subcommand)]
     pub command: Option<DevCommand>,
     /// Port of the credential listener on 127.0.0.1 (0 picks a free one).
-    #[arg(long, default_value_t = 8080)]
+    #[arg(long, default_value_t = DEFAULT_DEV_PORT)]
     pub port: u16,
     /// Also write an AWS config file with an IRSA profile (`pod-identity-dev-irsa`) and a
     /// profile chained from it to another account's role (`pod-identity-dev-cross`).
     #[arg(long)]
     pub aws_config: Option<PathBuf>,
     /// The role the chained profile assumes.
-    #[arg(long, default_value = "arn:aws:iam::444455556666:role/cross-account")]
+    #[arg(long, default_value = DEFAULT_CROSS_ACCOUNT_ROLE)]
     pub cross_account_role: String,
     #[command(flatten)]
     pub emulator: EmulatorArgs,
@@ -205,7 +210,7 @@ pub struct ExplainArgs {
     /// An IAM role or user ARN, or an assumed-role session ARN.
     pub principal_arn: String,
     /// The session name templates see ({{SessionName}}) when the ARN is not a session's.
-    #[arg(long, default_value = "explain-access")]
+    #[arg(long, default_value = DEFAULT_EXPLAIN_SESSION_NAME)]
     pub session_name: String,
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -227,7 +232,8 @@ pub struct TokenArgs {
     #[arg(long)]
     pub pod: Option<String>,
     /// Lifetime of the token.
-    #[arg(long, default_value = "24h", value_parser = duration_between(SECOND, DAY * 366))]
+    #[arg(long, default_value = shown!(DEFAULT_TOKEN_TTL),
+          value_parser = duration_between(SECOND, DAY * 366))]
     pub ttl: Duration,
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -236,7 +242,7 @@ pub struct TokenArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// The audience: pods.eks.amazonaws.com (Pod Identity) or sts.amazonaws.com (IRSA).
-    #[arg(long, default_value = "pods.eks.amazonaws.com")]
+    #[arg(long, default_value = DEFAULT_TOKEN_AUDIENCE)]
     pub audience: String,
 }
 
@@ -251,7 +257,7 @@ impl TokenArgs {
 #[derive(Debug, Clone, Args)]
 pub struct EmulateArgs {
     /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8090")]
+    #[arg(long, default_value_t = DEFAULT_EMULATOR_LISTEN)]
     pub listen: SocketAddr,
     #[command(flatten)]
     pub emulator: EmulatorArgs,
@@ -280,7 +286,7 @@ pub enum Verbosity {
 #[derive(Debug, Clone, Args)]
 pub struct LogArgs {
     /// Log level: trace, debug, info, warn, error.
-    #[arg(short = 'v', long, value_enum, default_value = "info")]
+    #[arg(short = 'v', long, value_enum, default_value = DEFAULT_VERBOSITY)]
     pub verbosity: Verbosity,
     /// Log line format [default: json for server, text for dev and emulate-eks-auth].
     #[arg(long, value_enum)]
@@ -297,33 +303,35 @@ pub struct ServerArgs {
     #[arg(short = 'c', long)]
     pub cluster_name: String,
     /// Port of the credential listeners.
-    #[arg(short = 'p', long, default_value_t = 80)]
+    #[arg(short = 'p', long, default_value_t = DEFAULT_PORT)]
     pub port: u16,
     /// Address to serve credentials on; repeat for several. The first one replaces the
     /// defaults, 169.254.170.23 and [fd00:ec2::23].
     #[arg(short = 'b', long = "bind-hosts", value_parser = parse_bind_host, action = ArgAction::Append)]
     pub bind_hosts: Vec<IpAddr>,
     /// Port of /healthz and /readyz, on 127.0.0.1.
-    #[arg(long, default_value_t = 2703)]
+    #[arg(long, default_value_t = DEFAULT_PROBE_PORT)]
     pub probe_port: u16,
     /// Address of the metrics listener.
-    #[arg(long, default_value = "0.0.0.0", value_parser = parse_bind_host)]
+    #[arg(long, default_value_t = DEFAULT_METRICS_ADDRESS, value_parser = parse_bind_host)]
     pub metrics_address: IpAddr,
     /// Port of the metrics listener (/metrics).
-    #[arg(long, default_value_t = 2705)]
+    #[arg(long, default_value_t = DEFAULT_METRICS_PORT)]
     pub metrics_port: u16,
     /// Renew cached credentials after at most this long, even if they would last longer.
-    #[arg(long, default_value = "3h", value_parser = duration_between(SECOND, DAY * 7))]
+    #[arg(long, default_value = shown!(DEFAULT_MAX_CREDENTIAL_RETENTION),
+          value_parser = duration_between(SECOND, DAY * 7))]
     pub max_credential_retention_before_renewal: Duration,
     /// Most tokens (pods) whose credentials are cached; least recently used go first.
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_MAX_CACHE_SIZE, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_cache_size: u64,
     /// Refresh-ahead exchanges per second with EKS Auth, across all pods.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_MAX_SERVICE_QPS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_service_qps: u32,
     /// Re-read the node's credentials from the shared credentials file (hybrid nodes).
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true",
-          value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    #[arg(long, num_args = 0..=1, default_value_t = DEFAULT_ROTATE_CREDENTIALS,
+          default_missing_value = "true", value_parser = BoolishValueParser::new(),
+          action = ArgAction::Set)]
     pub rotate_credentials: bool,
     /// EKS Auth endpoint URL (also AWS_ENDPOINT_URL_EKS_AUTH); plain http is allowed.
     #[arg(long)]
@@ -332,17 +340,20 @@ pub struct ServerArgs {
     #[arg(long)]
     pub region: Option<String>,
     /// Overall deadline of one EKS Auth exchange, retries included.
-    #[arg(long, default_value = "4s", value_parser = duration_between(MS * 100, MINUTE * 10))]
+    #[arg(long, default_value = shown!(DEFAULT_EKS_AUTH_TIMEOUT),
+          value_parser = duration_between(MS * 100, MINUTE * 10))]
     pub eks_auth_timeout: Duration,
     /// Clock leeway applied to token exp and nbf.
-    #[arg(long, default_value = "60s", value_parser = duration_between(Duration::ZERO, HOUR))]
+    #[arg(long, default_value = shown!(DEFAULT_TOKEN_LEEWAY),
+          value_parser = duration_between(Duration::ZERO, HOUR))]
     pub token_leeway: Duration,
     /// How long in-flight requests may take to finish after SIGTERM.
-    #[arg(long, default_value = "5s", value_parser = duration_between(Duration::ZERO, HOUR))]
+    #[arg(long, default_value = shown!(DEFAULT_SHUTDOWN_GRACE),
+          value_parser = duration_between(Duration::ZERO, HOUR))]
     pub shutdown_grace: Duration,
     /// Where the agent keeps what it learns across restarts (the cluster's verification keys),
     /// made mode 0700; empty keeps nothing.
-    #[arg(long, env = "POD_IDENTITY_AGENT_STATE_DIR", default_value = "/run/pod-identity-agent",
+    #[arg(long, env = "POD_IDENTITY_AGENT_STATE_DIR", default_value = DEFAULT_STATE_DIR,
           value_parser = parse_dir_or_off)]
     pub state_dir: PathBuf,
     #[command(flatten)]
@@ -374,7 +385,7 @@ pub enum Verification {
 #[command(next_help_heading = "Identity")]
 pub struct IdentityArgs {
     /// Verify tokens locally against the cluster's keys before any exchange.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = DEFAULT_TOKEN_VERIFICATION)]
     pub token_verification: Verification,
     /// The OIDC issuer tokens carry (an EKS cluster's, e.g.
     /// https://oidc.eks.us-west-2.amazonaws.com/id/EXAMPLE), whose discovery document gives its
@@ -389,13 +400,10 @@ pub struct IdentityArgs {
     #[arg(long, value_parser = parse_url)]
     pub kube_api_server: Option<String>,
     /// The agent's service-account token for the API server.
-    #[arg(
-        long,
-        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-    )]
+    #[arg(long, default_value = DEFAULT_KUBE_TOKEN_FILE)]
     pub kube_token_file: PathBuf,
     /// The CA bundle of the API server's certificate; empty: the system's roots.
-    #[arg(long, default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+    #[arg(long, default_value = DEFAULT_KUBE_CA_FILE,
           value_parser = parse_dir_or_off)]
     pub kube_ca_file: PathBuf,
     /// This node's name (the downward API's spec.nodeName): verified tokens of pods on other
@@ -404,7 +412,8 @@ pub struct IdentityArgs {
     pub node_name: Option<String>,
     /// IPv6 sources within one prefix of this length are one client (budgets, connections);
     /// 128 counts each address apart.
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u8).range(0..=128))]
+    #[arg(long, default_value_t = DEFAULT_CLIENT_IPV6_PREFIX,
+          value_parser = clap::value_parser!(u8).range(0..=128))]
     pub client_ipv6_prefix: u8,
     /// Remove this taint from the node (--node-name) once the agent serves, so pods are not
     /// scheduled on a new node before it can give them credentials; never added back. Without a
@@ -415,7 +424,7 @@ pub struct IdentityArgs {
     /// Report refused pods (no association, an expired or invalid token, the role's trust
     /// policy) as Events on the pod, and refused node credentials on the Node (needs
     /// --node-name; pod Events need token verification).
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true",
+    #[arg(long, num_args = 0..=1, default_value_t = DEFAULT_EVENTS, default_missing_value = "true",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     pub events: bool,
 }
@@ -544,14 +553,16 @@ impl IdentityArgs {
 pub struct HandoverArgs {
     /// Directory of the handover socket, shared by successive agents on a node (made mode
     /// 0700); empty turns handover off.
-    #[arg(long, env = "POD_IDENTITY_AGENT_HANDOVER_DIR", default_value = "/run/pod-identity-agent",
+    #[arg(long, env = "POD_IDENTITY_AGENT_HANDOVER_DIR", default_value = DEFAULT_HANDOVER_DIR,
           value_parser = parse_dir_or_off)]
     pub handover_dir: PathBuf,
     /// After SIGTERM, how long to keep serving while waiting for a new agent to take over.
-    #[arg(long, default_value = "5s", value_parser = duration_between(Duration::ZERO, MINUTE * 10))]
+    #[arg(long, default_value = shown!(DEFAULT_HANDOVER_WAIT),
+          value_parser = duration_between(Duration::ZERO, MINUTE * 10))]
     pub handover_wait: Duration,
     /// How long each step of a handover may take before the other agent is given up on.
-    #[arg(long, default_value = "2s", value_parser = duration_between(MS * 10, MINUTE * 10))]
+    #[arg(long, default_value = shown!(DEFAULT_HANDOVER_TIMEOUT),
+          value_parser = duration_between(MS * 10, MINUTE * 10))]
     pub handover_timeout: Duration,
 }
 
@@ -562,43 +573,49 @@ pub struct HandoverArgs {
 pub struct AbuseArgs {
     /// Remember EKS Auth's refusal of a token (invalid, expired, no association) this long;
     /// 0s turns remembering off. Refusals of the node's own credentials: at most 5s.
-    #[arg(long, default_value = "60s", value_parser = duration_between(Duration::ZERO, DAY))]
+    #[arg(long, default_value = shown!(DEFAULT_NEGATIVE_CACHE_TTL),
+          value_parser = duration_between(Duration::ZERO, DAY))]
     pub negative_cache_ttl: Duration,
     /// Most refusals remembered at once (separate from --max-cache-size).
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_NEGATIVE_CACHE_SIZE, value_parser = clap::value_parser!(u64).range(1..))]
     pub negative_cache_size: u64,
     /// New exchanges per second one client (a verified pod; else a source address, the host's
     /// counted as one) may start, sustained. Cache hits are never limited.
-    #[arg(long, default_value = "1", value_parser = parse_rate)]
+    #[arg(long, default_value_t = DEFAULT_CLIENT_EXCHANGE_QPS, value_parser = parse_rate)]
     pub client_exchange_qps: f64,
     /// New exchanges one client may start at once before --client-exchange-qps applies.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_CLIENT_EXCHANGE_BURST, value_parser = clap::value_parser!(u32).range(1..))]
     pub client_exchange_burst: u32,
     /// Exchanges one client may have under way at once.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_CLIENT_MAX_CONCURRENT_EXCHANGES,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub client_max_concurrent_exchanges: u32,
     /// New exchanges per second for the whole node, sustained (refreshes are separate:
     /// --max-service-qps).
-    #[arg(long, default_value = "50", value_parser = parse_rate)]
+    #[arg(long, default_value_t = DEFAULT_EXCHANGE_QPS, value_parser = parse_rate)]
     pub exchange_qps: f64,
     /// New exchanges the node may start at once (a reboot's first requests).
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_EXCHANGE_BURST, value_parser = clap::value_parser!(u32).range(1..))]
     pub exchange_burst: u32,
     /// New exchanges the node may have under way at once.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_MAX_CONCURRENT_EXCHANGES,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_exchanges: u32,
     /// How long a request may wait for the node's exchange budget before a 503.
-    #[arg(long, default_value = "2s", value_parser = duration_between(Duration::ZERO, MINUTE))]
+    #[arg(long, default_value = shown!(DEFAULT_MAX_EXCHANGE_WAIT),
+          value_parser = duration_between(Duration::ZERO, MINUTE))]
     pub max_exchange_wait: Duration,
     /// Open connections at once on the credential listeners; beyond it clients wait.
-    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
     /// Open connections one client (a source address; the host's counted as one) may hold once
     /// the pool is three-quarters full; beyond it they are refused (429).
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_client: u32,
     /// A request's headers must arrive within this.
-    #[arg(long, default_value = "3s", value_parser = duration_between(MS * 100, MINUTE * 10))]
+    #[arg(long, default_value = shown!(DEFAULT_HEADER_TIMEOUT),
+          value_parser = duration_between(MS * 100, MINUTE * 10))]
     pub header_timeout: Duration,
 }
 
@@ -724,7 +741,7 @@ impl ServerArgs {
                     max_retention: self.max_credential_retention_before_renewal,
                 },
                 refresh_qps: f64::from(self.max_service_qps),
-                refresh_concurrency: 16,
+                refresh_concurrency: DEFAULT_REFRESH_CONCURRENCY,
                 negative: self.abuse.negative(),
             },
             leeway: self.token_leeway,
@@ -832,6 +849,30 @@ mod tests {
         let c = settings.connections;
         assert_eq!((c.max_connections, c.max_per_client), (2048, 128));
         assert_eq!(c.header_timeout, Duration::from_secs(3));
+    }
+
+    /// One home for every default: what clap parses when no flag is given is what the settings
+    /// types' `Default` impls hold (library callers, benches and tests start from those).
+    #[test]
+    fn parsed_defaults_are_the_default_impls() {
+        let s = server(&["-c", "c"]).expect("parses");
+        let settings = s.server_settings().expect("settings");
+        let same = |parsed: &dyn std::fmt::Debug, default: &dyn std::fmt::Debug| {
+            assert_eq!(format!("{parsed:?}"), format!("{default:?}"));
+        };
+        same(&settings.cache, &CacheSettings::default());
+        same(&settings.cache.negative, &NegativeSettings::default());
+        same(&settings.admission, &AdmissionSettings::default());
+        same(&settings.connections, &ConnectionLimits::default());
+        same(&s.exchange_settings(), &ExchangeSettings::new("c"));
+        assert_eq!(settings.leeway, DEFAULT_TOKEN_LEEWAY);
+        assert_eq!(settings.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        assert_eq!(settings.client_ipv6_prefix, DEFAULT_CLIENT_IPV6_PREFIX);
+        let h = &s.handover;
+        assert_eq!(
+            (h.handover_wait, h.handover_timeout),
+            (DEFAULT_HANDOVER_WAIT, DEFAULT_HANDOVER_TIMEOUT)
+        );
     }
 
     #[test]

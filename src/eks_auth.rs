@@ -202,13 +202,14 @@ pub struct ExchangeSettings {
 
 impl ExchangeSettings {
     pub fn new(cluster_name: impl Into<String>) -> Self {
+        use crate::defaults::*;
         ExchangeSettings {
             cluster_name: cluster_name.into(),
             endpoint: None,
-            connect_timeout: Duration::from_secs(1),
-            attempt_timeout: Duration::from_secs(2),
-            overall_timeout: Duration::from_secs(4),
-            max_attempts: 3,
+            connect_timeout: DEFAULT_EKS_AUTH_CONNECT_TIMEOUT,
+            attempt_timeout: DEFAULT_EKS_AUTH_ATTEMPT_TIMEOUT,
+            overall_timeout: DEFAULT_EKS_AUTH_TIMEOUT,
+            max_attempts: DEFAULT_EKS_AUTH_ATTEMPTS,
         }
     }
 }

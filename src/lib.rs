@@ -14,6 +14,7 @@ pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod credentials;
+pub mod defaults;
 #[cfg(feature = "emulator")]
 pub mod dev;
 pub mod diagnose;

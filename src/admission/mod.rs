@@ -67,15 +67,16 @@ pub struct AdmissionSettings {
 
 impl Default for AdmissionSettings {
     fn default() -> Self {
+        use crate::defaults::*;
         AdmissionSettings {
-            client_qps: 1.0,
-            client_burst: 10,
-            client_concurrency: 4,
-            node_qps: 50.0,
-            node_burst: 200,
-            node_concurrency: 64,
-            node_wait: Duration::from_secs(2),
-            max_clients: 65_536,
+            client_qps: DEFAULT_CLIENT_EXCHANGE_QPS,
+            client_burst: DEFAULT_CLIENT_EXCHANGE_BURST,
+            client_concurrency: DEFAULT_CLIENT_MAX_CONCURRENT_EXCHANGES as usize,
+            node_qps: DEFAULT_EXCHANGE_QPS,
+            node_burst: DEFAULT_EXCHANGE_BURST,
+            node_concurrency: DEFAULT_MAX_CONCURRENT_EXCHANGES as usize,
+            node_wait: DEFAULT_MAX_EXCHANGE_WAIT,
+            max_clients: DEFAULT_MAX_CLIENTS,
         }
     }
 }

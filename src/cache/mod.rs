@@ -123,15 +123,16 @@ pub struct CacheSettings {
 
 impl Default for CacheSettings {
     /// The reference agent's defaults: 2000 entries, renewal after at most 3 h, 3 refreshes/s;
-    /// and 16 refreshes at once.
+    /// and 16 refreshes at once ([`crate::defaults`]).
     fn default() -> Self {
+        use crate::defaults::*;
         CacheSettings {
-            max_entries: 2000,
+            max_entries: DEFAULT_MAX_CACHE_SIZE,
             policy: RefreshPolicy {
-                max_retention: Duration::from_secs(3 * 3600),
+                max_retention: DEFAULT_MAX_CREDENTIAL_RETENTION,
             },
-            refresh_qps: 3.0,
-            refresh_concurrency: 16,
+            refresh_qps: f64::from(DEFAULT_MAX_SERVICE_QPS),
+            refresh_concurrency: DEFAULT_REFRESH_CONCURRENCY,
             negative: NegativeSettings::default(),
         }
     }

@@ -71,8 +71,8 @@ pub struct NegativeSettings {
 impl Default for NegativeSettings {
     fn default() -> Self {
         NegativeSettings {
-            ttl: Duration::from_secs(60),
-            max_entries: 10_000,
+            ttl: crate::defaults::DEFAULT_NEGATIVE_CACHE_TTL,
+            max_entries: crate::defaults::DEFAULT_NEGATIVE_CACHE_SIZE,
         }
     }
 }

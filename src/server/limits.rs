@@ -66,9 +66,9 @@ pub struct ConnectionLimits {
 impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
-            max_connections: 2048,
-            max_per_client: 128,
-            header_timeout: Duration::from_secs(3),
+            max_connections: crate::defaults::DEFAULT_MAX_CONNECTIONS as usize,
+            max_per_client: crate::defaults::DEFAULT_MAX_CONNECTIONS_PER_CLIENT as usize,
+            header_timeout: crate::defaults::DEFAULT_HEADER_TIMEOUT,
         }
     }
 }

@@ -116,14 +116,15 @@ pub struct VerifySettings {
 
 impl Default for VerifySettings {
     fn default() -> Self {
+        use crate::defaults::*;
         VerifySettings {
             audience: AUDIENCE.to_owned(),
-            fetch_floor: Duration::from_secs(1),
-            min_refresh_interval: Duration::from_secs(30),
-            refresh_every: Duration::from_secs(3600),
-            fetch_timeout: Duration::from_secs(5),
-            grace: Duration::from_secs(15 * 60),
-            wait_for_keys: Duration::from_millis(1500),
+            fetch_floor: DEFAULT_VERIFY_FETCH_FLOOR,
+            min_refresh_interval: DEFAULT_VERIFY_MIN_REFRESH_INTERVAL,
+            refresh_every: DEFAULT_VERIFY_REFRESH_EVERY,
+            fetch_timeout: DEFAULT_VERIFY_FETCH_TIMEOUT,
+            grace: DEFAULT_VERIFY_GRACE,
+            wait_for_keys: DEFAULT_VERIFY_WAIT_FOR_KEYS,
             state_file: None,
         }
     }
