@@ -6,10 +6,11 @@
 //! token for `default/default` into the state directory, then prints to stdout the shell lines
 //! that point any AWS SDK at it, and runs until SIGINT/SIGTERM. Logs go to stderr.
 
-use crate::admission::AdmissionSettings;
-use crate::cache::CacheSettings;
-use crate::cli::{DevArgs, EmulateArgs, ExplainArgs, LogFormat, TokenArgs};
-use crate::eks_auth::{EksAuthClient, ExchangeSettings};
+use crate::agent::AgentSettings;
+use crate::cli::{
+    DevArgs, EmulateArgs, ExplainArgs, LogFormat, ServerArgs, TokenArgs, Verification,
+};
+use crate::eks_auth::EksAuthClient;
 use crate::emulator::associations::STS_AUDIENCE;
 use crate::emulator::issuer::write_private;
 use crate::emulator::issuer::{Issuer, MintRequest, AUDIENCE};
@@ -17,12 +18,11 @@ use crate::emulator::kube_tls::KubeTls;
 use crate::emulator::state::{chained_profiles, kubeconfig, mint_to, token_path, token_path_for};
 use crate::emulator::{cluster, explain, Emulator};
 use crate::metrics::Metrics;
-use crate::server::limits::ConnectionLimits;
 use crate::server::listener::{self, Connections};
-use crate::server::{Server, ServerSettings};
+use crate::server::Server;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -244,14 +244,45 @@ fn print_exports(e: &Exports<'_>) {
     }
 }
 
-/// The agent, exactly as `server` builds it, pointed at the emulator on `emu_addr`.
-async fn start_agent(
+/// The region the emulator answers for, which dev's agent signs for.
+const DEV_REGION: &str = "us-east-1";
+
+/// The agent `dev` runs: `server`'s, from the same defaults, with only what running on this
+/// machine against the emulator at `emulator` must change.
+pub fn agent_settings(
     cluster_name: &str,
-    emu_addr: SocketAddr,
+    emulator: SocketAddr,
     port: u16,
-) -> Result<crate::server::RunningServer, String> {
+) -> Result<AgentSettings, String> {
+    let mut args = ServerArgs::defaults(cluster_name)?;
+    // This machine, not a node: the credential listener on loopback at the port asked for, the
+    // probes and metrics on free loopback ports (printed), nothing on the node's addresses.
+    args.bind_hosts = vec![Ipv4Addr::LOCALHOST.into()];
+    args.port = port;
+    args.probe_port = 0;
+    args.metrics_address = Ipv4Addr::LOCALHOST.into();
+    args.metrics_port = 0;
+    // EKS Auth is the emulator, which answers for one region.
+    args.endpoint = Some(format!("http://{emulator}"));
+    args.region = Some(DEV_REGION.to_owned());
+    // Nothing shared with other agents or kept across runs: several `dev`s may run at once, and
+    // the state dir is the emulator's (`--state-dir`).
+    args.state_dir = PathBuf::new();
+    args.handover.handover_dir = PathBuf::new();
+    // The emulator verifies its own tokens, as EKS Auth does; and a developer's shell inside a
+    // pod (KUBERNETES_SERVICE_HOST) must not make `auto` trust that cluster's keys instead.
+    args.identity.token_verification = Verification::Off;
+    args.agent_settings()
+}
+
+/// The agent, as `server` runs it ([`agent_settings`]), with dev's own node credentials.
+async fn start_agent(settings: &AgentSettings) -> Result<crate::server::RunningServer, String> {
+    let region = settings
+        .region
+        .clone()
+        .unwrap_or_else(|| DEV_REGION.to_owned());
     let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
+        .region(aws_config::Region::new(region))
         .credentials_provider(aws_credential_types::Credentials::new(
             DEV_NODE_KEY_ID,
             "dev-node-secret",
@@ -261,28 +292,10 @@ async fn start_agent(
         ))
         .load()
         .await;
-    let mut exchange = ExchangeSettings::new(cluster_name);
-    exchange.endpoint = Some(format!("http://{emu_addr}"));
-    let settings = ServerSettings {
-        bind_hosts: vec![Ipv4Addr::LOCALHOST.into()],
-        port,
-        probe_addr: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)),
-        metrics_addr: Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)),
-        cache: CacheSettings::default(),
-        leeway: Duration::from_secs(60),
-        shutdown_grace: Duration::from_secs(2),
-        admission: AdmissionSettings::default(),
-        verification: None,
-        node_name: None,
-        client_ipv6_prefix: 128,
-        connections: ConnectionLimits::default(),
-        events: None,
-        kube: None,
-    };
     let metrics = Arc::new(Metrics::new().map_err(|e| e.to_string())?);
     Server::start(
-        &settings,
-        Arc::new(EksAuthClient::new(&sdk, &exchange)),
+        &settings.server,
+        Arc::new(EksAuthClient::new(&sdk, &settings.exchange)),
         metrics,
     )
     .await
@@ -304,7 +317,7 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
     let emu_addr = emu.addr;
 
     let cluster_name = config.cluster.name.clone();
-    let agent = start_agent(&cluster_name, emu_addr, args.port).await?;
+    let agent = start_agent(&agent_settings(&cluster_name, emu_addr, args.port)?).await?;
     let agent_addr = agent
         .credential_addrs
         .first()
@@ -351,4 +364,35 @@ pub async fn run_dev(args: DevArgs) -> Result<(), String> {
     agent.shutdown().await;
     emu.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `dev` runs the agent `server` runs: its settings are `server`'s defaults but for the
+    /// overrides [`agent_settings`] names (a new default reaches both, or this fails).
+    #[test]
+    fn dev_runs_the_agent_server_runs() {
+        let emulator = SocketAddr::from((Ipv4Addr::LOCALHOST, 8090));
+        let dev = agent_settings("dev", emulator, 8080).expect("dev settings");
+        let mut expected = ServerArgs::defaults("dev")
+            .and_then(|a| a.agent_settings())
+            .expect("server settings");
+        let loopback = |port| Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        expected.server.bind_hosts = vec![Ipv4Addr::LOCALHOST.into()];
+        expected.server.port = 8080;
+        expected.server.probe_addr = loopback(0);
+        expected.server.metrics_addr = loopback(0);
+        expected.exchange.endpoint = Some("http://127.0.0.1:8090".into());
+        expected.region = Some(DEV_REGION.into());
+        expected.state_dir = None;
+        #[cfg(target_os = "linux")]
+        {
+            expected.handover = None;
+        }
+        expected.server.verification = None;
+        expected.server.kube = None;
+        assert_eq!(format!("{dev:?}"), format!("{expected:?}"));
+    }
 }

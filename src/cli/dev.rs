@@ -1,7 +1,8 @@
 //! The local mode's flags: `dev` (and its `token` and `explain-access`) and `emulate-eks-auth`,
 //! with the emulator's own flags they share.
 //!
-//! Contract: these commands never touch a node.
+//! Contract: these commands never touch a node; `dev`'s agent takes `server`'s settings
+//! ([`crate::cli::ServerArgs::defaults`]), so only the emulator's and dev's own flags live here.
 
 use super::parse::{duration_between, DAY, SECOND};
 use super::LogArgs;

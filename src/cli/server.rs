@@ -2,7 +2,8 @@
 //! runs with ([`ServerArgs::agent_settings`]).
 //!
 //! Contract: a flag not given takes its [`crate::defaults`] const, so the parsed settings equal
-//! the settings types' `Default` impls (a test holds them so).
+//! the settings types' `Default` impls (a test holds them so); `dev` builds its agent from
+//! [`ServerArgs::defaults`], overriding only what local mode must differ in.
 //! The flag groups are `identity` ([`IdentityArgs`]), `abuse` ([`AbuseArgs`]), handover
 //! ([`HandoverArgs`], honoured on Linux) and logging.
 
@@ -16,7 +17,7 @@ use crate::defaults::*;
 use crate::eks_auth::ExchangeSettings;
 use crate::server::ServerSettings;
 use clap::builder::BoolishValueParser;
-use clap::{ArgAction, Args};
+use clap::{ArgAction, Args, FromArgMatches};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -110,6 +111,16 @@ pub struct HandoverArgs {
 }
 
 impl ServerArgs {
+    /// `server`'s flags as if only `--cluster-name` were given (and the environment variables
+    /// `server` reads): what `dev` starts from, so its agent is `server`'s.
+    pub fn defaults(cluster_name: &str) -> Result<ServerArgs, String> {
+        let command = ServerArgs::augment_args(clap::Command::new("server"));
+        let matches = command
+            .try_get_matches_from(["server", &format!("--cluster-name={cluster_name}")])
+            .map_err(|e| e.to_string())?;
+        ServerArgs::from_arg_matches(&matches).map_err(|e| e.to_string())
+    }
+
     pub fn bind_hosts(&self) -> Vec<IpAddr> {
         if self.bind_hosts.is_empty() {
             DEFAULT_BIND_HOSTS.to_vec()
