@@ -96,3 +96,35 @@ impl AbuseArgs {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use crate::cli::server_args as server;
+
+    /// Every count and rate here means nothing at zero: refused where it is parsed (exit 2),
+    /// never clamped to 1 downstream. Each flag parses at 1, so the refusal is the value's.
+    #[test]
+    fn zero_counts_and_rates_are_refused_where_parsed() {
+        for flag in [
+            "--negative-cache-size",
+            "--client-exchange-qps",
+            "--client-exchange-burst",
+            "--client-max-concurrent-exchanges",
+            "--exchange-qps",
+            "--exchange-burst",
+            "--max-concurrent-exchanges",
+            "--max-connections",
+            "--max-connections-per-client",
+            "--max-cache-size",
+            "--max-service-qps",
+        ] {
+            let one = format!("{flag}=1");
+            assert!(server(&["-c", "c", &one]).is_ok(), "{one}");
+            for bad in ["0", "-1", "x"] {
+                let arg = format!("{flag}={bad}");
+                let err = server(&["-c", "c", &arg]).expect_err(&arg);
+                assert_eq!(err.exit_code(), 2, "{arg}");
+                assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{arg}");
+            }
+        }
+    }
+}
