@@ -231,6 +231,7 @@ impl EksAuthClient {
             .operation_timeout(settings.overall_timeout)
             .build();
         let retry = aws_config::retry::RetryConfig::standard()
+            // No flag sets it: a library caller's 0 still makes one attempt.
             .with_max_attempts(settings.max_attempts.max(1))
             .with_initial_backoff(Duration::from_millis(50));
         let mut config = aws_sdk_eksauth::config::Builder::from(sdk)

@@ -73,6 +73,7 @@ impl NodeQueue {
     pub fn new(rate: f64, burst: u32, concurrency: usize, wait: Duration) -> Arc<NodeQueue> {
         Arc::new(NodeQueue {
             bucket: TokenBucket::with_burst(rate, burst),
+            // --max-concurrent-exchanges refuses 0 where parsed; this guards library callers.
             slots: Arc::new(Semaphore::new(concurrency.clamp(1, Semaphore::MAX_PERMITS))),
             wait,
             waiting: Mutex::default(),

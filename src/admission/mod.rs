@@ -157,6 +157,7 @@ impl Admission {
         Admission {
             settings,
             clients: moka::sync::Cache::builder()
+                // No flag sets it: a library caller's 0 would track no client's budget.
                 .max_capacity(settings.max_clients.max(1))
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .time_to_idle(CLIENT_IDLE)
@@ -184,6 +185,7 @@ impl Admission {
             Arc::new(Client {
                 bucket: TokenBucket::with_burst(s.client_qps, s.client_burst),
                 slots: Arc::new(Semaphore::new(
+                    // The flag refuses 0 where parsed; this guards library callers.
                     s.client_concurrency.clamp(1, Semaphore::MAX_PERMITS),
                 )),
                 warn: LogEvery::new(WARN_EVERY),

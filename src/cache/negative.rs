@@ -99,6 +99,7 @@ impl Rejections {
     pub fn new(settings: &NegativeSettings) -> Rejections {
         Rejections {
             map: moka::sync::Cache::builder()
+                // --negative-cache-size refuses 0 where parsed; this guards library callers.
                 .max_capacity(settings.max_entries.max(1))
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .expire_after(OwnTtl)

@@ -280,6 +280,7 @@ impl ConnectionLimiter {
     /// Admit a connection from `ip`, or say why not (see the module contract).
     pub fn admit(&self, ip: IpAddr) -> Result<Slot, Refused> {
         let key = self.clients.source(ip);
+        // --max-connections refuses 0 where parsed; this guards library callers.
         let max = self.limits.max_connections.max(1);
         let mut r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let mine = r.count(&key);
