@@ -1,5 +1,10 @@
 //! The `pod-identity-agent` binary: parse the command line, set up logging, run the command.
 //! Any failure to start is one line on stderr and exit code 2, never a panic.
+//!
+//! Platforms: the agent is for Linux nodes. What is Linux-only is gated in the library, as
+//! `lib.rs` gates `handover` and `files`, and nothing here names it, so the commands are the
+//! same everywhere: elsewhere `server` runs without handover (it says so at start) and `init`,
+//! which sets up a Linux link over netlink, refuses with exit 2 (`netlink::init`).
 
 use clap::Parser;
 use pod_identity_agent::cli::{Cli, Command, InitArgs, LogFormat, ServerArgs};
@@ -104,6 +109,10 @@ async fn server(args: ServerArgs) -> Ended {
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
+    #[cfg(not(target_os = "linux"))]
+    if !args.handover.handover_dir.as_os_str().is_empty() {
+        tracing::warn!("handover needs Linux (SCM_RIGHTS and SO_PEERCRED): this agent neither takes over nor hands over");
     }
     let settings = args.agent_settings().map_err(|e| (2, e))?;
     agent::run(settings, pod_identity_agent::signal::shutdown())
