@@ -179,9 +179,9 @@ pub use crate::emulator::{DEFAULT_CLUSTER, DEFAULT_CREATOR};
 /// A default duration as clap shows and parses it, in Go's notation (`500ms`, `5s`, `3h`).
 pub fn go_notation(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         format!("{ms}ms")
-    } else if ms != 0 && ms % 3_600_000 == 0 {
+    } else if ms != 0 && ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
     } else {
         format!("{}s", ms / 1000)
