@@ -216,4 +216,15 @@ mod tests {
         assert_eq!(go_notation(DEFAULT_TOKEN_LEEWAY), "60s");
         assert_eq!(go_notation(DEFAULT_VERIFY_WAIT_FOR_KEYS), "1500ms");
     }
+
+    /// The flags' defaults are where in-cluster configuration finds the pod's credentials.
+    #[test]
+    fn kube_files_are_the_in_cluster_ones() {
+        let k = crate::kube::KubeSettings::new("https://example".into());
+        assert_eq!(k.token_file, std::path::Path::new(DEFAULT_KUBE_TOKEN_FILE));
+        assert_eq!(
+            k.ca_file.as_deref(),
+            Some(std::path::Path::new(DEFAULT_KUBE_CA_FILE))
+        );
+    }
 }
