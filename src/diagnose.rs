@@ -568,35 +568,25 @@ mod tests {
     }
 
     use super::*;
+    use crate::codes::ErrorCode;
     use crate::explain::explain;
 
     /// Every code the agent answers with, from its own tables: each gets its own explanation.
     #[test]
     fn every_error_code_the_agent_can_give_is_explained() {
-        let agent_codes = [
-            "MissingToken",
-            "InvalidToken",
-            "ExpiredToken",
-            "TokenNotYetValid",
-            "HostNotAllowed",
-            "NotFound",
-            "MethodNotAllowed",
-            "TooManyConnections",
-            "ExchangeRateExceeded",
-            "ExchangeCapacityExceeded",
-            "ShuttingDown",
-            "EksAuthUnavailable",
-            "EksAuthInvalidResponse",
-            "InternalError",
-        ];
         let unknown = explain("SomethingNew", 400, None);
-        for code in agent_codes
+        let own = ErrorCode::ALL
             .iter()
-            .copied()
-            .chain(crate::eks_auth::known_codes())
+            .map(|c| (c.as_str(), c.status().as_u16()));
+        let eks_auth = crate::eks_auth::known_codes()
             .chain(["UnknownError"])
-        {
-            assert_ne!(explain(code, 400, None), unknown, "{code} is not explained");
+            .map(|c| (c, 400));
+        for (code, status) in own.chain(eks_auth) {
+            assert_ne!(
+                explain(code, status, None),
+                unknown,
+                "{code} is not explained"
+            );
         }
         // The same code is the pod's problem at 400 and the node's at 403.
         assert_ne!(

@@ -11,6 +11,7 @@
 //! `Retry-After` header. No SDK needs the body, but Go and Java surface it.
 
 use crate::cache::{CacheError, Denial, Refusal, Scope};
+use crate::codes::ErrorCode;
 use crate::eks_auth::{ExchangeError, Fault};
 use crate::token::TokenError;
 use bytes::Bytes;
@@ -94,40 +95,55 @@ struct Body<'a> {
     message: &'a str,
 }
 
+/// The code an error carries on the wire: the agent's own, or EKS Auth's passed on with its
+/// status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code<'a> {
+    Own(ErrorCode),
+    EksAuth { status: u16, code: &'a str },
+}
+
 impl Error {
+    /// Which code and status this error is answered with: the one place that decides it.
+    pub fn coded(&self) -> Code<'_> {
+        let own = match self {
+            Error::Token(TokenError::Missing) => ErrorCode::MissingToken,
+            Error::Token(TokenError::Expired(_)) => ErrorCode::ExpiredToken,
+            Error::Token(TokenError::NotYetValid(_)) => ErrorCode::TokenNotYetValid,
+            Error::Token(_) => ErrorCode::InvalidToken,
+            Error::HostNotAllowed(_) => ErrorCode::HostNotAllowed,
+            Error::NotFound(_) => ErrorCode::NotFound,
+            Error::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
+            Error::Exchange(e) | Error::Remembered { error: e, .. } => match e {
+                ExchangeError::Service { status, code, .. } => {
+                    return Code::EksAuth {
+                        status: *status,
+                        code,
+                    }
+                }
+                ExchangeError::Unavailable(_) => ErrorCode::EksAuthUnavailable,
+                ExchangeError::BadResponse(_) => ErrorCode::EksAuthInvalidResponse,
+            },
+            Error::Unverified(_) => ErrorCode::InvalidToken,
+            Error::OtherNode(_) => ErrorCode::TokenForAnotherNode,
+            Error::ClientOverBudget(_) => ErrorCode::ExchangeRateExceeded,
+            Error::NodeOverBudget(_) => ErrorCode::ExchangeCapacityExceeded,
+            Error::ShuttingDown => ErrorCode::ShuttingDown,
+        };
+        Code::Own(own)
+    }
+
     pub fn status(&self) -> u16 {
-        match self {
-            Error::Token(_) => 400,
-            Error::HostNotAllowed(_) => 403,
-            Error::NotFound(_) => 404,
-            Error::MethodNotAllowed(_) => 405,
-            Error::Exchange(ExchangeError::Service { status, .. }) => *status,
-            Error::Exchange(ExchangeError::Unavailable(_)) => 503,
-            Error::Exchange(ExchangeError::BadResponse(_)) => 502,
-            Error::Remembered { error, .. } => Error::Exchange(error.clone()).status(),
-            Error::Unverified(_) => 400,
-            Error::OtherNode(_) => 400,
-            Error::ClientOverBudget(_) => 429,
-            Error::NodeOverBudget(_) => 503,
-            Error::ShuttingDown => 503,
+        match self.coded() {
+            Code::Own(code) => code.status().as_u16(),
+            Code::EksAuth { status, .. } => status,
         }
     }
 
     pub fn code(&self) -> &str {
-        match self {
-            Error::Token(TokenError::Missing) => "MissingToken",
-            Error::Token(TokenError::Expired(_)) => "ExpiredToken",
-            Error::Token(TokenError::NotYetValid(_)) => "TokenNotYetValid",
-            Error::Token(_) => "InvalidToken",
-            Error::HostNotAllowed(_) => "HostNotAllowed",
-            Error::NotFound(_) => "NotFound",
-            Error::MethodNotAllowed(_) => "MethodNotAllowed",
-            Error::Exchange(e) | Error::Remembered { error: e, .. } => e.code(),
-            Error::Unverified(_) => "InvalidToken",
-            Error::OtherNode(_) => "TokenForAnotherNode",
-            Error::ClientOverBudget(_) => "ExchangeRateExceeded",
-            Error::NodeOverBudget(_) => "ExchangeCapacityExceeded",
-            Error::ShuttingDown => "ShuttingDown",
+        match self.coded() {
+            Code::Own(code) => code.as_str(),
+            Code::EksAuth { code, .. } => code,
         }
     }
 
@@ -185,9 +201,10 @@ impl Error {
         })
         .map(Bytes::from)
         .unwrap_or_else(|_| {
-            Bytes::from_static(
-                br#"{"code":"InternalError","message":"error body could not be built"}"#,
-            )
+            Bytes::from(format!(
+                r#"{{"code":"{}","message":"error body could not be built"}}"#,
+                ErrorCode::InternalError
+            ))
         })
     }
 }
