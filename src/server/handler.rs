@@ -1,17 +1,17 @@
 //! `/v1/credentials`: validation → cache (whose flights ask admission) → response, with its
-//! metrics, its one log line and its audit line ([`crate::audit`]): for a refusal of
-//! credentials (bounded per client), and for the first delivery of a token's credentials to a
-//! new address. A refusal of credentials is also handed to [`Events`], which never waits.
+//! metrics, its one log line and its audit line ([`crate::audit`]): for a refusal of credentials
+//! (bounded per client), and for the first delivery of a token's credentials to a new address. A
+//! refusal of credentials is also handed to [`Events`], which never waits.
 //!
-//! Contract: every request gets exactly one answer, success or a JSON error, and is counted
-//! once in `pod_identity_http_response` and the latency histogram. A refusal made without asking
-//! EKS Auth (remembered rejection, budget, failed verification) is also counted by reason in
-//! `pod_identity_rejected_locally_total` and reported to [`Admission::note_refusal`], which
-//! warns about it now and then, naming the client; and it is answered after [`REFUSAL_PACE`],
-//! so a client flooding the agent with tokens it will refuse gets at most about ten answers a
-//! second per connection (HTTP/1.1 is serial) and cannot take the CPU from other pods. The debug line names the token by its short
-//! hash, never by its value. If the client hangs up mid-exchange, this future is dropped but the
-//! exchange goes on in the cache's own task.
+//! Contract: every request gets exactly one answer, success or a JSON error, and is counted once in
+//! `pod_identity_http_response` and the latency histogram. A refusal made without asking EKS Auth
+//! (remembered rejection, budget, failed verification) is also counted by reason in
+//! `pod_identity_rejected_locally_total` and reported to [`Admission::note_refusal`], which warns
+//! about it now and then, naming the client; and it is answered after [`REFUSAL_PACE`], so a client
+//! flooding the agent with tokens it will refuse gets at most about ten answers a second per
+//! connection (HTTP/1.1 is serial) and cannot take the CPU from other pods. The debug line names
+//! the token by its short hash, never by its value. If the client hangs up mid-exchange, this
+//! future is dropped but the exchange goes on in the cache's own task.
 
 use super::limits::Pace;
 use super::response::{error_response, json_response};
@@ -69,20 +69,53 @@ pub fn deliveries() -> moka::sync::Cache<(TokenHash, IpAddr), ()> {
 /// token with no association yet) loses a tenth of a second; a flood loses its speed.
 pub const REFUSAL_PACE: Duration = Duration::from_millis(100);
 
-/// Why the cache refused without asking EKS Auth, if it did.
-fn local_reason(e: &CacheError) -> Option<Reason> {
+/// Who decided a refusal the cache gave.
+enum Decider {
+    /// The agent itself, for this reason: counted, warned about and paced.
+    Agent(Reason),
+    /// EKS Auth, asked for this request; with who the token is, if the flight verified it.
+    EksAuth(Option<Arc<PodIdentity>>),
+    /// Shutdown ended the exchange the request waited for: the agent answers, but the token
+    /// was not refused.
+    Shutdown,
+}
+
+impl Decider {
+    fn audited(&self) -> Decided {
+        match self {
+            Decider::Agent(_) | Decider::Shutdown => Decided::Locally,
+            Decider::EksAuth(_) => Decided::EksAuth,
+        }
+    }
+}
+
+/// The one reading of a cache refusal: the error the client gets, and who decided it. Every
+/// variant is named, so a new one is a compile error here rather than silently the agent's.
+fn interpret(e: CacheError) -> (Error, Decider) {
     match e {
-        CacheError::Remembered(_) => Some(Reason::NegativeCache),
-        CacheError::Denied(Denial::Invalid { .. }) => Some(Reason::Signature),
-        CacheError::Denied(Denial::OtherNode { .. }) => Some(Reason::OtherNode),
+        CacheError::Exchange(e, pod) => (Error::Exchange(e), Decider::EksAuth(pod)),
+        CacheError::Remembered(r) => (Error::remembered(&r), Decider::Agent(Reason::NegativeCache)),
+        CacheError::Denied(Denial::Invalid { why, .. }) => {
+            (Error::Unverified(why), Decider::Agent(Reason::Signature))
+        }
+        CacheError::Denied(Denial::OtherNode { node }) => {
+            (Error::OtherNode(node), Decider::Agent(Reason::OtherNode))
+        }
         CacheError::Denied(Denial::Busy {
             scope: Scope::Client,
-            ..
-        }) => Some(Reason::ClientBudget),
+            retry_after,
+        }) => (
+            Error::ClientOverBudget(retry_after),
+            Decider::Agent(Reason::ClientBudget),
+        ),
         CacheError::Denied(Denial::Busy {
-            scope: Scope::Node, ..
-        }) => Some(Reason::NodeBudget),
-        CacheError::Exchange(..) | CacheError::ShuttingDown => None,
+            scope: Scope::Node,
+            retry_after,
+        }) => (
+            Error::NodeOverBudget(retry_after),
+            Decider::Agent(Reason::NodeBudget),
+        ),
+        CacheError::ShuttingDown => (Error::ShuttingDown, Decider::Shutdown),
     }
 }
 
@@ -137,23 +170,24 @@ impl CredentialHandler {
         peer: SocketAddr,
         pace: &Pace,
     ) -> Refused {
-        let reason = local_reason(&e);
-        let (decided, pod) = match &e {
-            CacheError::Exchange(_, pod) => (Decided::EksAuth, pod.clone()),
-            _ => (Decided::Locally, None),
-        };
-        let error = Error::from(e);
-        if let Some(reason) = reason {
-            self.metrics
-                .rejected_locally
-                .with_label_values(&[reason.as_str()])
-                .inc();
-            self.admission
-                .note_refusal(peer.ip(), &token, reason, error.code());
-            if reason != Reason::NodeBudget {
-                pace.wait(REFUSAL_PACE).await;
+        let (error, decider) = interpret(e);
+        let decided = decider.audited();
+        let pod = match decider {
+            Decider::Agent(reason) => {
+                self.metrics
+                    .rejected_locally
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+                self.admission
+                    .note_refusal(peer.ip(), &token, reason, error.code());
+                if reason != Reason::NodeBudget {
+                    pace.wait(REFUSAL_PACE).await;
+                }
+                None
             }
-        }
+            Decider::EksAuth(pod) => pod,
+            Decider::Shutdown => None,
+        };
         Refused {
             token: Some(token),
             error,
