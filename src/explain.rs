@@ -91,6 +91,32 @@ fn explain_eks_auth(code: &str, side: Option<Fault>) -> &'static str {
 mod tests {
     use super::*;
 
+    /// Every code the agent answers with, from its own tables (each of its own codes at its
+    /// status, each EKS Auth code it knows): each gets its own explanation, as `diagnose` and
+    /// the Events print it.
+    #[test]
+    fn every_error_code_the_agent_can_give_is_explained() {
+        let unknown = explain("SomethingNew", 400, None);
+        let own = ErrorCode::ALL
+            .iter()
+            .map(|c| (c.as_str(), c.status().as_u16()));
+        let eks_auth = crate::eks_auth::known_codes()
+            .chain(["UnknownError"])
+            .map(|c| (c, 400));
+        for (code, status) in own.chain(eks_auth) {
+            assert_ne!(
+                explain(code, status, None),
+                unknown,
+                "{code} is not explained"
+            );
+        }
+        // The same code is the pod's problem at 400 and the node's at 403.
+        assert_ne!(
+            explain("ExpiredTokenException", 400, None),
+            explain("ExpiredTokenException", 403, None)
+        );
+    }
+
     /// Each side of a refusal that can be either names only its own cause; not knowing the side
     /// names both, in the same words.
     #[test]

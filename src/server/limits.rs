@@ -344,37 +344,29 @@ impl ConnectionLimiter {
     }
 }
 
-fn canned(code: ErrorCode, message: &str) -> String {
-    let status = code.status();
-    let body = format!(r#"{{"code":"{code}","message":"{message}"}}"#);
-    format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
-         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        status.as_str(),
-        status.canonical_reason().unwrap_or_default(),
-        body.len()
-    )
-}
-
-impl Refused {
-    /// The code a refused connection is answered with.
-    pub fn code(self) -> ErrorCode {
-        match self {
-            Refused::OverShare => ErrorCode::TooManyConnections,
-            Refused::Exhausted => ErrorCode::ConnectionsExhausted,
-        }
-    }
-}
-
 /// The answer to a refused connection: written without waiting, then closed.
 pub fn refusal(why: Refused) -> String {
-    let message = match why {
-        Refused::OverShare => {
-            "this client holds too many open connections to the agent; close some and retry"
-        }
-        Refused::Exhausted => "the agent has no connection to spare right now; retry",
+    let (code, message) = match why {
+        Refused::OverShare => (
+            ErrorCode::TooManyConnections,
+            "this client holds too many open connections to the agent; close some and retry",
+        ),
+        Refused::Exhausted => (
+            ErrorCode::ConnectionsExhausted,
+            "the agent has no connection to spare right now; retry",
+        ),
     };
-    canned(why.code(), message)
+    let (status, body) = (
+        code.status(),
+        format!(r#"{{"code":"{code}","message":"{message}"}}"#),
+    );
+    let reason = status.canonical_reason().unwrap_or_default();
+    format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        status.as_str(),
+        body.len()
+    )
 }
 
 /// Raise the soft open-files limit to the hard one; returns (before, after).
