@@ -309,3 +309,309 @@ fn status_label(status: u16) -> &'static str {
         _ => "5xx",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::AdmissionSettings;
+    use crate::audit::tests::{credentials, pod_token, Captured};
+    use crate::cache::CacheSettings;
+    use crate::client::Clients;
+    use crate::eks_auth::{CredentialSource, ExchangeError, FetchFuture};
+    use http_body_util::BodyExt;
+    use serde_json::Value;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// EKS Auth as the cache sees it: credentials for every token, or this refusal.
+    #[derive(Default)]
+    struct FakeEksAuth {
+        refusal: Mutex<Option<ExchangeError>>,
+        calls: AtomicUsize,
+    }
+
+    impl CredentialSource for FakeEksAuth {
+        fn fetch(&self, _: &Token) -> FetchFuture {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let answer = match self.refusal.lock().expect("lock").clone() {
+                Some(e) => Err(e),
+                None => Ok(credentials().into()),
+            };
+            Box::pin(async move { answer })
+        }
+    }
+
+    fn not_found() -> ExchangeError {
+        ExchangeError::Service {
+            status: 404,
+            code: "ResourceNotFoundException".into(),
+            message: "no association".into(),
+            request_id: Some("req-9".into()),
+        }
+    }
+
+    const HOST: &str = "169.254.170.23";
+
+    fn peer() -> SocketAddr {
+        "10.0.0.5:40000".parse().expect("addr")
+    }
+
+    fn handler(eks_auth: Arc<FakeEksAuth>, budgets: AdmissionSettings) -> CredentialHandler {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let leeway = Duration::from_secs(60);
+        let clients = Arc::new(Clients::new(&[], 128));
+        let admission = Arc::new(Admission::new(budgets, clients, None, None));
+        CredentialHandler {
+            cache: CredentialCache::new(
+                eks_auth,
+                admission.clone(),
+                &CacheSettings::default(),
+                leeway,
+                metrics.clone(),
+            ),
+            hosts: AllowedHosts::new(&[HOST.parse().expect("ip")]),
+            leeway,
+            admission,
+            metrics,
+            refusal_lines: audit::Pacer::default(),
+            delivery_lines: audit::Pacer::default(),
+            deliveries: deliveries(),
+            events: None,
+        }
+    }
+
+    /// What the client got: status, `Retry-After`, the JSON body; and how long it waited.
+    struct Answer {
+        status: u16,
+        retry_after: Option<String>,
+        body: Value,
+        took: Duration,
+    }
+
+    async fn ask(h: &CredentialHandler, path: &str, authorization: &str) -> Answer {
+        let req = Request::get(path)
+            .header("host", HOST)
+            .header("authorization", authorization)
+            .body(())
+            .expect("request");
+        let started = tokio::time::Instant::now();
+        let res = h.handle(req, peer()).await;
+        let took = started.elapsed();
+        let status = res.status().as_u16();
+        let retry_after = res
+            .headers()
+            .get(hyper::header::RETRY_AFTER)
+            .map(|v| v.to_str().expect("ascii").to_owned());
+        let bytes = res.into_body().collect().await.expect("body").to_bytes();
+        let body = serde_json::from_slice(&bytes).expect("a JSON body");
+        Answer {
+            status,
+            retry_after,
+            body,
+            took,
+        }
+    }
+
+    fn rejected_locally(m: &Metrics, reason: Reason) -> u64 {
+        m.rejected_locally
+            .with_label_values(&[reason.as_str()])
+            .get()
+    }
+
+    fn answered(m: &Metrics, status: &str) -> u64 {
+        m.http_response.with_label_values(&[status]).get()
+    }
+
+    fn events(lines: &[Value], event: &str) -> Vec<Value> {
+        lines
+            .iter()
+            .filter(|l| l["event"] == event)
+            .cloned()
+            .collect()
+    }
+
+    /// A miss exchanges once and a hit serves the same body from memory: both 200, counted as
+    /// served, one exchange line and no refusal line.
+    #[tokio::test(start_paused = true)]
+    async fn a_miss_then_a_hit_serve_one_exchanges_credentials() {
+        let (captured, _guard) = Captured::start();
+        let eks_auth = Arc::new(FakeEksAuth::default());
+        let h = handler(eks_auth.clone(), AdmissionSettings::unlimited());
+        let token = pod_token("team-a", "web-1");
+        let miss = ask(&h, "/v1/credentials", &token).await;
+        let hit = ask(&h, "/v1/credentials", &token).await;
+        for a in [&miss, &hit] {
+            assert_eq!(a.status, 200, "{}", a.body);
+            assert_eq!(a.body["AccessKeyId"], "ASIAAUDITEXAMPLE");
+        }
+        assert_eq!(miss.body, hit.body);
+        assert_eq!(eks_auth.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(h.metrics.http_ok.get(), 2);
+        let lines = captured.audit_lines();
+        assert_eq!(events(&lines, "exchange").len(), 1, "{lines:?}");
+        assert!(events(&lines, "refusal").is_empty(), "{lines:?}");
+    }
+
+    /// A token that does not parse is the agent's refusal: 400 `InvalidToken`, answered after
+    /// the pace, audited as decided locally with no token, and EKS Auth never asked.
+    #[tokio::test(start_paused = true)]
+    async fn a_bad_token_is_refused_locally_after_the_pace() {
+        let (captured, _guard) = Captured::start();
+        let eks_auth = Arc::new(FakeEksAuth::default());
+        let h = handler(eks_auth.clone(), AdmissionSettings::unlimited());
+        let a = ask(&h, "/v1/credentials", "not-a-jwt").await;
+        assert_eq!(
+            (a.status, &a.body["code"]),
+            (400, &Value::from("InvalidToken"))
+        );
+        assert!(a.took >= REFUSAL_PACE, "{:?}", a.took);
+        assert_eq!(eks_auth.calls.load(Ordering::SeqCst), 0);
+        assert_eq!(answered(&h.metrics, "400"), 1);
+        let refusals = events(&captured.audit_lines(), "refusal");
+        assert_eq!(refusals.len(), 1);
+        assert_eq!(refusals[0]["decided"], "locally");
+        assert_eq!(refusals[0]["outcome"], "InvalidToken");
+        assert_eq!(refusals[0]["status"], 400);
+        assert_eq!(refusals[0]["token"], "");
+        assert_eq!(refusals[0]["client"], "10.0.0.5");
+    }
+
+    /// EKS Auth's refusal is answered with its status and code at once, audited as EKS Auth's
+    /// and not counted as the agent's; the same token again is the agent's remembered refusal:
+    /// same answer, counted, paced, decided locally, EKS Auth not asked again.
+    #[tokio::test(start_paused = true)]
+    async fn eks_auths_refusal_is_its_own_and_its_memory_the_agents() {
+        let (captured, _guard) = Captured::start();
+        let eks_auth = Arc::new(FakeEksAuth::default());
+        *eks_auth.refusal.lock().expect("lock") = Some(not_found());
+        let h = handler(eks_auth.clone(), AdmissionSettings::unlimited());
+        let token = pod_token("team-b", "api-1");
+        let first = ask(&h, "/v1/credentials", &token).await;
+        let again = ask(&h, "/v1/credentials", &token).await;
+        for a in [&first, &again] {
+            assert_eq!(a.status, 404);
+            assert_eq!(a.body["code"], "ResourceNotFoundException");
+            assert!(a.body["message"]
+                .as_str()
+                .expect("message")
+                .contains("req-9"));
+        }
+        assert!(first.took < REFUSAL_PACE, "{:?}", first.took);
+        assert!(again.took >= REFUSAL_PACE, "{:?}", again.took);
+        assert_eq!(eks_auth.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(rejected_locally(&h.metrics, Reason::NegativeCache), 1);
+        assert_eq!(answered(&h.metrics, "404"), 2);
+        let refusals = events(&captured.audit_lines(), "refusal");
+        let decided: Vec<&Value> = refusals.iter().map(|l| &l["decided"]).collect();
+        assert_eq!(decided, ["eks_auth", "locally"]);
+        assert!(refusals.iter().all(|l| l["namespace"] == "team-b"));
+    }
+
+    /// A client past its budget of new exchanges: 429 `ExchangeRateExceeded` with
+    /// `Retry-After`, counted by reason, decided locally; its cached credentials still served.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_over_its_budget_gets_429_and_keeps_its_cache() {
+        let (captured, _guard) = Captured::start();
+        let eks_auth = Arc::new(FakeEksAuth::default());
+        let budgets = AdmissionSettings {
+            client_qps: 0.001,
+            client_burst: 1,
+            ..AdmissionSettings::unlimited()
+        };
+        let h = handler(eks_auth.clone(), budgets);
+        let first = pod_token("team-c", "job-1");
+        assert_eq!(ask(&h, "/v1/credentials", &first).await.status, 200);
+        let a = ask(&h, "/v1/credentials", &pod_token("team-c", "job-2")).await;
+        assert_eq!(
+            (a.status, &a.body["code"]),
+            (429, &Value::from("ExchangeRateExceeded"))
+        );
+        assert!(a.retry_after.is_some());
+        assert!(a.took >= REFUSAL_PACE, "{:?}", a.took);
+        assert_eq!(rejected_locally(&h.metrics, Reason::ClientBudget), 1);
+        assert_eq!(eks_auth.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(ask(&h, "/v1/credentials", &first).await.status, 200);
+        let refusals = events(&captured.audit_lines(), "refusal");
+        assert_eq!(refusals.len(), 1);
+        assert_eq!(refusals[0]["decided"], "locally");
+        assert_eq!(refusals[0]["pod"], "job-2");
+    }
+
+    /// A wrong path is answered (404 `NotFound`) and counted, but is no credential decision:
+    /// no audit line.
+    #[tokio::test(start_paused = true)]
+    async fn a_wrong_path_is_counted_not_audited() {
+        let (captured, _guard) = Captured::start();
+        let h = handler(Arc::default(), AdmissionSettings::unlimited());
+        let a = ask(&h, "/v2/credentials", &pod_token("team-d", "x")).await;
+        assert_eq!((a.status, &a.body["code"]), (404, &Value::from("NotFound")));
+        assert_eq!(answered(&h.metrics, "404"), 1);
+        assert!(captured.audit_lines().is_empty(), "{}", captured.text());
+    }
+
+    /// Each cache refusal read once: the code it is answered with, who decided it and, when
+    /// the agent did, why.
+    #[test]
+    fn every_cache_refusal_is_read_once() {
+        let wait = Duration::from_secs(2);
+        let cases = [
+            (
+                CacheError::Exchange(not_found(), None),
+                "ResourceNotFoundException",
+                Decided::EksAuth,
+                None,
+            ),
+            (
+                CacheError::Denied(Denial::Invalid {
+                    why: "bad signature".into(),
+                    remember: true,
+                }),
+                "InvalidToken",
+                Decided::Locally,
+                Some(Reason::Signature),
+            ),
+            (
+                CacheError::Denied(Denial::OtherNode {
+                    node: "node-b".into(),
+                }),
+                "TokenForAnotherNode",
+                Decided::Locally,
+                Some(Reason::OtherNode),
+            ),
+            (
+                CacheError::Denied(Denial::Busy {
+                    scope: Scope::Client,
+                    retry_after: wait,
+                }),
+                "ExchangeRateExceeded",
+                Decided::Locally,
+                Some(Reason::ClientBudget),
+            ),
+            (
+                CacheError::Denied(Denial::Busy {
+                    scope: Scope::Node,
+                    retry_after: wait,
+                }),
+                "ExchangeCapacityExceeded",
+                Decided::Locally,
+                Some(Reason::NodeBudget),
+            ),
+            (
+                CacheError::ShuttingDown,
+                "ShuttingDown",
+                Decided::Locally,
+                None,
+            ),
+        ];
+        for (e, code, decided, reason) in cases {
+            let (error, decider) = interpret(e);
+            assert_eq!(error.code(), code);
+            assert_eq!(decider.audited(), decided, "{code}");
+            let why = match decider {
+                Decider::Agent(reason) => Some(reason),
+                Decider::EksAuth(_) | Decider::Shutdown => None,
+            };
+            assert_eq!(why, reason, "{code}");
+        }
+    }
+}
