@@ -25,7 +25,7 @@ pub fn error_response(e: &Error) -> Response<Full<Bytes>> {
     let code = e.coded();
     let status = match code {
         Code::Own(own) => own.status(),
-        // Whatever answered at `--endpoint` may use a status HTTP has no room for.
+        // Whatever answered at `--endpoint` may have sent a status outside HTTP's range.
         Code::EksAuth { status, .. } => {
             StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY)
         }
