@@ -203,105 +203,10 @@ impl Pacer {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
+    use super::testing::*;
     use super::*;
-    use crate::credentials::Unvalidated;
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use base64::Engine;
-    use serde_json::{json, Value};
     use std::collections::BTreeSet;
-    use std::sync::Mutex;
-    use std::time::{SystemTime, UNIX_EPOCH};
-
-    /// Log lines written while a [`Captured::start`] guard lives on this thread, as the agent
-    /// writes them (`--log-format json`).
-    #[derive(Clone, Default)]
-    pub(crate) struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let mut bytes = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            bytes.extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-        type Writer = Captured;
-        fn make_writer(&'a self) -> Captured {
-            self.clone()
-        }
-    }
-
-    impl Captured {
-        pub(crate) fn start() -> (Captured, tracing::subscriber::DefaultGuard) {
-            let captured = Captured::default();
-            let subscriber = tracing_subscriber::fmt()
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
-                .with_span_list(false)
-                .with_max_level(tracing::Level::INFO)
-                .with_writer(captured.clone())
-                .finish();
-            (captured, tracing::subscriber::set_default(subscriber))
-        }
-
-        pub(crate) fn text(&self) -> String {
-            String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into()
-        }
-
-        /// The audit lines, each a JSON object.
-        pub(crate) fn audit_lines(&self) -> Vec<Value> {
-            self.text()
-                .lines()
-                .map(|l| serde_json::from_str::<Value>(l).expect("a JSON line"))
-                .filter(|v| v["target"] == TARGET)
-                .collect()
-        }
-    }
-
-    fn now() -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    }
-
-    /// A service-account token for `pod` in `ns`, valid for an hour, with a signature nobody
-    /// checks (the agent checks none without `--token-issuer`).
-    pub(crate) fn pod_token(ns: &str, pod: &str) -> String {
-        let claims = json!({"aud": ["pods.eks.amazonaws.com"], "exp": now() + 3600,
-            "nbf": now(), "iat": now(), "sub": format!("system:serviceaccount:{ns}:app"),
-            "kubernetes.io": {"namespace": ns, "pod": {"name": pod, "uid": format!("{pod}-uid")},
-                "serviceaccount": {"name": "app", "uid": "sa-uid"}}});
-        format!(
-            "{}.{}.{}",
-            URL_SAFE_NO_PAD.encode(json!({"alg": "RS256", "kid": "k1"}).to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string()),
-            URL_SAFE_NO_PAD.encode(b"signature-nobody-checks"),
-        )
-    }
-
-    pub(crate) const SECRET_KEY: &str = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRETKEY";
-    pub(crate) const SESSION_TOKEN: &str = "IQoJb3JpZ2luX2VjSESSIONTOKEN";
-
-    pub(crate) fn credentials() -> Credentials {
-        Credentials::validate(
-            Unvalidated {
-                access_key_id: "ASIAAUDITEXAMPLE",
-                secret_access_key: SECRET_KEY,
-                session_token: SESSION_TOKEN,
-                expiration: SystemTime::now() + Duration::from_secs(3600),
-                assumed_role_arn: "arn:aws:sts::111122223333:assumed-role/r/s",
-            },
-            SystemTime::now(),
-        )
-        .expect("valid credentials")
-    }
 
     /// The keys of the module's table, by event: a key renamed or dropped fails here.
     fn documented(event: &str) -> BTreeSet<&'static str> {
@@ -473,5 +378,108 @@ pub(crate) mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         // The next line says how many were held back.
         assert_eq!(p.allow(host), Some(1000 - REFUSAL_LINES_BURST as u64));
+    }
+}
+
+/// What the handler's and this module's tests share: log lines captured as the agent writes
+/// them, a pod's token, credentials with known secrets.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::credentials::Unvalidated;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use serde_json::{json, Value};
+    use std::sync::Mutex;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    /// Log lines written while a [`Captured::start`] guard lives on this thread, as the agent
+    /// writes them (`--log-format json`).
+    #[derive(Clone, Default)]
+    pub(crate) struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut bytes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            bytes.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
+    }
+
+    impl Captured {
+        pub(crate) fn start() -> (Captured, tracing::subscriber::DefaultGuard) {
+            let captured = Captured::default();
+            let subscriber = tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(captured.clone())
+                .finish();
+            (captured, tracing::subscriber::set_default(subscriber))
+        }
+
+        pub(crate) fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into()
+        }
+
+        /// The audit lines, each a JSON object.
+        pub(crate) fn audit_lines(&self) -> Vec<Value> {
+            self.text()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).expect("a JSON line"))
+                .filter(|v| v["target"] == TARGET)
+                .collect()
+        }
+    }
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    /// A service-account token for `pod` in `ns`, valid for an hour, with a signature nobody
+    /// checks (the agent checks none without `--token-issuer`).
+    pub(crate) fn pod_token(ns: &str, pod: &str) -> String {
+        let claims = json!({"aud": ["pods.eks.amazonaws.com"], "exp": now() + 3600,
+            "nbf": now(), "iat": now(), "sub": format!("system:serviceaccount:{ns}:app"),
+            "kubernetes.io": {"namespace": ns, "pod": {"name": pod, "uid": format!("{pod}-uid")},
+                "serviceaccount": {"name": "app", "uid": "sa-uid"}}});
+        format!(
+            "{}.{}.{}",
+            URL_SAFE_NO_PAD.encode(json!({"alg": "RS256", "kid": "k1"}).to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string()),
+            URL_SAFE_NO_PAD.encode(b"signature-nobody-checks"),
+        )
+    }
+
+    pub(crate) const SECRET_KEY: &str = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRETKEY";
+    pub(crate) const SESSION_TOKEN: &str = "IQoJb3JpZ2luX2VjSESSIONTOKEN";
+
+    pub(crate) fn credentials() -> Credentials {
+        Credentials::validate(
+            Unvalidated {
+                access_key_id: "ASIAAUDITEXAMPLE",
+                secret_access_key: SECRET_KEY,
+                session_token: SESSION_TOKEN,
+                expiration: SystemTime::now() + Duration::from_secs(3600),
+                assumed_role_arn: "arn:aws:sts::111122223333:assumed-role/r/s",
+            },
+            SystemTime::now(),
+        )
+        .expect("valid credentials")
     }
 }

@@ -314,7 +314,7 @@ fn status_label(status: u16) -> &'static str {
 mod tests {
     use super::*;
     use crate::admission::AdmissionSettings;
-    use crate::audit::tests::{credentials, pod_token, Captured};
+    use crate::audit::testing::{credentials, pod_token, Captured};
     use crate::cache::CacheSettings;
     use crate::client::Clients;
     use crate::eks_auth::{CredentialSource, ExchangeError, FetchFuture};
