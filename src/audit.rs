@@ -204,7 +204,167 @@ impl Pacer {
 
 #[cfg(test)]
 mod tests {
+    use super::testing::*;
     use super::*;
+    use std::collections::BTreeSet;
+
+    /// The keys of the module's table, by event: a key renamed or dropped fails here.
+    fn documented(event: &str) -> BTreeSet<&'static str> {
+        let common = [
+            "event",
+            "trigger",
+            "client",
+            "namespace",
+            "service_account",
+            "pod",
+            "pod_uid",
+            "token",
+            "outcome",
+        ];
+        let own: &[&str] = match event {
+            "exchange" => &[
+                "fault",
+                "role_arn",
+                "association_id",
+                "association_arn",
+                "access_key_id",
+                "expiration",
+                "request_id",
+            ],
+            "refusal" => &["status", "decided", "not_logged"],
+            "delivery" => &["not_logged", "access_key_id", "expiration"],
+            other => panic!("no event {other}"),
+        };
+        common.iter().chain(own).copied().collect()
+    }
+
+    fn every_kind_of_line(token: &Token, creds: &Credentials) {
+        let client: IpAddr = "10.0.0.7".parse().expect("ip");
+        let identity = Identity {
+            assumed_role_arn: "arn:aws:sts::111122223333:assumed-role/r/s".into(),
+            association_id: "a-1".into(),
+            association_arn: "arn:aws:eks:us-west-2:111122223333:podidentityassociation/c/a-1"
+                .into(),
+            request_id: "req-1".into(),
+        };
+        exchange(
+            token,
+            Trigger::Request(Some(client)),
+            Ok((&identity, creds)),
+        );
+        let refused = ExchangeError::Service {
+            status: 404,
+            code: "ResourceNotFoundException".into(),
+            message: "no association".into(),
+            request_id: Some("req-2".into()),
+        };
+        exchange(token, Trigger::Refresh, Err(&refused));
+        refusal(
+            client,
+            Some(token),
+            404,
+            "ResourceNotFoundException",
+            Decided::EksAuth,
+            0,
+        );
+        refusal(client, None, 400, "MissingToken", Decided::Locally, 3);
+        delivery(client, token, "hit", creds, 0);
+    }
+
+    /// Every line has exactly the documented keys of its event (plus the log format's own),
+    /// all present, with the values the table names.
+    #[test]
+    fn each_line_has_its_events_schema() {
+        let (captured, _guard) = Captured::start();
+        let token = Token::parse(pod_token("team-a", "web-1").as_bytes()).expect("token");
+        every_kind_of_line(&token, &credentials());
+        let lines = captured.audit_lines();
+        assert_eq!(lines.len(), 5, "{}", captured.text());
+        for line in &lines {
+            let event = line["event"].as_str().expect("event");
+            let keys: BTreeSet<&str> = line
+                .as_object()
+                .expect("object")
+                .keys()
+                .map(String::as_str)
+                .filter(|k| !matches!(*k, "timestamp" | "level" | "target" | "message"))
+                .collect();
+            assert_eq!(keys, documented(event), "{line}");
+            assert_eq!(line["level"], "INFO");
+        }
+        let (ok, failed, by_pod, before_parse, delivered) =
+            (&lines[0], &lines[1], &lines[2], &lines[3], &lines[4]);
+        assert_eq!(ok["outcome"], "success");
+        assert_eq!(ok["client"], "10.0.0.7");
+        assert_eq!(ok["namespace"], "team-a");
+        assert_eq!(ok["pod"], "web-1");
+        assert_eq!(ok["token"], token.hash().to_string());
+        assert_eq!(ok["association_id"], "a-1");
+        assert_eq!(ok["access_key_id"], "ASIAAUDITEXAMPLE");
+        assert_eq!(failed["trigger"], "refresh");
+        assert_eq!(failed["client"], "");
+        assert_eq!(failed["fault"], "token");
+        assert_eq!(failed["request_id"], "req-2");
+        assert_eq!(by_pod["decided"], "eks_auth");
+        assert_eq!(by_pod["status"], 404);
+        // Refused before the token parsed: every key still there, empty.
+        assert_eq!(before_parse["decided"], "locally");
+        assert_eq!(before_parse["token"], "");
+        assert_eq!(before_parse["namespace"], "");
+        assert_eq!(before_parse["not_logged"], 3);
+        assert_eq!(delivered["outcome"], "hit");
+    }
+
+    /// No line, of any event, carries the token (or any of its segments), the secret key or
+    /// the session token.
+    #[test]
+    fn no_line_carries_a_secret() {
+        let (captured, _guard) = Captured::start();
+        let raw = pod_token("team-b", "api-1");
+        let token = Token::parse(raw.as_bytes()).expect("token");
+        every_kind_of_line(&token, &credentials());
+        let text = captured.text();
+        assert!(captured.audit_lines().len() == 5, "{text}");
+        for secret in raw.split('.').chain([SECRET_KEY, SESSION_TOKEN]) {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+    }
+
+    /// A line is written only when the client's pacer allows one, and then says how many of
+    /// that client's were held back; another client is not held back by the first.
+    #[tokio::test(start_paused = true)]
+    async fn a_flooding_client_gets_bounded_lines_that_count_the_rest() {
+        let (captured, _guard) = Captured::start();
+        let pacer = Pacer::default();
+        let flood: IpAddr = "10.0.0.8".parse().expect("ip");
+        let other: IpAddr = "10.0.0.9".parse().expect("ip");
+        let write = |ip: IpAddr| {
+            if let Some(not_logged) = pacer.allow(ClientKey::Source(ip)) {
+                refusal(ip, None, 400, "MissingToken", Decided::Locally, not_logged);
+            }
+        };
+        for _ in 0..500 {
+            write(flood);
+        }
+        write(other);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        write(flood);
+        let lines = captured.audit_lines();
+        let of = |ip: &str| {
+            lines
+                .iter()
+                .filter(|l| l["client"] == ip)
+                .collect::<Vec<_>>()
+        };
+        let flooded = of("10.0.0.8");
+        assert_eq!(flooded.len(), REFUSAL_LINES_BURST as usize + 1);
+        assert_eq!(
+            flooded.last().expect("a line")["not_logged"],
+            500 - u64::from(REFUSAL_LINES_BURST)
+        );
+        assert_eq!(of("10.0.0.9").len(), 1);
+        assert_eq!(of("10.0.0.9")[0]["not_logged"], 0);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn each_client_gets_its_own_bounded_number_of_lines() {
@@ -218,5 +378,108 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         // The next line says how many were held back.
         assert_eq!(p.allow(host), Some(1000 - REFUSAL_LINES_BURST as u64));
+    }
+}
+
+/// What the handler's and this module's tests share: log lines captured as the agent writes
+/// them, a pod's token, credentials with known secrets.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::credentials::Unvalidated;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use serde_json::{json, Value};
+    use std::sync::Mutex;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    /// Log lines written while a [`Captured::start`] guard lives on this thread, as the agent
+    /// writes them (`--log-format json`).
+    #[derive(Clone, Default)]
+    pub(crate) struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut bytes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            bytes.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
+    }
+
+    impl Captured {
+        pub(crate) fn start() -> (Captured, tracing::subscriber::DefaultGuard) {
+            let captured = Captured::default();
+            let subscriber = tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(captured.clone())
+                .finish();
+            (captured, tracing::subscriber::set_default(subscriber))
+        }
+
+        pub(crate) fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into()
+        }
+
+        /// The audit lines, each a JSON object.
+        pub(crate) fn audit_lines(&self) -> Vec<Value> {
+            self.text()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).expect("a JSON line"))
+                .filter(|v| v["target"] == TARGET)
+                .collect()
+        }
+    }
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    /// A service-account token for `pod` in `ns`, valid for an hour, with a signature nobody
+    /// checks (the agent checks none without `--token-issuer`).
+    pub(crate) fn pod_token(ns: &str, pod: &str) -> String {
+        let claims = json!({"aud": ["pods.eks.amazonaws.com"], "exp": now() + 3600,
+            "nbf": now(), "iat": now(), "sub": format!("system:serviceaccount:{ns}:app"),
+            "kubernetes.io": {"namespace": ns, "pod": {"name": pod, "uid": format!("{pod}-uid")},
+                "serviceaccount": {"name": "app", "uid": "sa-uid"}}});
+        format!(
+            "{}.{}.{}",
+            URL_SAFE_NO_PAD.encode(json!({"alg": "RS256", "kid": "k1"}).to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string()),
+            URL_SAFE_NO_PAD.encode(b"signature-nobody-checks"),
+        )
+    }
+
+    pub(crate) const SECRET_KEY: &str = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRETKEY";
+    pub(crate) const SESSION_TOKEN: &str = "IQoJb3JpZ2luX2VjSESSIONTOKEN";
+
+    pub(crate) fn credentials() -> Credentials {
+        Credentials::validate(
+            Unvalidated {
+                access_key_id: "ASIAAUDITEXAMPLE",
+                secret_access_key: SECRET_KEY,
+                session_token: SESSION_TOKEN,
+                expiration: SystemTime::now() + Duration::from_secs(3600),
+                assumed_role_arn: "arn:aws:sts::111122223333:assumed-role/r/s",
+            },
+            SystemTime::now(),
+        )
+        .expect("valid credentials")
     }
 }

@@ -13,6 +13,7 @@
 //! 5xx, exponential backoff with jitter), and an overall deadline of 4 s, all configurable in
 //! [`ExchangeSettings`].
 
+use crate::codes::ErrorCode;
 use crate::credentials::{Credentials, InvalidCredentials, Unvalidated};
 use crate::token::Token;
 use aws_sdk_eksauth::error::{ProvideErrorMetadata, SdkError};
@@ -124,8 +125,8 @@ impl ExchangeError {
                 },
                 |k| k.code,
             ),
-            ExchangeError::Unavailable(_) => "EksAuthUnavailable",
-            ExchangeError::BadResponse(_) => "EksAuthInvalidResponse",
+            ExchangeError::Unavailable(_) => ErrorCode::EksAuthUnavailable.as_str(),
+            ExchangeError::BadResponse(_) => ErrorCode::EksAuthInvalidResponse.as_str(),
         }
     }
 
@@ -133,8 +134,8 @@ impl ExchangeError {
     pub fn code(&self) -> &str {
         match self {
             ExchangeError::Service { code, .. } => code,
-            ExchangeError::Unavailable(_) => "EksAuthUnavailable",
-            ExchangeError::BadResponse(_) => "EksAuthInvalidResponse",
+            ExchangeError::Unavailable(_) => ErrorCode::EksAuthUnavailable.as_str(),
+            ExchangeError::BadResponse(_) => ErrorCode::EksAuthInvalidResponse.as_str(),
         }
     }
 }

@@ -1,16 +1,20 @@
 //! Every way a request can fail, each mapped to exactly one HTTP status and a JSON body
-//! `{"code": …, "message": …}` whose message tells a person what to do.
+//! `{"code": …, "message": …}` whose message tells a person what to do. [`Error::coded`] is the
+//! one place that picks the code: one of the agent's own ([`ErrorCode`], with its status) or EKS
+//! Auth's, passed on with EKS Auth's status.
 //!
-//! Contract: nothing here ever contains a token, secret key or session token: variants carry
-//! only codes, counts and upstream messages. EKS Auth errors keep their upstream status (400,
-//! 403, 404, 429, 500, 503) and code and name the upstream request id, also when the refusal was
-//! remembered (the message says so); an unreachable EKS Auth is 503, an unusable EKS Auth answer
-//! 502. Refusals made without asking EKS Auth: a token that fails local verification is 400
-//! `InvalidToken`, a verified token of a pod on another node 400 `TokenForAnotherNode`; a client over its exchange budget is 429 `ExchangeRateExceeded`, the node at
-//! its ceiling 503 `ExchangeCapacityExceeded`, both with [`Error::retry_after`] for the
-//! `Retry-After` header. No SDK needs the body, but Go and Java surface it.
+//! Contract: nothing here ever contains a token, secret key or session token: variants carry only
+//! codes, counts and upstream messages. EKS Auth errors keep their upstream status (400, 403, 404,
+//! 429, 500, 503) and code and name the upstream request id, also when the refusal was remembered
+//! (the message says so); an unreachable EKS Auth is 503, an unusable EKS Auth answer 502. Refusals
+//! made without asking EKS Auth: a token that fails local verification is 400 `InvalidToken`, a
+//! verified token of a pod on another node 400 `TokenForAnotherNode`; a client over its exchange
+//! budget is 429 `ExchangeRateExceeded`, the node at its ceiling 503 `ExchangeCapacityExceeded`,
+//! both with [`Error::retry_after`] for the `Retry-After` header. No SDK needs the body, but Go and
+//! Java surface it.
 
-use crate::cache::{CacheError, Denial, Refusal, Scope};
+use crate::cache::{Refusal, Remembered};
+use crate::codes::ErrorCode;
 use crate::eks_auth::{ExchangeError, Fault};
 use crate::token::TokenError;
 use bytes::Bytes;
@@ -48,36 +52,6 @@ pub enum Error {
     ShuttingDown,
 }
 
-impl From<CacheError> for Error {
-    fn from(e: CacheError) -> Self {
-        match e {
-            CacheError::Exchange(e, _) => Error::Exchange(e),
-            CacheError::Remembered(r) => {
-                let age_s = r.age().as_secs();
-                match &r.refusal {
-                    Refusal::Upstream(error) => Error::Remembered {
-                        error: error.clone(),
-                        age_s,
-                        ttl_s: r.ttl().as_secs(),
-                    },
-                    Refusal::Unverified(why) => Error::Unverified(format!(
-                        "{why} [remembered: refused {age_s} s ago, for up to {} s]",
-                        r.ttl().as_secs()
-                    )),
-                    Refusal::OtherNode(node) => Error::OtherNode(node.clone()),
-                }
-            }
-            CacheError::Denied(Denial::Invalid { why, .. }) => Error::Unverified(why),
-            CacheError::Denied(Denial::OtherNode { node }) => Error::OtherNode(node),
-            CacheError::Denied(Denial::Busy { scope, retry_after }) => match scope {
-                Scope::Client => Error::ClientOverBudget(retry_after),
-                Scope::Node => Error::NodeOverBudget(retry_after),
-            },
-            CacheError::ShuttingDown => Error::ShuttingDown,
-        }
-    }
-}
-
 /// Upstream messages are cut to this many characters before a pod sees them.
 const MAX_UPSTREAM_MESSAGE: usize = 512;
 
@@ -94,40 +68,71 @@ struct Body<'a> {
     message: &'a str,
 }
 
+/// The code an error carries on the wire: the agent's own, or EKS Auth's passed on with its
+/// status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code<'a> {
+    Own(ErrorCode),
+    EksAuth { status: u16, code: &'a str },
+}
+
 impl Error {
+    /// A refusal remembered from an earlier request, as this request is answered.
+    pub fn remembered(r: &Remembered) -> Error {
+        let (age_s, ttl_s) = (r.age().as_secs(), r.ttl().as_secs());
+        match &r.refusal {
+            Refusal::Upstream(error) => Error::Remembered {
+                error: error.clone(),
+                age_s,
+                ttl_s,
+            },
+            Refusal::Unverified(why) => Error::Unverified(format!(
+                "{why} [remembered: refused {age_s} s ago, for up to {ttl_s} s]"
+            )),
+            Refusal::OtherNode(node) => Error::OtherNode(node.clone()),
+        }
+    }
+
+    /// Which code and status this error is answered with: the one place that decides it.
+    pub fn coded(&self) -> Code<'_> {
+        let own = match self {
+            Error::Token(TokenError::Missing) => ErrorCode::MissingToken,
+            Error::Token(TokenError::Expired(_)) => ErrorCode::ExpiredToken,
+            Error::Token(TokenError::NotYetValid(_)) => ErrorCode::TokenNotYetValid,
+            Error::Token(_) => ErrorCode::InvalidToken,
+            Error::HostNotAllowed(_) => ErrorCode::HostNotAllowed,
+            Error::NotFound(_) => ErrorCode::NotFound,
+            Error::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
+            Error::Exchange(e) | Error::Remembered { error: e, .. } => match e {
+                ExchangeError::Service { status, code, .. } => {
+                    return Code::EksAuth {
+                        status: *status,
+                        code,
+                    }
+                }
+                ExchangeError::Unavailable(_) => ErrorCode::EksAuthUnavailable,
+                ExchangeError::BadResponse(_) => ErrorCode::EksAuthInvalidResponse,
+            },
+            Error::Unverified(_) => ErrorCode::InvalidToken,
+            Error::OtherNode(_) => ErrorCode::TokenForAnotherNode,
+            Error::ClientOverBudget(_) => ErrorCode::ExchangeRateExceeded,
+            Error::NodeOverBudget(_) => ErrorCode::ExchangeCapacityExceeded,
+            Error::ShuttingDown => ErrorCode::ShuttingDown,
+        };
+        Code::Own(own)
+    }
+
     pub fn status(&self) -> u16 {
-        match self {
-            Error::Token(_) => 400,
-            Error::HostNotAllowed(_) => 403,
-            Error::NotFound(_) => 404,
-            Error::MethodNotAllowed(_) => 405,
-            Error::Exchange(ExchangeError::Service { status, .. }) => *status,
-            Error::Exchange(ExchangeError::Unavailable(_)) => 503,
-            Error::Exchange(ExchangeError::BadResponse(_)) => 502,
-            Error::Remembered { error, .. } => Error::Exchange(error.clone()).status(),
-            Error::Unverified(_) => 400,
-            Error::OtherNode(_) => 400,
-            Error::ClientOverBudget(_) => 429,
-            Error::NodeOverBudget(_) => 503,
-            Error::ShuttingDown => 503,
+        match self.coded() {
+            Code::Own(code) => code.status().as_u16(),
+            Code::EksAuth { status, .. } => status,
         }
     }
 
     pub fn code(&self) -> &str {
-        match self {
-            Error::Token(TokenError::Missing) => "MissingToken",
-            Error::Token(TokenError::Expired(_)) => "ExpiredToken",
-            Error::Token(TokenError::NotYetValid(_)) => "TokenNotYetValid",
-            Error::Token(_) => "InvalidToken",
-            Error::HostNotAllowed(_) => "HostNotAllowed",
-            Error::NotFound(_) => "NotFound",
-            Error::MethodNotAllowed(_) => "MethodNotAllowed",
-            Error::Exchange(e) | Error::Remembered { error: e, .. } => e.code(),
-            Error::Unverified(_) => "InvalidToken",
-            Error::OtherNode(_) => "TokenForAnotherNode",
-            Error::ClientOverBudget(_) => "ExchangeRateExceeded",
-            Error::NodeOverBudget(_) => "ExchangeCapacityExceeded",
-            Error::ShuttingDown => "ShuttingDown",
+        match self.coded() {
+            Code::Own(code) => code.as_str(),
+            Code::EksAuth { code, .. } => code,
         }
     }
 
@@ -185,9 +190,10 @@ impl Error {
         })
         .map(Bytes::from)
         .unwrap_or_else(|_| {
-            Bytes::from_static(
-                br#"{"code":"InternalError","message":"error body could not be built"}"#,
-            )
+            Bytes::from(format!(
+                r#"{{"code":"{}","message":"error body could not be built"}}"#,
+                ErrorCode::InternalError
+            ))
         })
     }
 }
@@ -223,7 +229,7 @@ mod tests {
                 502,
                 "EksAuthInvalidResponse",
             ),
-            (CacheError::ShuttingDown.into(), 503, "ShuttingDown"),
+            (Error::ShuttingDown, 503, "ShuttingDown"),
             (
                 Error::ClientOverBudget(Duration::from_millis(300)),
                 429,

@@ -9,6 +9,7 @@
 //! the pod, sees only the code) both causes are named, each in the words its side gets alone.
 //! A 403 is always the node's own credentials. No sentence names an account, a role or a token.
 
+use crate::codes::ErrorCode;
 use crate::eks_auth::Fault;
 
 /// The node's side of `AccessDeniedException`.
@@ -34,25 +35,41 @@ pub fn explained(code: &str, status: u16, side: Option<Fault>) -> String {
 /// What an agent error, by code and status (and whose fault it is, if known), means for the
 /// person reading it.
 pub fn explain(code: &str, status: u16, side: Option<Fault>) -> &'static str {
-    if status == 403 && !matches!(code, "HostNotAllowed") {
+    if status == 403 && code != ErrorCode::HostNotAllowed.as_str() {
         // EKS Auth's 403s are about the request's signature: the node's keys, not the pod.
         return "EKS Auth refused the node's own credentials, not the pod's: the node's instance profile or hybrid credentials are wrong or expired, or its clock is off. Every new pod on this node is affected; tell the cluster's operators.";
     }
+    match ErrorCode::parse(code) {
+        Some(own) => explain_own(own),
+        None => explain_eks_auth(code, side),
+    }
+}
+
+/// The agent's own codes: every one has its sentence (a new code fails to compile here).
+fn explain_own(code: ErrorCode) -> &'static str {
     match code {
-        "MissingToken" => "the request carried no token: the SDK did not read the token file (is it too old to support AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE?).",
-        "InvalidToken" => "the token is not a well-formed service-account token, or it failed the agent's own signature check (--token-issuer).",
-        "ExpiredToken" => "the token has expired: the kubelet is not renewing the projected token, or the file is a stale copy.",
-        "TokenNotYetValid" => "the token is not valid yet: the node's clock and the cluster's disagree.",
-        "HostNotAllowed" => "the request named a host the agent does not serve: use the IP address exactly as in AWS_CONTAINER_CREDENTIALS_FULL_URI.",
-        "NotFound" => "the URI's path is wrong: credentials are served at /v1/credentials.",
-        "MethodNotAllowed" => "only GET is answered.",
-        "TooManyConnections" => "this pod (its IP address) holds too many open connections to the agent; something in it leaks connections.",
-        "ExchangeRateExceeded" => "this pod asked for new credentials too often (many distinct tokens): the agent limits new exchanges per pod; retry after the Retry-After seconds. Cached credentials are never limited.",
-        "ExchangeCapacityExceeded" => "the node as a whole is at its limit of new exchanges (many pods starting at once); retry shortly.",
-        "ShuttingDown" => "the agent is restarting; retry.",
-        "EksAuthUnavailable" => "the agent cannot reach EKS Auth (eks-auth.<region>.api.aws): check the node's egress, DNS and proxy settings.",
-        "EksAuthInvalidResponse" => "EKS Auth answered with something that is not credentials; retry, and report it if it persists.",
-        "InternalError" => "the agent failed internally; its logs say why. Please report it.",
+        ErrorCode::MissingToken => "the request carried no token: the SDK did not read the token file (is it too old to support AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE?).",
+        ErrorCode::InvalidToken => "the token is not a well-formed service-account token, or it failed the agent's own signature check (--token-issuer).",
+        ErrorCode::ExpiredToken => "the token has expired: the kubelet is not renewing the projected token, or the file is a stale copy.",
+        ErrorCode::TokenNotYetValid => "the token is not valid yet: the node's clock and the cluster's disagree.",
+        ErrorCode::TokenForAnotherNode => "the token belongs to a pod on another node: the agent redeems a token only on its pod's node (--node-name), so this one was copied from elsewhere.",
+        ErrorCode::HostNotAllowed => "the request named a host the agent does not serve: use the IP address exactly as in AWS_CONTAINER_CREDENTIALS_FULL_URI.",
+        ErrorCode::NotFound => "the URI's path is wrong: credentials are served at /v1/credentials.",
+        ErrorCode::MethodNotAllowed => "only GET is answered.",
+        ErrorCode::TooManyConnections => "this pod (its IP address) holds too many open connections to the agent; something in it leaks connections.",
+        ErrorCode::ConnectionsExhausted => "the agent has no connection to spare (every one is busy, across the node's pods); retry shortly, and if it persists look for a pod holding many connections open.",
+        ErrorCode::ExchangeRateExceeded => "this pod asked for new credentials too often (many distinct tokens): the agent limits new exchanges per pod; retry after the Retry-After seconds. Cached credentials are never limited.",
+        ErrorCode::ExchangeCapacityExceeded => "the node as a whole is at its limit of new exchanges (many pods starting at once); retry shortly.",
+        ErrorCode::ShuttingDown => "the agent is restarting; retry.",
+        ErrorCode::EksAuthUnavailable => "the agent cannot reach EKS Auth (eks-auth.<region>.api.aws): check the node's egress, DNS and proxy settings.",
+        ErrorCode::EksAuthInvalidResponse => "EKS Auth answered with something that is not credentials; retry, and report it if it persists.",
+        ErrorCode::InternalError => "the agent failed internally; its logs say why. Please report it.",
+    }
+}
+
+/// EKS Auth's codes, as the agent passes them on, and a catch-all.
+fn explain_eks_auth(code: &str, side: Option<Fault>) -> &'static str {
+    match code {
         "AccessDeniedException" => match side {
             Some(Fault::Node) => node_may_not_call!(),
             Some(Fault::Token) => role_does_not_trust!(),
@@ -73,6 +90,32 @@ pub fn explain(code: &str, status: u16, side: Option<Fault>) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every code the agent answers with, from its own tables (each of its own codes at its
+    /// status, each EKS Auth code it knows): each gets its own explanation, as `diagnose` and
+    /// the Events print it.
+    #[test]
+    fn every_error_code_the_agent_can_give_is_explained() {
+        let unknown = explain("SomethingNew", 400, None);
+        let own = ErrorCode::ALL
+            .iter()
+            .map(|c| (c.as_str(), c.status().as_u16()));
+        let eks_auth = crate::eks_auth::known_codes()
+            .chain(["UnknownError"])
+            .map(|c| (c, 400));
+        for (code, status) in own.chain(eks_auth) {
+            assert_ne!(
+                explain(code, status, None),
+                unknown,
+                "{code} is not explained"
+            );
+        }
+        // The same code is the pod's problem at 400 and the node's at 403.
+        assert_ne!(
+            explain("ExpiredTokenException", 400, None),
+            explain("ExpiredTokenException", 403, None)
+        );
+    }
 
     /// Each side of a refusal that can be either names only its own cause; not knowing the side
     /// names both, in the same words.

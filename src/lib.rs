@@ -13,6 +13,7 @@ pub mod bucket;
 pub mod cache;
 pub mod cli;
 pub mod client;
+pub mod codes;
 pub mod credentials;
 pub mod defaults;
 #[cfg(feature = "emulator")]

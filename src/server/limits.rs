@@ -20,6 +20,7 @@
 //! [`WARN_EVERY`]. [`raise_fd_limit`] lifts the soft `RLIMIT_NOFILE` to the hard limit at start.
 
 use crate::client::{ClientKey, Clients};
+use crate::codes::ErrorCode;
 use crate::util::LogEvery;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -344,29 +345,29 @@ impl ConnectionLimiter {
     }
 }
 
-fn canned(status: &str, code: &str, message: &str) -> String {
-    let body = format!(r#"{{"code":"{code}","message":"{message}"}}"#);
-    format!(
-        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
-         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-}
-
 /// The answer to a refused connection: written without waiting, then closed.
 pub fn refusal(why: Refused) -> String {
-    match why {
-        Refused::OverShare => canned(
-            "429 Too Many Requests",
-            "TooManyConnections",
+    let (code, message) = match why {
+        Refused::OverShare => (
+            ErrorCode::TooManyConnections,
             "this client holds too many open connections to the agent; close some and retry",
         ),
-        Refused::Exhausted => canned(
-            "503 Service Unavailable",
-            "ConnectionsExhausted",
+        Refused::Exhausted => (
+            ErrorCode::ConnectionsExhausted,
             "the agent has no connection to spare right now; retry",
         ),
-    }
+    };
+    let (status, body) = (
+        code.status(),
+        format!(r#"{{"code":"{code}","message":"{message}"}}"#),
+    );
+    let reason = status.canonical_reason().unwrap_or_default();
+    format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        status.as_str(),
+        body.len()
+    )
 }
 
 /// Raise the soft open-files limit to the hard one; returns (before, after).
@@ -403,11 +404,24 @@ mod tests {
 
     #[test]
     fn the_canned_answers_are_well_formed() {
-        for (why, code) in [
-            (Refused::OverShare, "TooManyConnections"),
-            (Refused::Exhausted, "ConnectionsExhausted"),
+        // The wire's words, pinned here: clients see them.
+        for (why, status, code) in [
+            (
+                Refused::OverShare,
+                "429 Too Many Requests",
+                "TooManyConnections",
+            ),
+            (
+                Refused::Exhausted,
+                "503 Service Unavailable",
+                "ConnectionsExhausted",
+            ),
         ] {
             let text = refusal(why);
+            assert!(
+                text.starts_with(&format!("HTTP/1.1 {status}\r\n")),
+                "{text}"
+            );
             let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
             let len: usize = head
                 .lines()

@@ -5,7 +5,8 @@
 //! `Content-Type: application/json` (Go and Java SDKs show a JSON error's code and message only
 //! then), a 405 names the allowed method, and a refusal for a budget carries `Retry-After`.
 
-use crate::error::Error;
+use crate::codes::ErrorCode;
+use crate::error::{Code, Error};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
@@ -21,9 +22,16 @@ pub fn json_response(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
 }
 
 pub fn error_response(e: &Error) -> Response<Full<Bytes>> {
-    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let code = e.coded();
+    let status = match code {
+        Code::Own(own) => own.status(),
+        // Whatever answered at `--endpoint` may have sent a status outside HTTP's range.
+        Code::EksAuth { status, .. } => {
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY)
+        }
+    };
     let mut res = json_response(status, e.body());
-    if matches!(e, Error::MethodNotAllowed(_)) {
+    if code == Code::Own(ErrorCode::MethodNotAllowed) {
         res.headers_mut()
             .insert(ALLOW, HeaderValue::from_static("GET"));
     }

@@ -43,6 +43,7 @@ mod series;
 mod worker;
 
 use super::KubeClient;
+use crate::codes::ErrorCode;
 use crate::eks_auth::{ExchangeError, Fault};
 use crate::error::Error;
 use crate::token::{PodIdentity, Token, TokenError};
@@ -61,7 +62,7 @@ pub const POD_REASONS: &[(&str, &str)] = &[
     ("ResourceNotFoundException", "PodIdentityNoAssociation"),
     ("AccessDeniedException", "PodIdentityRoleNotTrusted"),
     ("ExpiredTokenException", "PodIdentityTokenExpired"),
-    ("ExpiredToken", "PodIdentityTokenExpired"),
+    (ErrorCode::ExpiredToken.as_str(), "PodIdentityTokenExpired"),
     ("InvalidTokenException", "PodIdentityTokenInvalid"),
 ];
 /// The reason of the Node's Event when EKS Auth refuses the node's own credentials.
