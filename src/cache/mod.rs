@@ -31,7 +31,13 @@
 //! own task tracker, so shutdown can stop refreshing, wait for exchanges under way, and end the
 //! ones that outlive the grace period. Entries leave for a successor agent and arrive from a
 //! predecessor through [`snapshot`].
+//!
+//! Every rule here reads the time from the cache's [`Clock`] (`SystemTime::now()` nowhere), so
+//! tests pause and move it, and a day of a node can be simulated in seconds. The rooms: this
+//! module holds `get` and its types; [`store`] the map and its bookkeeping; [`exchange`] a
+//! flight; [`refresh`] the cache as the scheduler sees it; [`snapshot`] the handover.
 
+pub mod clock;
 pub mod entry;
 mod exchange;
 pub mod flight;
@@ -41,7 +47,9 @@ pub mod policy;
 mod refresh;
 pub mod scheduler;
 pub mod snapshot;
+mod store;
 
+pub use clock::{Clock, ManualClock};
 pub use entry::{Carried, Delivery, Demand, Entry, Outcome};
 pub use gate::{Caller, Denial, Gate, Open, Scope, Ticket};
 pub use negative::{NegativeSettings, Refusal, Remembered};
@@ -49,22 +57,13 @@ pub use snapshot::{Exported, Imported};
 
 use crate::eks_auth::{CredentialSource, ExchangeError};
 use crate::metrics::Metrics;
-use crate::token::{PodIdentity, PodKey, Token, TokenHash};
+use crate::token::{PodIdentity, Token};
 use exchange::Start;
-use flight::Flights;
-use moka::policy::EvictionPolicy;
-use moka::Expiry;
-use negative::Rejections;
 use policy::RefreshPolicy;
 use std::net::IpAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-/// Evictions remembered for a successor.
-const EVICTIONS_KEPT: usize = 10_000;
+use std::time::Duration;
+use store::Inner;
 
 /// How long a token refused for the node's credentials counts towards the node alert.
 pub const NODE_REFUSALS_WINDOW: Duration = Duration::from_secs(300);
@@ -137,82 +136,10 @@ impl Default for CacheSettings {
     }
 }
 
-struct Inner {
-    /// The entries by token hash: bounded (LRU), each leaving by itself when its credentials or
-    /// token expire ([`ExpireWithCredentials`]).
-    entries: moka::sync::Cache<TokenHash, Arc<Entry>>,
-    /// The current token of each pod whose token was verified: how a rotated token finds its
-    /// pod's entry. Bounded like the entries; a stale pointer just misses.
-    pods: moka::sync::Cache<PodKey, TokenHash>,
-    /// Flights under way, one per token, their result shared by every request waiting on it.
-    flights: Flights<TokenHash, FlightResult>,
-    /// Tokens refused a short while ago, answered without asking again.
-    rejections: Rejections,
-    /// Tokens whose exchange EKS Auth refused for the node's own credentials in the last
-    /// [`NODE_REFUSALS_WINDOW`]: the node alert fires on several, not on one pod's.
-    node_refusals: moka::sync::Cache<TokenHash, ()>,
-    /// EKS Auth in production; fakes in tests.
-    source: Arc<dyn CredentialSource>,
-    /// Verification and budgets, asked inside a request's flight.
-    gate: Arc<dyn Gate>,
-    policy: RefreshPolicy,
-    /// Clock leeway on the token's times: the one value request validation also uses, so an
-    /// entry never outlives the token a request would still accept.
-    leeway: Duration,
-    metrics: Arc<Metrics>,
-    /// Where refresh work goes; the scheduler sees hashes and generations, never entries.
-    scheduler: scheduler::Handle<TokenHash>,
-    scheduler_health: scheduler::Health,
-    /// Source of entry generations.
-    generations: AtomicU64,
-    /// Held while an entry gets its generation and goes into the map, and while an export reads
-    /// the newest generation: so every entry older than what an export reads is in the map.
-    installing: std::sync::Mutex<()>,
-    /// Tokens evicted for their own fault, with the newest generation then: a successor learns
-    /// of those evicted after the snapshot it got. Bounded to the last [`EVICTIONS_KEPT`].
-    evictions: std::sync::Mutex<std::collections::VecDeque<(u64, TokenHash)>>,
-    /// Flight and refresh tasks, so shutdown can wait for them.
-    tasks: TaskTracker,
-    /// Cancelled to stop refreshing (shutdown, handover).
-    stop_refreshing: CancellationToken,
-    /// Cancelled to end exchanges still under way after the shutdown grace period.
-    abort: CancellationToken,
-    /// Told of the node's credentials refused at a refresh, once someone listens.
-    node_refused: std::sync::OnceLock<NodeRefused>,
-}
-
 /// The cache; cheap to clone, all clones share one map and one scheduler.
 #[derive(Clone)]
 pub struct CredentialCache {
     inner: Arc<Inner>,
-}
-
-struct ExpireWithCredentials;
-
-impl ExpireWithCredentials {
-    fn left(e: &Entry) -> Option<Duration> {
-        Some(
-            e.valid_until
-                .duration_since(SystemTime::now())
-                .unwrap_or_default(),
-        )
-    }
-}
-
-impl Expiry<TokenHash, Arc<Entry>> for ExpireWithCredentials {
-    fn expire_after_create(&self, _: &TokenHash, e: &Arc<Entry>, _: Instant) -> Option<Duration> {
-        Self::left(e)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &TokenHash,
-        e: &Arc<Entry>,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Self::left(e)
-    }
 }
 
 impl CredentialCache {
@@ -224,57 +151,28 @@ impl CredentialCache {
         leeway: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
+        Self::with_clock(source, gate, settings, leeway, metrics, Clock::System)
+    }
+
+    /// [`CredentialCache::new`] on `clock`: every rule of the cache and of its scheduler reads
+    /// the time there (tests and simulations pass a [`Clock::Manual`]).
+    pub fn with_clock(
+        source: Arc<dyn CredentialSource>,
+        gate: Arc<dyn Gate>,
+        settings: &CacheSettings,
+        leeway: Duration,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+    ) -> Self {
         let (handle, inbox) = scheduler::channel();
-        let capacity = settings.max_entries.max(1);
-        metrics
-            .cache_capacity
-            .set(i64::try_from(capacity).unwrap_or(i64::MAX));
-        let evicted = metrics.cache_state.with_label_values(&["evicted"]);
-        let on_removal = handle.clone();
-        let entries = moka::sync::Cache::builder()
-            .max_capacity(capacity)
-            .eviction_policy(EvictionPolicy::lru())
-            .expire_after(ExpireWithCredentials)
-            .eviction_listener(move |hash: Arc<TokenHash>, entry: Arc<Entry>, cause| {
-                // Queued refresh work for a removed entry goes at once. For a replaced one the
-                // generation no longer matches, so this is a no-op.
-                on_removal.cancel(*hash, entry.generation);
-                let moved = entry.is_superseded();
-                if cause != moka::notification::RemovalCause::Replaced && !moved {
-                    evicted.inc();
-                }
-            })
-            .build();
-        let tasks = TaskTracker::new();
-        let stop_refreshing = CancellationToken::new();
-        let inner = Arc::new(Inner {
-            entries,
-            pods: moka::sync::Cache::builder()
-                .max_capacity(capacity)
-                .eviction_policy(EvictionPolicy::lru())
-                .build(),
-            flights: Flights::default(),
-            rejections: Rejections::new(&settings.negative),
-            node_refusals: moka::sync::Cache::builder()
-                .max_capacity(10_000)
-                .eviction_policy(EvictionPolicy::lru())
-                .time_to_live(NODE_REFUSALS_WINDOW)
-                .build(),
+        let parts = store::Parts {
             source,
             gate,
-            policy: settings.policy,
             leeway,
             metrics,
-            scheduler: handle,
-            scheduler_health: scheduler::Health::default(),
-            generations: AtomicU64::new(0),
-            installing: std::sync::Mutex::new(()),
-            evictions: std::sync::Mutex::default(),
-            tasks: tasks.clone(),
-            stop_refreshing: stop_refreshing.clone(),
-            abort: CancellationToken::new(),
-            node_refused: std::sync::OnceLock::new(),
-        });
+            clock,
+        };
+        let inner = Arc::new(Inner::new(parts, settings, handle));
         scheduler::spawn(
             Arc::new(refresh::Refresh(Arc::downgrade(&inner))),
             inbox,
@@ -282,9 +180,10 @@ impl CredentialCache {
                 rate: settings.refresh_qps,
                 concurrency: settings.refresh_concurrency,
             },
-            stop_refreshing,
-            &tasks,
+            inner.stop_refreshing.clone(),
+            &inner.tasks,
             &inner.scheduler_health,
+            inner.clock.clone(),
         );
         CredentialCache { inner }
     }
@@ -304,7 +203,7 @@ impl CredentialCache {
     ) -> Result<(Arc<Entry>, Outcome), CacheError> {
         let inner = &self.inner;
         let hash = token.hash();
-        let now = SystemTime::now();
+        let now = inner.clock.wall();
         let cached = inner.entries.get(&hash);
         if let Some(entry) = &cached {
             if let Some(outcome) = entry.serve_without_exchange(now) {
@@ -332,44 +231,7 @@ impl CredentialCache {
                 ExchangeError::Unavailable("the exchange was abandoned".into()).into()
             });
         };
-        let now = SystemTime::now();
-        if !matches!(result, Ok((_, Found::Rotated))) {
-            inner.metrics.cache_misses.inc();
-        }
-        let (entry, found) = match result {
-            Ok(found) => found,
-            // Static stability: the token's credentials, while valid, outlive a failed renewal.
-            Err(CacheError::Exchange(e, pod)) if e.recoverable() => {
-                return match cached.filter(|c| now < c.valid_until) {
-                    Some(old) => {
-                        old.mark_used();
-                        Ok((old, Outcome::Stale))
-                    }
-                    None => Err(CacheError::Exchange(e, pod)),
-                }
-            }
-            Err(e) => return Err(e),
-        };
-        if found == Found::Rotated {
-            inner.metrics.cache_hits.inc();
-            inner.metrics.rotated_tokens.inc();
-            return Ok((entry, Outcome::Rotated));
-        }
-        if now >= entry.valid_until {
-            return Err(ExchangeError::Unavailable(
-                "the credentials stopped being valid while the request waited".into(),
-            )
-            .into());
-        }
-        entry.mark_used();
-        Ok((
-            entry,
-            if started {
-                Outcome::Miss
-            } else {
-                Outcome::Coalesced
-            },
-        ))
+        answer_from_flight(inner, result, cached, started)
     }
 
     /// Refusals remembered now.
@@ -416,82 +278,51 @@ impl CredentialCache {
     }
 }
 
-impl Inner {
-    /// The current entry for `hash` and how to label it, if a request may be answered from it
-    /// without an exchange: the hit path's rule, re-checked under the flights lock.
-    fn servable(&self, hash: &TokenHash, now: SystemTime) -> Option<(Arc<Entry>, Outcome)> {
-        let entry = self.entries.get(hash)?;
-        let outcome = entry.serve_without_exchange(now)?;
-        Some((entry, outcome))
+/// A request's answer once the flight it waited for ended with `result`: `cached` is what the
+/// map held for the token before (served while valid if the exchange failed recoverably), and
+/// `started` whether this request started the flight.
+fn answer_from_flight(
+    inner: &Inner,
+    result: FlightResult,
+    cached: Option<Arc<Entry>>,
+    started: bool,
+) -> Result<(Arc<Entry>, Outcome), CacheError> {
+    let now = inner.clock.wall();
+    if !matches!(result, Ok((_, Found::Rotated))) {
+        inner.metrics.cache_misses.inc();
     }
-
-    /// The entry the map holds for `hash`, if it is generation `generation`.
-    fn current(&self, hash: &TokenHash, generation: u64) -> Option<Arc<Entry>> {
-        self.entries
-            .get(hash)
-            .filter(|e| e.generation == generation)
-    }
-
-    /// A request was served from `entry`: it is in use. A dormant entry past its refresh point
-    /// asks for a refresh at once.
-    fn touch(&self, entry: &Arc<Entry>, now: SystemTime) {
-        if entry.mark_used() == Demand::Dormant {
-            self.scheduler.schedule(
-                entry.token.hash(),
-                entry.generation,
-                now.max(entry.plan.refresh_at),
-            );
+    let (entry, found) = match result {
+        Ok(found) => found,
+        // Static stability: the token's credentials, while valid, outlive a failed renewal.
+        Err(CacheError::Exchange(e, pod)) if e.recoverable() => {
+            return match cached.filter(|c| now < c.valid_until) {
+                Some(old) => {
+                    old.mark_used();
+                    Ok((old, Outcome::Stale))
+                }
+                None => Err(CacheError::Exchange(e, pod)),
+            }
         }
+        Err(e) => return Err(e),
+    };
+    if found == Found::Rotated {
+        inner.metrics.cache_hits.inc();
+        inner.metrics.rotated_tokens.inc();
+        return Ok((entry, Outcome::Rotated));
     }
-
-    /// Make the entry of the next generation with `make` and put it in the map (replacing its
-    /// token's previous one), point its pod at it, and queue its refresh.
-    fn put(&self, make: impl FnOnce(u64) -> Entry) -> Arc<Entry> {
-        self.put_refreshing_after(make, SystemTime::UNIX_EPOCH)
+    if now >= entry.valid_until {
+        return Err(ExchangeError::Unavailable(
+            "the credentials stopped being valid while the request waited".into(),
+        )
+        .into());
     }
-
-    /// [`Inner::put`], its refresh not before `not_before`.
-    fn put_refreshing_after(
-        &self,
-        make: impl FnOnce(u64) -> Entry,
-        not_before: SystemTime,
-    ) -> Arc<Entry> {
-        let entry = {
-            let _installing = self.installing.lock().unwrap_or_else(|p| p.into_inner());
-            let generation = self
-                .generations
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                + 1;
-            let entry = Arc::new(make(generation));
-            self.entries.insert(entry.token.hash(), entry.clone());
-            entry
-        };
-        let hash = entry.token.hash();
-        if let Some(pod) = entry.pod {
-            self.pods.insert(pod, hash);
-        }
-        if let Some(at) = entry.next_refresh() {
-            self.scheduler
-                .schedule(hash, entry.generation, at.max(not_before));
-        }
-        entry
-    }
-
-    /// Evict `hash` (for its token's fault, or moved to its pod's newer token), remembering it
-    /// for a successor.
-    fn evict(&self, hash: &TokenHash) {
-        let newest = self.generations.load(std::sync::atomic::Ordering::Relaxed);
-        self.entries.invalidate(hash);
-        let mut log = self.evictions.lock().unwrap_or_else(|p| p.into_inner());
-        if log.len() >= EVICTIONS_KEPT {
-            log.pop_front();
-        }
-        log.push_back((newest, *hash));
-    }
-
-    /// The newest generation installed: every entry of it or older is in the map.
-    fn newest_generation(&self) -> u64 {
-        let _installing = self.installing.lock().unwrap_or_else(|p| p.into_inner());
-        self.generations.load(std::sync::atomic::Ordering::Relaxed)
-    }
+    entry.mark_used();
+    Ok((
+        entry,
+        if started {
+            Outcome::Miss
+        } else {
+            Outcome::Coalesced
+        },
+    ))
 }
