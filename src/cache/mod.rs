@@ -326,3 +326,288 @@ fn answer_from_flight(
         },
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The cache's rules on a paused clock: time moves only when a test says so (or, when every
+    //! task is idle, to the next timer), so hours pass in microseconds and nothing sleeps.
+    use super::*;
+    use crate::credentials::{Credentials, Unvalidated};
+    use crate::eks_auth::FetchFuture;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use futures_util::future::BoxFuture;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::time::SystemTime;
+
+    const H: Duration = Duration::from_secs(3600);
+    const POD: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7));
+
+    /// EKS Auth: credentials of `lifetime` from now, a distinct access key each call, or the
+    /// next queued failure; it records when each call came.
+    struct Fake {
+        clock: Clock,
+        lifetime: Duration,
+        failures: Mutex<VecDeque<ExchangeError>>,
+        calls: Mutex<Vec<SystemTime>>,
+    }
+
+    impl CredentialSource for Fake {
+        fn fetch(&self, _: &Token) -> FetchFuture {
+            let now = self.clock.wall();
+            let n = {
+                let mut calls = self.calls.lock().expect("lock");
+                calls.push(now);
+                calls.len()
+            };
+            let result = match self.failures.lock().expect("lock").pop_front() {
+                Some(e) => Err(e),
+                None => Credentials::validate(
+                    Unvalidated {
+                        access_key_id: &format!("ASIATEST{n:012}"),
+                        secret_access_key: "secret",
+                        session_token: "session",
+                        expiration: now + self.lifetime,
+                        assumed_role_arn: "arn:aws:sts::111122223333:assumed-role/r/s",
+                    },
+                    now,
+                )
+                .map(Into::into)
+                .map_err(Into::into),
+            };
+            Box::pin(async move { result })
+        }
+    }
+
+    /// Verifies nothing but believes the token's pod claims: rotation needs a verified pod.
+    struct Believe;
+
+    impl Gate for Believe {
+        fn identify(
+            self: Arc<Self>,
+            token: Token,
+        ) -> BoxFuture<'static, Result<Option<PodIdentity>, Denial>> {
+            let s = token.subject();
+            Box::pin(async move {
+                Ok(Some(PodIdentity {
+                    namespace: s.namespace,
+                    service_account: s.service_account,
+                    pod_name: s.pod,
+                    pod_uid: s.pod_uid,
+                    node_name: None,
+                    issued_at: None,
+                    issuer: "https://issuer.test".into(),
+                    audience: "pods.eks.amazonaws.com".into(),
+                }))
+            })
+        }
+
+        fn admit(self: Arc<Self>, _: Caller) -> BoxFuture<'static, Result<gate::Ticket, Denial>> {
+            Box::pin(async { Ok(gate::Ticket::free()) })
+        }
+    }
+
+    struct Node {
+        cache: CredentialCache,
+        fake: Arc<Fake>,
+        clock: Clock,
+    }
+
+    impl Node {
+        fn new(lifetime: Duration, gate: Arc<dyn Gate>) -> Node {
+            let (clock, _) = Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 31));
+            let fake = Arc::new(Fake {
+                clock: clock.clone(),
+                lifetime,
+                failures: Mutex::default(),
+                calls: Mutex::default(),
+            });
+            let cache = CredentialCache::with_clock(
+                fake.clone(),
+                gate,
+                &CacheSettings::default(),
+                Duration::from_secs(60),
+                Arc::new(Metrics::new().expect("metrics")),
+                clock.clone(),
+            );
+            Node { cache, fake, clock }
+        }
+
+        fn calls(&self) -> usize {
+            self.fake.calls.lock().expect("lock").len()
+        }
+
+        fn fail_next(&self, e: ExchangeError) {
+            self.fake.failures.lock().expect("lock").push_back(e);
+        }
+
+        /// A pod's token, issued now for a day.
+        fn token(&self, pod: &str) -> Token {
+            let now = self.clock.wall();
+            let secs = now
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let claims = serde_json::json!({"aud": ["pods.eks.amazonaws.com"], "iat": secs,
+                "nbf": secs, "exp": secs + 86_400, "sub": "system:serviceaccount:ns:sa",
+                "kubernetes.io": {"namespace": "ns", "serviceaccount": {"name": "sa", "uid": "s"},
+                    "pod": {"name": pod, "uid": format!("uid-{pod}")}}});
+            let jwt = format!(
+                "{}.{}.{}",
+                URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","kid":"k"}"#),
+                URL_SAFE_NO_PAD.encode(claims.to_string()),
+                URL_SAFE_NO_PAD.encode("signature"),
+            );
+            Token::parse(jwt.as_bytes()).expect("token")
+        }
+
+        async fn get(&self, token: &Token) -> (Outcome, String) {
+            let (entry, outcome) = self.cache.get(token, POD).await.expect("credentials");
+            (outcome, entry.credentials().access_key_id().to_owned())
+        }
+
+        /// Let time run `by`, the scheduler and the flights doing what comes due meanwhile.
+        async fn run(&self, by: Duration) {
+            tokio::time::sleep(by).await;
+        }
+
+        /// Let time run in 100 ms steps until `calls` calls were made (at most `limit`).
+        async fn run_until_calls(&self, calls: usize, limit: Duration) {
+            let until = tokio::time::Instant::now() + limit;
+            while self.calls() < calls && tokio::time::Instant::now() < until {
+                self.run(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    fn unavailable() -> ExchangeError {
+        ExchangeError::Service {
+            status: 503,
+            code: "ServiceUnavailableException".into(),
+            message: "m".into(),
+            request_id: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn served_from_memory_until_the_hard_point_and_a_queued_refresh_until_expiry() {
+        let node = Node::new(6 * H, Arc::new(Open));
+        let t = node.token("a");
+        let (outcome, first) = node.get(&t).await;
+        assert_eq!((outcome, node.calls()), (Outcome::Miss, 1));
+        // No refreshes: what a request is served is the rule alone.
+        node.cache.stop_refreshing();
+        let hard = 6 * H - Duration::from_secs(20 * 60);
+        node.run(hard - Duration::from_secs(1)).await;
+        assert_eq!(node.get(&t).await, (Outcome::Hit, first.clone()));
+        // Past the hard point, a used entry's refresh is queued: served while it is on its way,
+        // until a minute before expiry.
+        node.run(Duration::from_secs(2)).await;
+        assert_eq!(node.get(&t).await, (Outcome::Stale, first.clone()));
+        node.run(Duration::from_secs(20 * 60 - 62)).await;
+        assert_eq!(node.get(&t).await, (Outcome::Stale, first.clone()));
+        assert_eq!(node.calls(), 1);
+        node.run(Duration::from_secs(2)).await;
+        let (outcome, second) = node.get(&t).await;
+        assert_eq!((outcome, node.calls()), (Outcome::Miss, 2));
+        assert_ne!(second, first);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_exchange_past_the_hard_point_serves_the_valid_credentials() {
+        let node = Node::new(H, Arc::new(Open));
+        let t = node.token("a");
+        let (_, first) = node.get(&t).await;
+        node.cache.stop_refreshing();
+        // A minute and a half before expiry the request must exchange; EKS Auth fails.
+        node.run(H - Duration::from_secs(30)).await;
+        node.fail_next(unavailable());
+        assert_eq!(node.get(&t).await, (Outcome::Stale, first));
+        assert_eq!(node.calls(), 2);
+        // Expired: nothing to fall back on.
+        node.run(Duration::from_secs(31)).await;
+        node.fail_next(unavailable());
+        assert!(node.cache.get(&t, POD).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refreshed_at_the_refresh_point_only_while_pods_use_the_credentials() {
+        let node = Node::new(6 * H, Arc::new(Open));
+        let t = node.token("a");
+        node.get(&t).await;
+        // Refresh point: half the lifetime (3 h), less up to 10 % jitter.
+        node.run(Duration::from_secs(2 * 3600 + 40 * 60)).await;
+        assert_eq!(node.calls(), 1, "not before 0.9 of the refresh interval");
+        node.run(Duration::from_secs(21 * 60)).await;
+        assert_eq!(
+            node.calls(),
+            2,
+            "renewed at the refresh point, with no request"
+        );
+        // Nobody used the renewed credentials: at their refresh point they go dormant.
+        node.run(3 * H + Duration::from_secs(60)).await;
+        assert_eq!(node.calls(), 2, "an unused entry is not renewed");
+        // The next request is answered from memory and asks for the renewal at once.
+        let (outcome, key) = node.get(&t).await;
+        assert_eq!(outcome, Outcome::Hit);
+        node.run(Duration::from_secs(1)).await;
+        assert_eq!(node.calls(), 3);
+        assert_ne!(node.get(&t).await.1, key, "served the renewal");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_refresh_backs_off_and_never_evicts_valid_credentials() {
+        let node = Node::new(6 * H, Arc::new(Open));
+        let t = node.token("a");
+        let (_, first) = node.get(&t).await;
+        node.fail_next(unavailable());
+        node.fail_next(ExchangeError::Service {
+            status: 403,
+            code: "UnrecognizedClientException".into(),
+            message: "the node's credentials".into(),
+            request_id: None,
+        });
+        node.fail_next(ExchangeError::Unavailable("timed out".into()));
+        // No refresh before 0.9 of the refresh interval (3 h); then step until it comes.
+        node.run(Duration::from_secs(2 * 3600 + 40 * 60)).await;
+        node.run_until_calls(2, H).await;
+        assert_eq!(node.calls(), 2, "the first refresh failed");
+        assert_eq!(node.get(&t).await, (Outcome::Hit, first.clone()), "kept");
+        node.run(Duration::from_secs(10)).await;
+        let calls = node.fake.calls.lock().expect("lock").clone();
+        assert_eq!(calls.len(), 5, "three failures, then a success");
+        let gaps: Vec<Duration> = calls
+            .windows(2)
+            .skip(1)
+            .map(|w| w[1].duration_since(w[0]).expect("ordered"))
+            .collect();
+        // Backoff doubles from 1 s, with jitter in [d/2, d]; the scheduler starts work up to
+        // one refresh interval (1 / --max-service-qps) before its deadline.
+        let early = Duration::from_secs_f64(1.0 / CacheSettings::default().refresh_qps);
+        for (gap, d) in gaps.iter().zip([1, 2, 4]) {
+            let d = Duration::from_secs(d);
+            assert!(*gap + early >= d / 2 && *gap <= d, "{gaps:?}");
+        }
+        assert_ne!(node.get(&t).await.1, first, "served the renewal");
+        assert_eq!(node.calls(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rotated_token_takes_over_its_pods_credentials_and_the_old_one_leaves() {
+        let node = Node::new(6 * H, Arc::new(Believe));
+        let old = node.token("a");
+        let (_, first) = node.get(&old).await;
+        node.run(H).await;
+        let new = node.token("a");
+        assert_eq!(node.get(&new).await, (Outcome::Rotated, first.clone()));
+        assert_eq!(node.calls(), 1, "no exchange for a rotated token");
+        assert_eq!(node.cache.len(), 1, "the superseded entry left the map");
+        // The old token (a container still reading the old file) is answered as it is.
+        assert_eq!(node.get(&old).await, (Outcome::Rotated, first));
+        // One renewal, for the new token's entry; none for the old token.
+        node.run(3 * H).await;
+        assert_eq!(node.calls(), 2);
+        assert_eq!(node.get(&new).await.0, Outcome::Hit);
+        assert_eq!(node.cache.len(), 1);
+    }
+}
