@@ -31,6 +31,9 @@ struct Node {
     entries: HashMap<u64, Entry>,
     /// When the janitor's last run ends.
     busy_until: i64,
+    /// The janitor's next tick: nodes' agents started at different times, so their minutes are
+    /// spread, not in step.
+    next_tick: i64,
 }
 
 #[derive(Default)]
@@ -38,7 +41,6 @@ pub struct Reference {
     nodes: Vec<Node>,
     calls: Vec<u32>,
     cross_account: Vec<u32>,
-    next_tick: i64,
     /// Each pod's current token, to tell when one was replaced.
     current: HashMap<u64, u64>,
     /// Tokens no pod sends any more (the pod stopped, or kubelet replaced the token).
@@ -52,7 +54,12 @@ pub struct Reference {
 impl Reference {
     pub fn new(nodes: usize) -> Reference {
         Reference {
-            nodes: (0..nodes).map(|_| Node::default()).collect(),
+            nodes: (0..nodes)
+                .map(|n| Node {
+                    next_tick: MINUTE * n as i64 / nodes.max(1) as i64,
+                    ..Node::default()
+                })
+                .collect(),
             ..Reference::default()
         }
     }
@@ -65,47 +72,59 @@ impl Reference {
         }
     }
 
-    /// One janitor tick at `at` on every node.
-    fn tick(&mut self, at: i64) {
+    /// Every janitor tick up to `t`, node by node.
+    fn tick(&mut self, t: i64) {
         let mut calls = Vec::new();
         for node in &mut self.nodes {
-            if node.busy_until > at {
-                continue;
-            }
-            node.entries.retain(|_, e| e.token_expires > at);
-            let mut when = at;
-            let mut due: Vec<u64> = node
-                .entries
-                .iter()
-                .filter(|(_, e)| at >= e.fetched + e.lifetime.min(RETENTION))
-                .map(|(id, _)| *id)
-                .collect();
-            due.sort_unstable();
-            for id in due {
-                if let Some(e) = node.entries.get_mut(&id) {
-                    calls.push((when, e.lifetime));
-                    e.fetched = when;
-                    e.expires = when + e.lifetime;
-                    if self.unused.contains(&id) {
-                        self.renewed_unused += 1;
-                    }
-                    when += RENEWAL_EVERY;
+            while node.next_tick <= t {
+                let at = node.next_tick;
+                node.next_tick += MINUTE;
+                if node.busy_until <= at {
+                    Self::janitor(node, at, &self.unused, &mut self.renewed_unused, &mut calls);
                 }
             }
-            node.busy_until = when;
         }
         for (when, lifetime) in calls {
             self.call(when, lifetime);
         }
     }
+
+    /// One janitor run on `node` at `at`: drop entries whose token expired, renew the rest
+    /// that are due, one after another at the limiter's pace.
+    fn janitor(
+        node: &mut Node,
+        at: i64,
+        unused: &HashSet<u64>,
+        renewed_unused: &mut u64,
+        calls: &mut Vec<(i64, i64)>,
+    ) {
+        node.entries.retain(|_, e| e.token_expires > at);
+        let mut when = at;
+        let mut due: Vec<u64> = node
+            .entries
+            .iter()
+            .filter(|(_, e)| at >= e.fetched + e.lifetime.min(RETENTION))
+            .map(|(id, _)| *id)
+            .collect();
+        due.sort_unstable();
+        for id in due {
+            if let Some(e) = node.entries.get_mut(&id) {
+                calls.push((when, e.lifetime));
+                e.fetched = when;
+                e.expires = when + e.lifetime;
+                if unused.contains(&id) {
+                    *renewed_unused += 1;
+                }
+                when += RENEWAL_EVERY;
+            }
+        }
+        node.busy_until = when;
+    }
 }
 
 impl Agent for Reference {
     async fn advance_to(&mut self, t: i64) {
-        while self.next_tick <= t {
-            self.tick(self.next_tick);
-            self.next_tick += MINUTE;
-        }
+        self.tick(t);
     }
 
     async fn ask(&mut self, pod: &Pod, t: i64) -> Answer {
