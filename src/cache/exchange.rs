@@ -16,7 +16,7 @@ use crate::eks_auth::{ExchangeError, Fault, Fetched};
 use crate::token::{PodIdentity, PodKey, Token};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 use tokio::sync::watch;
 
 /// What starts a flight.
@@ -134,7 +134,7 @@ impl Inner {
         let key = id.key();
         let hash = self.pods.get(&key)?;
         let old = self.entries.get(&hash).filter(|e| e.pod == Some(key))?;
-        let now = SystemTime::now();
+        let now = self.clock.wall();
         old.serve_without_exchange(now)?;
         if old.token.hash() == token.hash() || token.claims().exp <= old.token.claims().exp {
             old.mark_used();
@@ -236,7 +236,7 @@ impl Inner {
         audit::exchange(token, trigger, Ok((&identity, &credentials)));
         let plan = self
             .policy
-            .plan(SystemTime::now(), credentials.expiration());
+            .plan(self.clock.wall(), credentials.expiration());
         Ok((credentials, plan))
     }
 
@@ -260,7 +260,7 @@ impl Inner {
         match &current {
             Some(_) if !e.recoverable() => self.evict(&hash),
             Some(entry) => {
-                let retry_at = entry.back_off(SystemTime::now());
+                let retry_at = entry.back_off(self.clock.wall());
                 if retry_at < entry.valid_until {
                     self.scheduler.schedule(hash, entry.generation, retry_at);
                 }

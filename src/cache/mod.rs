@@ -31,7 +31,13 @@
 //! own task tracker, so shutdown can stop refreshing, wait for exchanges under way, and end the
 //! ones that outlive the grace period. Entries leave for a successor agent and arrive from a
 //! predecessor through [`snapshot`].
+//!
+//! Every rule here reads the time from the cache's [`Clock`] (`SystemTime::now()` nowhere), so
+//! tests pause and move it, and a day of a node can be simulated in seconds. The rooms: this
+//! module holds `get` and its types; [`store`] the map and its bookkeeping; [`exchange`] a
+//! flight; [`refresh`] the cache as the scheduler sees it; [`snapshot`] the handover.
 
+pub mod clock;
 pub mod entry;
 mod exchange;
 pub mod flight;
@@ -41,7 +47,9 @@ pub mod policy;
 mod refresh;
 pub mod scheduler;
 pub mod snapshot;
+mod store;
 
+pub use clock::{Clock, ManualClock};
 pub use entry::{Carried, Delivery, Demand, Entry, Outcome};
 pub use gate::{Caller, Denial, Gate, Open, Scope, Ticket};
 pub use negative::{NegativeSettings, Refusal, Remembered};
@@ -49,22 +57,13 @@ pub use snapshot::{Exported, Imported};
 
 use crate::eks_auth::{CredentialSource, ExchangeError};
 use crate::metrics::Metrics;
-use crate::token::{PodIdentity, PodKey, Token, TokenHash};
+use crate::token::{PodIdentity, Token};
 use exchange::Start;
-use flight::Flights;
-use moka::policy::EvictionPolicy;
-use moka::Expiry;
-use negative::Rejections;
 use policy::RefreshPolicy;
 use std::net::IpAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-/// Evictions remembered for a successor.
-const EVICTIONS_KEPT: usize = 10_000;
+use std::time::Duration;
+use store::Inner;
 
 /// How long a token refused for the node's credentials counts towards the node alert.
 pub const NODE_REFUSALS_WINDOW: Duration = Duration::from_secs(300);
@@ -138,82 +137,10 @@ impl Default for CacheSettings {
     }
 }
 
-struct Inner {
-    /// The entries by token hash: bounded (LRU), each leaving by itself when its credentials or
-    /// token expire ([`ExpireWithCredentials`]).
-    entries: moka::sync::Cache<TokenHash, Arc<Entry>>,
-    /// The current token of each pod whose token was verified: how a rotated token finds its
-    /// pod's entry. Bounded like the entries; a stale pointer just misses.
-    pods: moka::sync::Cache<PodKey, TokenHash>,
-    /// Flights under way, one per token, their result shared by every request waiting on it.
-    flights: Flights<TokenHash, FlightResult>,
-    /// Tokens refused a short while ago, answered without asking again.
-    rejections: Rejections,
-    /// Tokens whose exchange EKS Auth refused for the node's own credentials in the last
-    /// [`NODE_REFUSALS_WINDOW`]: the node alert fires on several, not on one pod's.
-    node_refusals: moka::sync::Cache<TokenHash, ()>,
-    /// EKS Auth in production; fakes in tests.
-    source: Arc<dyn CredentialSource>,
-    /// Verification and budgets, asked inside a request's flight.
-    gate: Arc<dyn Gate>,
-    policy: RefreshPolicy,
-    /// Clock leeway on the token's times: the one value request validation also uses, so an
-    /// entry never outlives the token a request would still accept.
-    leeway: Duration,
-    metrics: Arc<Metrics>,
-    /// Where refresh work goes; the scheduler sees hashes and generations, never entries.
-    scheduler: scheduler::Handle<TokenHash>,
-    scheduler_health: scheduler::Health,
-    /// Source of entry generations.
-    generations: AtomicU64,
-    /// Held while an entry gets its generation and goes into the map, and while an export reads
-    /// the newest generation: so every entry older than what an export reads is in the map.
-    installing: std::sync::Mutex<()>,
-    /// Tokens evicted for their own fault, with the newest generation then: a successor learns
-    /// of those evicted after the snapshot it got. Bounded to the last [`EVICTIONS_KEPT`].
-    evictions: std::sync::Mutex<std::collections::VecDeque<(u64, TokenHash)>>,
-    /// Flight and refresh tasks, so shutdown can wait for them.
-    tasks: TaskTracker,
-    /// Cancelled to stop refreshing (shutdown, handover).
-    stop_refreshing: CancellationToken,
-    /// Cancelled to end exchanges still under way after the shutdown grace period.
-    abort: CancellationToken,
-    /// Told of the node's credentials refused at a refresh, once someone listens.
-    node_refused: std::sync::OnceLock<NodeRefused>,
-}
-
 /// The cache; cheap to clone, all clones share one map and one scheduler.
 #[derive(Clone)]
 pub struct CredentialCache {
     inner: Arc<Inner>,
-}
-
-struct ExpireWithCredentials;
-
-impl ExpireWithCredentials {
-    fn left(e: &Entry) -> Option<Duration> {
-        Some(
-            e.valid_until
-                .duration_since(SystemTime::now())
-                .unwrap_or_default(),
-        )
-    }
-}
-
-impl Expiry<TokenHash, Arc<Entry>> for ExpireWithCredentials {
-    fn expire_after_create(&self, _: &TokenHash, e: &Arc<Entry>, _: Instant) -> Option<Duration> {
-        Self::left(e)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &TokenHash,
-        e: &Arc<Entry>,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Self::left(e)
-    }
 }
 
 impl CredentialCache {
@@ -225,57 +152,28 @@ impl CredentialCache {
         leeway: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
+        Self::with_clock(source, gate, settings, leeway, metrics, Clock::System)
+    }
+
+    /// [`CredentialCache::new`] on `clock`: every rule of the cache and of its scheduler reads
+    /// the time there (tests and simulations pass a [`Clock::Manual`]).
+    pub fn with_clock(
+        source: Arc<dyn CredentialSource>,
+        gate: Arc<dyn Gate>,
+        settings: &CacheSettings,
+        leeway: Duration,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+    ) -> Self {
         let (handle, inbox) = scheduler::channel();
-        let capacity = settings.max_entries.max(1);
-        metrics
-            .cache_capacity
-            .set(i64::try_from(capacity).unwrap_or(i64::MAX));
-        let evicted = metrics.cache_state.with_label_values(&["evicted"]);
-        let on_removal = handle.clone();
-        let entries = moka::sync::Cache::builder()
-            .max_capacity(capacity)
-            .eviction_policy(EvictionPolicy::lru())
-            .expire_after(ExpireWithCredentials)
-            .eviction_listener(move |hash: Arc<TokenHash>, entry: Arc<Entry>, cause| {
-                // Queued refresh work for a removed entry goes at once. For a replaced one the
-                // generation no longer matches, so this is a no-op.
-                on_removal.cancel(*hash, entry.generation);
-                let moved = entry.is_superseded();
-                if cause != moka::notification::RemovalCause::Replaced && !moved {
-                    evicted.inc();
-                }
-            })
-            .build();
-        let tasks = TaskTracker::new();
-        let stop_refreshing = CancellationToken::new();
-        let inner = Arc::new(Inner {
-            entries,
-            pods: moka::sync::Cache::builder()
-                .max_capacity(capacity)
-                .eviction_policy(EvictionPolicy::lru())
-                .build(),
-            flights: Flights::default(),
-            rejections: Rejections::new(&settings.negative),
-            node_refusals: moka::sync::Cache::builder()
-                .max_capacity(10_000)
-                .eviction_policy(EvictionPolicy::lru())
-                .time_to_live(NODE_REFUSALS_WINDOW)
-                .build(),
+        let parts = store::Parts {
             source,
             gate,
-            policy: settings.policy,
             leeway,
             metrics,
-            scheduler: handle,
-            scheduler_health: scheduler::Health::default(),
-            generations: AtomicU64::new(0),
-            installing: std::sync::Mutex::new(()),
-            evictions: std::sync::Mutex::default(),
-            tasks: tasks.clone(),
-            stop_refreshing: stop_refreshing.clone(),
-            abort: CancellationToken::new(),
-            node_refused: std::sync::OnceLock::new(),
-        });
+            clock,
+        };
+        let inner = Arc::new(Inner::new(parts, settings, handle));
         scheduler::spawn(
             Arc::new(refresh::Refresh(Arc::downgrade(&inner))),
             inbox,
@@ -283,9 +181,10 @@ impl CredentialCache {
                 rate: settings.refresh_qps,
                 concurrency: settings.refresh_concurrency,
             },
-            stop_refreshing,
-            &tasks,
+            inner.stop_refreshing.clone(),
+            &inner.tasks,
             &inner.scheduler_health,
+            inner.clock.clone(),
         );
         CredentialCache { inner }
     }
@@ -305,7 +204,7 @@ impl CredentialCache {
     ) -> Result<(Arc<Entry>, Outcome), CacheError> {
         let inner = &self.inner;
         let hash = token.hash();
-        let now = SystemTime::now();
+        let now = inner.clock.wall();
         let cached = inner.entries.get(&hash);
         if let Some(entry) = &cached {
             if let Some(outcome) = entry.serve_without_exchange(now) {
@@ -333,44 +232,7 @@ impl CredentialCache {
                 ExchangeError::Unavailable("the exchange was abandoned".into()).into()
             });
         };
-        let now = SystemTime::now();
-        if !matches!(result, Ok((_, Found::Rotated))) {
-            inner.metrics.cache_misses.inc();
-        }
-        let (entry, found) = match result {
-            Ok(found) => found,
-            // Static stability: the token's credentials, while valid, outlive a failed renewal.
-            Err(CacheError::Exchange(e, pod)) if e.recoverable() => {
-                return match cached.filter(|c| now < c.valid_until) {
-                    Some(old) => {
-                        old.mark_used();
-                        Ok((old, Outcome::Stale))
-                    }
-                    None => Err(CacheError::Exchange(e, pod)),
-                }
-            }
-            Err(e) => return Err(e),
-        };
-        if found == Found::Rotated {
-            inner.metrics.cache_hits.inc();
-            inner.metrics.rotated_tokens.inc();
-            return Ok((entry, Outcome::Rotated));
-        }
-        if now >= entry.valid_until {
-            return Err(ExchangeError::Unavailable(
-                "the credentials stopped being valid while the request waited".into(),
-            )
-            .into());
-        }
-        entry.mark_used();
-        Ok((
-            entry,
-            if started {
-                Outcome::Miss
-            } else {
-                Outcome::Coalesced
-            },
-        ))
+        answer_from_flight(inner, result, cached, started)
     }
 
     /// Refusals remembered now.
@@ -417,82 +279,336 @@ impl CredentialCache {
     }
 }
 
-impl Inner {
-    /// The current entry for `hash` and how to label it, if a request may be answered from it
-    /// without an exchange: the hit path's rule, re-checked under the flights lock.
-    fn servable(&self, hash: &TokenHash, now: SystemTime) -> Option<(Arc<Entry>, Outcome)> {
-        let entry = self.entries.get(hash)?;
-        let outcome = entry.serve_without_exchange(now)?;
-        Some((entry, outcome))
+/// A request's answer once the flight it waited for ended with `result`: `cached` is what the
+/// map held for the token before (served while valid if the exchange failed recoverably), and
+/// `started` whether this request started the flight.
+fn answer_from_flight(
+    inner: &Inner,
+    result: FlightResult,
+    cached: Option<Arc<Entry>>,
+    started: bool,
+) -> Result<(Arc<Entry>, Outcome), CacheError> {
+    let now = inner.clock.wall();
+    if !matches!(result, Ok((_, Found::Rotated))) {
+        inner.metrics.cache_misses.inc();
+    }
+    let (entry, found) = match result {
+        Ok(found) => found,
+        // Static stability: the token's credentials, while valid, outlive a failed renewal.
+        Err(CacheError::Exchange(e, pod)) if e.recoverable() => {
+            return match cached.filter(|c| now < c.valid_until) {
+                Some(old) => {
+                    old.mark_used();
+                    Ok((old, Outcome::Stale))
+                }
+                None => Err(CacheError::Exchange(e, pod)),
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    if found == Found::Rotated {
+        inner.metrics.cache_hits.inc();
+        inner.metrics.rotated_tokens.inc();
+        return Ok((entry, Outcome::Rotated));
+    }
+    if now >= entry.valid_until {
+        return Err(ExchangeError::Unavailable(
+            "the credentials stopped being valid while the request waited".into(),
+        )
+        .into());
+    }
+    entry.mark_used();
+    Ok((
+        entry,
+        if started {
+            Outcome::Miss
+        } else {
+            Outcome::Coalesced
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The cache's rules on a paused clock: time moves only when a test says so (or, when every
+    //! task is idle, to the next timer), so hours pass in microseconds and nothing sleeps.
+    use super::*;
+    use crate::credentials::{Credentials, Unvalidated};
+    use crate::eks_auth::FetchFuture;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use futures_util::future::BoxFuture;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::time::SystemTime;
+
+    const H: Duration = Duration::from_secs(3600);
+    const POD: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7));
+
+    /// EKS Auth: credentials of `lifetime` from now, a distinct access key each call, or the
+    /// next queued failure; it records when each call came.
+    struct Fake {
+        clock: Clock,
+        lifetime: Duration,
+        failures: Mutex<VecDeque<ExchangeError>>,
+        calls: Mutex<Vec<SystemTime>>,
     }
 
-    /// The entry the map holds for `hash`, if it is generation `generation`.
-    fn current(&self, hash: &TokenHash, generation: u64) -> Option<Arc<Entry>> {
-        self.entries
-            .get(hash)
-            .filter(|e| e.generation == generation)
+    impl CredentialSource for Fake {
+        fn fetch(&self, _: &Token) -> FetchFuture {
+            let now = self.clock.wall();
+            let n = {
+                let mut calls = self.calls.lock().expect("lock");
+                calls.push(now);
+                calls.len()
+            };
+            let result = match self.failures.lock().expect("lock").pop_front() {
+                Some(e) => Err(e),
+                None => Credentials::validate(
+                    Unvalidated {
+                        access_key_id: &format!("ASIATEST{n:012}"),
+                        secret_access_key: "secret",
+                        session_token: "session",
+                        expiration: now + self.lifetime,
+                        assumed_role_arn: "arn:aws:sts::111122223333:assumed-role/r/s",
+                    },
+                    now,
+                )
+                .map(Into::into)
+                .map_err(Into::into),
+            };
+            Box::pin(async move { result })
+        }
     }
 
-    /// A request was served from `entry`: it is in use. A dormant entry past its refresh point
-    /// asks for a refresh at once.
-    fn touch(&self, entry: &Arc<Entry>, now: SystemTime) {
-        if entry.mark_used() == Demand::Dormant {
-            self.scheduler.schedule(
-                entry.token.hash(),
-                entry.generation,
-                now.max(entry.plan.refresh_at),
+    /// Verifies nothing but believes the token's pod claims: rotation needs a verified pod.
+    struct Believe;
+
+    impl Gate for Believe {
+        fn identify(
+            self: Arc<Self>,
+            token: Token,
+        ) -> BoxFuture<'static, Result<Option<PodIdentity>, Denial>> {
+            let s = token.subject();
+            Box::pin(async move {
+                Ok(Some(PodIdentity {
+                    namespace: s.namespace,
+                    service_account: s.service_account,
+                    pod_name: s.pod,
+                    pod_uid: s.pod_uid,
+                    node_name: None,
+                    issued_at: None,
+                    issuer: "https://issuer.test".into(),
+                    audience: "pods.eks.amazonaws.com".into(),
+                }))
+            })
+        }
+
+        fn admit(self: Arc<Self>, _: Caller) -> BoxFuture<'static, Result<gate::Ticket, Denial>> {
+            Box::pin(async { Ok(gate::Ticket::free()) })
+        }
+    }
+
+    struct Node {
+        cache: CredentialCache,
+        fake: Arc<Fake>,
+        clock: Clock,
+    }
+
+    impl Node {
+        fn new(lifetime: Duration, gate: Arc<dyn Gate>) -> Node {
+            let (clock, _) = Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 31));
+            let fake = Arc::new(Fake {
+                clock: clock.clone(),
+                lifetime,
+                failures: Mutex::default(),
+                calls: Mutex::default(),
+            });
+            let cache = CredentialCache::with_clock(
+                fake.clone(),
+                gate,
+                &CacheSettings::default(),
+                Duration::from_secs(60),
+                Arc::new(Metrics::new().expect("metrics")),
+                clock.clone(),
             );
+            Node { cache, fake, clock }
+        }
+
+        fn calls(&self) -> usize {
+            self.fake.calls.lock().expect("lock").len()
+        }
+
+        fn fail_next(&self, e: ExchangeError) {
+            self.fake.failures.lock().expect("lock").push_back(e);
+        }
+
+        /// A pod's token, issued now for a day.
+        fn token(&self, pod: &str) -> Token {
+            let now = self.clock.wall();
+            let secs = now
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let claims = serde_json::json!({"aud": ["pods.eks.amazonaws.com"], "iat": secs,
+                "nbf": secs, "exp": secs + 86_400, "sub": "system:serviceaccount:ns:sa",
+                "kubernetes.io": {"namespace": "ns", "serviceaccount": {"name": "sa", "uid": "s"},
+                    "pod": {"name": pod, "uid": format!("uid-{pod}")}}});
+            let jwt = format!(
+                "{}.{}.{}",
+                URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","kid":"k"}"#),
+                URL_SAFE_NO_PAD.encode(claims.to_string()),
+                URL_SAFE_NO_PAD.encode("signature"),
+            );
+            Token::parse(jwt.as_bytes()).expect("token")
+        }
+
+        async fn get(&self, token: &Token) -> (Outcome, String) {
+            let (entry, outcome) = self.cache.get(token, POD).await.expect("credentials");
+            (outcome, entry.credentials().access_key_id().to_owned())
+        }
+
+        /// Let time run `by`, the scheduler and the flights doing what comes due meanwhile.
+        async fn run(&self, by: Duration) {
+            tokio::time::sleep(by).await;
+        }
+
+        /// Let time run in 100 ms steps until `calls` calls were made (at most `limit`).
+        async fn run_until_calls(&self, calls: usize, limit: Duration) {
+            let until = tokio::time::Instant::now() + limit;
+            while self.calls() < calls && tokio::time::Instant::now() < until {
+                self.run(Duration::from_millis(100)).await;
+            }
         }
     }
 
-    /// Make the entry of the next generation with `make` and put it in the map (replacing its
-    /// token's previous one), point its pod at it, and queue its refresh.
-    fn put(&self, make: impl FnOnce(u64) -> Entry) -> Arc<Entry> {
-        self.put_refreshing_after(make, SystemTime::UNIX_EPOCH)
+    fn unavailable() -> ExchangeError {
+        ExchangeError::Service {
+            status: 503,
+            code: "ServiceUnavailableException".into(),
+            message: "m".into(),
+            request_id: None,
+        }
     }
 
-    /// [`Inner::put`], its refresh not before `not_before`.
-    fn put_refreshing_after(
-        &self,
-        make: impl FnOnce(u64) -> Entry,
-        not_before: SystemTime,
-    ) -> Arc<Entry> {
-        let entry = {
-            let _installing = self.installing.lock().unwrap_or_else(|p| p.into_inner());
-            let generation = self
-                .generations
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                + 1;
-            let entry = Arc::new(make(generation));
-            self.entries.insert(entry.token.hash(), entry.clone());
-            entry
-        };
-        let hash = entry.token.hash();
-        if let Some(pod) = entry.pod {
-            self.pods.insert(pod, hash);
-        }
-        if let Some(at) = entry.next_refresh() {
-            self.scheduler
-                .schedule(hash, entry.generation, at.max(not_before));
-        }
-        entry
+    #[tokio::test(start_paused = true)]
+    async fn served_from_memory_until_the_hard_point_and_a_queued_refresh_until_expiry() {
+        let node = Node::new(6 * H, Arc::new(Open));
+        let t = node.token("a");
+        let (outcome, first) = node.get(&t).await;
+        assert_eq!((outcome, node.calls()), (Outcome::Miss, 1));
+        // No refreshes: what a request is served is the rule alone.
+        node.cache.stop_refreshing();
+        let hard = 6 * H - Duration::from_secs(20 * 60);
+        node.run(hard - Duration::from_secs(1)).await;
+        assert_eq!(node.get(&t).await, (Outcome::Hit, first.clone()));
+        // Past the hard point, a used entry's refresh is queued: served while it is on its way,
+        // until a minute before expiry.
+        node.run(Duration::from_secs(2)).await;
+        assert_eq!(node.get(&t).await, (Outcome::Stale, first.clone()));
+        node.run(Duration::from_secs(20 * 60 - 62)).await;
+        assert_eq!(node.get(&t).await, (Outcome::Stale, first.clone()));
+        assert_eq!(node.calls(), 1);
+        node.run(Duration::from_secs(2)).await;
+        let (outcome, second) = node.get(&t).await;
+        assert_eq!((outcome, node.calls()), (Outcome::Miss, 2));
+        assert_ne!(second, first);
     }
 
-    /// Evict `hash` (for its token's fault, or moved to its pod's newer token), remembering it
-    /// for a successor.
-    fn evict(&self, hash: &TokenHash) {
-        let newest = self.generations.load(std::sync::atomic::Ordering::Relaxed);
-        self.entries.invalidate(hash);
-        let mut log = self.evictions.lock().unwrap_or_else(|p| p.into_inner());
-        if log.len() >= EVICTIONS_KEPT {
-            log.pop_front();
-        }
-        log.push_back((newest, *hash));
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_exchange_past_the_hard_point_serves_the_valid_credentials() {
+        let node = Node::new(H, Arc::new(Open));
+        let t = node.token("a");
+        let (_, first) = node.get(&t).await;
+        node.cache.stop_refreshing();
+        // A minute and a half before expiry the request must exchange; EKS Auth fails.
+        node.run(H - Duration::from_secs(30)).await;
+        node.fail_next(unavailable());
+        assert_eq!(node.get(&t).await, (Outcome::Stale, first));
+        assert_eq!(node.calls(), 2);
+        // Expired: nothing to fall back on.
+        node.run(Duration::from_secs(31)).await;
+        node.fail_next(unavailable());
+        assert!(node.cache.get(&t, POD).await.is_err());
     }
 
-    /// The newest generation installed: every entry of it or older is in the map.
-    fn newest_generation(&self) -> u64 {
-        let _installing = self.installing.lock().unwrap_or_else(|p| p.into_inner());
-        self.generations.load(std::sync::atomic::Ordering::Relaxed)
+    #[tokio::test(start_paused = true)]
+    async fn refreshed_at_the_refresh_point_only_while_pods_use_the_credentials() {
+        let node = Node::new(6 * H, Arc::new(Open));
+        let t = node.token("a");
+        node.get(&t).await;
+        // Refresh point: half the lifetime (3 h), less up to 10 % jitter.
+        node.run(Duration::from_secs(2 * 3600 + 40 * 60)).await;
+        assert_eq!(node.calls(), 1, "not before 0.9 of the refresh interval");
+        node.run(Duration::from_secs(21 * 60)).await;
+        assert_eq!(
+            node.calls(),
+            2,
+            "renewed at the refresh point, with no request"
+        );
+        // Nobody used the renewed credentials: at their refresh point they go dormant.
+        node.run(3 * H + Duration::from_secs(60)).await;
+        assert_eq!(node.calls(), 2, "an unused entry is not renewed");
+        // The next request is answered from memory and asks for the renewal at once.
+        let (outcome, key) = node.get(&t).await;
+        assert_eq!(outcome, Outcome::Hit);
+        node.run(Duration::from_secs(1)).await;
+        assert_eq!(node.calls(), 3);
+        assert_ne!(node.get(&t).await.1, key, "served the renewal");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_refresh_backs_off_and_never_evicts_valid_credentials() {
+        let node = Node::new(6 * H, Arc::new(Open));
+        let t = node.token("a");
+        let (_, first) = node.get(&t).await;
+        node.fail_next(unavailable());
+        node.fail_next(ExchangeError::Service {
+            status: 403,
+            code: "UnrecognizedClientException".into(),
+            message: "the node's credentials".into(),
+            request_id: None,
+        });
+        node.fail_next(ExchangeError::Unavailable("timed out".into()));
+        // No refresh before 0.9 of the refresh interval (3 h); then step until it comes.
+        node.run(Duration::from_secs(2 * 3600 + 40 * 60)).await;
+        node.run_until_calls(2, H).await;
+        assert_eq!(node.calls(), 2, "the first refresh failed");
+        assert_eq!(node.get(&t).await, (Outcome::Hit, first.clone()), "kept");
+        node.run(Duration::from_secs(10)).await;
+        let calls = node.fake.calls.lock().expect("lock").clone();
+        assert_eq!(calls.len(), 5, "three failures, then a success");
+        let gaps: Vec<Duration> = calls
+            .windows(2)
+            .skip(1)
+            .map(|w| w[1].duration_since(w[0]).expect("ordered"))
+            .collect();
+        // Backoff doubles from 1 s, with jitter in [d/2, d]; the scheduler starts work up to
+        // one refresh interval (1 / --max-service-qps) before its deadline.
+        let early = Duration::from_secs_f64(1.0 / CacheSettings::default().refresh_qps);
+        for (gap, d) in gaps.iter().zip([1, 2, 4]) {
+            let d = Duration::from_secs(d);
+            assert!(*gap + early >= d / 2 && *gap <= d, "{gaps:?}");
+        }
+        assert_ne!(node.get(&t).await.1, first, "served the renewal");
+        assert_eq!(node.calls(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rotated_token_takes_over_its_pods_credentials_and_the_old_one_leaves() {
+        let node = Node::new(6 * H, Arc::new(Believe));
+        let old = node.token("a");
+        let (_, first) = node.get(&old).await;
+        node.run(H).await;
+        let new = node.token("a");
+        assert_eq!(node.get(&new).await, (Outcome::Rotated, first.clone()));
+        assert_eq!(node.calls(), 1, "no exchange for a rotated token");
+        assert_eq!(node.cache.len(), 1, "the superseded entry left the map");
+        // The old token (a container still reading the old file) is answered as it is.
+        assert_eq!(node.get(&old).await, (Outcome::Rotated, first));
+        // One renewal, for the new token's entry; none for the old token.
+        node.run(3 * H).await;
+        assert_eq!(node.calls(), 2);
+        assert_eq!(node.get(&new).await.0, Outcome::Hit);
+        assert_eq!(node.cache.len(), 1);
     }
 }

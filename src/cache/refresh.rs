@@ -31,7 +31,7 @@ impl scheduler::Refresher for Refresh {
         let refreshes = &inner.metrics.refreshes;
         if entry
             .token
-            .check_time(SystemTime::now(), inner.leeway)
+            .check_time(inner.clock.wall(), inner.leeway)
             .is_err()
         {
             refreshes.with_label_values(&["token_expired"]).inc();

@@ -69,7 +69,7 @@ impl CredentialCache {
         // Read before listing: every entry up to it is in the map, and one installed while
         // listing has a later generation, so the next export finds it even if this one did not.
         let next = self.inner.newest_generation() + 1;
-        let now = SystemTime::now();
+        let now = self.inner.clock.wall();
         let entries = self
             .inner
             .entries
@@ -137,7 +137,7 @@ impl CredentialCache {
         not_before: SystemTime,
     ) -> Imported {
         let inner = &self.inner;
-        let now = SystemTime::now();
+        let now = self.inner.clock.wall();
         let mut out = Imported::default();
         let capacity = inner.entries.policy().max_capacity().unwrap_or(u64::MAX);
         for x in entries {
