@@ -11,7 +11,7 @@
 //!   with verification (new pods verified meanwhile, on loopback).
 //!
 //! Loopback addresses are all the host to the agent; pods that are not the host need network
-//! namespaces (`tests/support/netns.rs`), made and removed here, for the run.
+//! namespaces (`tests/it/support/netns.rs`), made and removed here, for the run.
 
 use crate::fake_eks_auth::FakeEksAuth;
 use crate::fake_kube::{keys_of, FakeKube};
