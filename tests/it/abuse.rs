@@ -32,10 +32,6 @@ async fn real_budgets() -> Harness {
     h
 }
 
-/// The floods run one at a time: each is 3,000 requests on this process's two workers, and the
-/// cached pod's latency beside it is what they measure.
-static FLOODS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// The attacker's address for its `i`th request: any of 500 loopback addresses, which any
 /// process on the node can bind.
 fn loopback_alias(i: usize) -> IpAddr {
@@ -336,14 +332,7 @@ async fn with_token_issuer_forged_tokens_cost_no_exchange() {
         3.0,
         "the provable ones, asked again: {m}"
     );
-    assert_eq!(
-        metric(
-            &m,
-            "pod_identity_token_verifications_total{result=\"refused\"}"
-        ),
-        7.0,
-        "{m}"
-    );
+    assert_eq!(verifications(&m, "refused"), 7.0, "{m}");
     // The unknown keys cost a few fetches of the issuer's keys, not one per request.
     let fetches = emu.key_fetches.load(Ordering::SeqCst);
     assert!(
@@ -369,13 +358,7 @@ async fn an_unreachable_issuer_never_blocks_a_pod() {
         started.elapsed()
     );
     let m = h.metrics().await;
-    assert!(
-        metric(
-            &m,
-            "pod_identity_token_verifications_total{result=\"unverifiable\"}"
-        ) >= 1.0,
-        "{m}"
-    );
+    assert!(verifications(&m, "unverifiable") >= 1.0, "{m}");
 
     // Reachable once, then gone: tokens signed by a key already fetched still verify, at once.
     let e = emulator().await;
@@ -400,14 +383,7 @@ async fn an_unreachable_issuer_never_blocks_a_pod() {
         started.elapsed()
     );
     let m = h.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            "pod_identity_token_verifications_total{result=\"verified\"}"
-        ),
-        2.0,
-        "{m}"
-    );
+    assert_eq!(verifications(&m, "verified"), 2.0, "{m}");
 }
 
 #[tokio::test]
@@ -509,6 +485,7 @@ async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_on_the_metrics_port_never_starves_the_probes() {
+    let _one_at_a_time = FLOODS.lock().await;
     let h = Harness::start().await;
     let metrics = h.agent.metrics_addr.expect("metrics");
     let probe = h.agent.probe_addr.expect("probe");

@@ -246,6 +246,7 @@ async fn no_audit_log_turns_the_trail_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_refusals_writes_a_bounded_trail_and_costs_a_cached_pod_nothing() {
+    let _one_at_a_time = FLOODS.lock().await;
     let fake = FakeEksAuth::start(CLUSTER).await;
     let (mut agent, addr) = start(&fake.endpoint(), &[]).await;
     let mine = token();

@@ -65,6 +65,20 @@ async fn node_with_agent() -> (Node, String, support::process::Spawned) {
     (node, dir, agent)
 }
 
+/// A genuine successor, started now, that takes over within 3 s: whatever else holds the
+/// predecessor's socket does not hold it up.
+async fn takes_over_at_once(node: &Node, dir: &str) -> support::process::Spawned {
+    let started = Instant::now();
+    let successor = node.agent(dir, &[]);
+    logged(&successor, "took over from the previous agent").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the successor was held up: {:?}",
+        started.elapsed()
+    );
+    successor
+}
+
 async fn warm(node: &Node, n: usize) -> Vec<String> {
     let tokens: Vec<String> = (0..n).map(|_| token()).collect();
     for t in &tokens {
@@ -627,14 +641,7 @@ fn another_user_in_the_agents_namespace_gets_nothing_and_holds_up_no_one() {
         .recv_timeout(Duration::from_secs(5))
         .expect("connected");
     // A real successor, while that connection is open.
-    let started = Instant::now();
-    let successor = node.agent(&dir, &[]);
-    rt.block_on(logged(&successor, "took over from the previous agent"));
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
-    );
+    let successor = rt.block_on(takes_over_at_once(&node, &dir));
     let (got, waited) = stranger.join().expect("stranger");
     assert!(got.is_empty(), "the stranger was sent {} bytes", got.len());
     assert!(
@@ -741,14 +748,7 @@ fn a_slow_peer_is_cut_off_at_its_deadline_and_holds_up_no_successor() {
         None
     });
     std::thread::sleep(Duration::from_millis(200));
-    let started = Instant::now();
-    let successor = node.agent(&dir, &[]);
-    rt.block_on(logged(&successor, "took over from the previous agent"));
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "the successor was held up: {:?}",
-        started.elapsed()
-    );
+    let successor = rt.block_on(takes_over_at_once(&node, &dir));
     let cut = loris.join().expect("loris");
     assert!(
         cut.is_some_and(|t| t < Duration::from_secs(4)),

@@ -221,14 +221,7 @@ async fn a_key_rotation_is_served_after_one_fetch_and_never_remembered_as_forged
     assert_eq!(h.get(&Pod::new(4).token(&b, 0, 3600)).await.status, 200);
     assert_eq!(cluster.jwks_fetches(), fetched + 2);
     let m = h.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            "pod_identity_token_verifications_total{result=\"refused\"}"
-        ),
-        1.0,
-        "{m}"
-    );
+    assert_eq!(verifications(&m, "refused"), 1.0, "{m}");
 }
 
 /// Review M1: a key the cluster stopped publishing (it may have been revoked) vouches for no
@@ -263,14 +256,7 @@ async fn a_key_the_cluster_dropped_vouches_for_no_pod() {
     );
     let m = h.metrics().await;
     assert_eq!(metric(&m, "pod_identity_rotated_tokens_total"), 0.0, "{m}");
-    assert_eq!(
-        metric(
-            &m,
-            "pod_identity_token_verifications_total{result=\"unverifiable\"}"
-        ),
-        1.0,
-        "{m}"
-    );
+    assert_eq!(verifications(&m, "unverifiable"), 1.0, "{m}");
 }
 
 /// Review M2: a key set that claims a fetch in the future (a wall clock stepped back since, or a
@@ -402,13 +388,7 @@ async fn an_api_server_that_hangs_or_refuses_never_blocks_a_pod() {
             started.elapsed()
         );
         let m = h.metrics().await;
-        assert!(
-            metric(
-                &m,
-                "pod_identity_token_verifications_total{result=\"unverifiable\"}"
-            ) >= 1.0,
-            "{m}"
-        );
+        assert!(verifications(&m, "unverifiable") >= 1.0, "{m}");
         if mode != Mode::Hang {
             assert!(
                 metric(
@@ -497,10 +477,7 @@ async fn keys_cross_a_handover_and_a_restart_so_no_agent_starts_blind() {
         format!("127.0.0.1:{}", ports[2]).parse().expect("addr");
     let m = get(metrics_addr, "/metrics", &[]).await.text();
     assert_eq!(
-        metric(
-            &m,
-            "pod_identity_token_verifications_total{result=\"verified\"}"
-        ),
+        verifications(&m, "verified"),
         1.0,
         "the successor verified pod 2: {m}"
     );
@@ -537,10 +514,7 @@ async fn keys_cross_a_handover_and_a_restart_so_no_agent_starts_blind() {
     );
     let m = get(metrics_addr, "/metrics", &[]).await.text();
     assert_eq!(
-        metric(
-            &m,
-            "pod_identity_token_verifications_total{result=\"verified\"}"
-        ),
+        verifications(&m, "verified"),
         1.0,
         "verified with the kept keys: {m}"
     );

@@ -92,7 +92,7 @@ fn image_under_test() -> Option<String> {
         _ => skip(
             "PIA_IMAGE not set. Build and run: cargo build --release && \
              daemonset/build-image.sh target/release/pod-identity-agent localhost/pod-identity-agent:dev \
-             && PIA_IMAGE=localhost/pod-identity-agent:dev cargo test --test image",
+             && PIA_IMAGE=localhost/pod-identity-agent:dev cargo test --test it image::",
         ),
     }
 }

@@ -923,6 +923,7 @@ async fn repeats_are_one_event_with_a_count() {
 /// a second); the rest wait in their series.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_refused_pods_is_bounded_by_the_nodes_budget() {
+    let _one_at_a_time = FLOODS.lock().await;
     let cluster = Cluster::new().await;
     let h = reporting(&cluster, true, |e, _| {
         e.burst = 5;
@@ -1235,6 +1236,7 @@ async fn held_back_events_go_out_as_the_budget_refills() {
 /// refusal EKS Auth made for a token the request path verified needs no second verification.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_tokens_do_not_hide_another_pods_event() {
+    let _one_at_a_time = FLOODS.lock().await;
     let cluster = Cluster::new().await;
     let h = reporting(&cluster, true, |_, _| {}).await;
     h.fake

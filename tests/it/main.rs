@@ -1,12 +1,13 @@
 //! The integration tests, one binary: a module per feature, each driving the real agent (in this
 //! process or as the built binary) over real sockets, with the fakes and helpers in `support`.
+//! One binary links the AWS SDK once and compiles `support` once, so a helper no test uses is a
+//! warning. `cargo test --test it abuse::` runs one feature's tests.
 //!
-//! One binary links the AWS SDK once, and `support` is compiled once, so what it holds that no
-//! test uses is a warning. `cargo test --test it abuse::` runs one feature.
-//!
-//! Every module shares this process: none sets the environment or the working directory, nor
-//! takes a fixed name or port, except through `support` (`support::alone` runs a test that must
-//! set the environment in a process of its own).
+//! The modules share this process, so none changes what the others see: no test sets the
+//! process environment or working directory here (one that must, for `aws-config`'s providers,
+//! runs in a process of its own through `support::alone`); network namespaces are named by
+//! module and process id, ports are free ones, directories are temporary; and the floods, which
+//! time a pod beside thousands of requests, hold `support::FLOODS`, so no two run at once.
 
 mod abuse;
 mod audit;

@@ -13,7 +13,7 @@
 
 use crate::support::fake_eks_auth::FakeEksAuth;
 use crate::support::netns::{exec, fake_in, namespaces, wire_pod, Netns};
-use crate::support::process::{agent_command_in, spawn, Spawned};
+use crate::support::process::{agent_command_in, init_in, spawn, Spawned};
 use crate::support::python::{in_netns, python_with, script};
 use crate::support::*;
 use aws_credential_types::provider::ProvideCredentials;
@@ -77,14 +77,7 @@ fn link_local_serving_end_to_end() {
 
     // init, twice: idempotent.
     for _ in 0..2 {
-        let out = rt
-            .block_on(agent_command_in(&node.name, &["init"]).output())
-            .expect("init");
-        assert!(
-            out.status.success(),
-            "init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        rt.block_on(init_in(&node.name, &[]));
     }
     let fake = fake_in(node);
     let agent = rt.block_on(server_in(node, &fake, 2));
@@ -182,11 +175,7 @@ fn link_local_serving_end_to_end() {
         &v4only.name,
         &["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"],
     );
-    let out = rt
-        .block_on(agent_command_in(&v4only.name, &["init"]).output())
-        .expect("init");
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "init without IPv6: {log}");
+    let log = rt.block_on(init_in(&v4only.name, &[]));
     assert!(log.contains("IPv6 unavailable"), "{log}");
     let fake4 = fake_in(v4only);
     let agent4 = rt.block_on(server_in(v4only, &fake4, 1));

@@ -9,7 +9,7 @@
 //! otherwise, unless PIA_REQUIRE_NETNS=1 (CI).
 
 use crate::support::netns::{exec, fake_in, namespaces, wire_pod, Netns};
-use crate::support::process::{agent_command_in, spawn, Spawned};
+use crate::support::process::{agent_command_in, init_in, spawn, Spawned};
 use crate::support::*;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -55,6 +55,7 @@ fn the_host_is_one_client_and_pods_on_their_own_addresses_are_not_hurt_by_it() {
         return;
     };
     let (node, pod) = (&spaces[0], &spaces[1]);
+    let _one_at_a_time = FLOODS.blocking_lock();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let _in_runtime = rt.enter();
     wire_pod(node, pod, &format!("c{id}"));
@@ -63,14 +64,7 @@ fn the_host_is_one_client_and_pods_on_their_own_addresses_are_not_hurt_by_it() {
         let a = format!("{}/24", pod_ip(i));
         exec(&pod.name, &["ip", "addr", "add", &a, "dev", &pod_dev]);
     }
-    let out = rt
-        .block_on(agent_command_in(&node.name, &["init", "--no-ipv6"]).output())
-        .expect("init");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rt.block_on(init_in(&node.name, &["--no-ipv6"]));
     let fake = fake_in(node);
     fake.answer_namespace("attacker", "error-invalid-token");
     let endpoint = fake.endpoint();

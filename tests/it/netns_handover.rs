@@ -12,7 +12,7 @@
 //! (`support::alone`).
 
 use crate::support::netns::{fake_in, namespaces, wire_pod, Netns};
-use crate::support::process::{agent_command_in, spawn, Spawned};
+use crate::support::process::{agent_command_in, init_in, spawn, Spawned};
 use crate::support::*;
 use aws_credential_types::provider::ProvideCredentials;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -116,14 +116,7 @@ fn upgrade(handover: bool, rt: &tokio::runtime::Runtime) -> Option<Outcome> {
     let spaces = namespaces(&[&node_name, &pod_name])?;
     let (node, pod) = (&spaces[0], &spaces[1]);
     wire_pod(node, pod, &id);
-    let out = rt
-        .block_on(agent_command_in(&node.name, &["init"]).output())
-        .expect("init");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rt.block_on(init_in(&node.name, &[]));
     let fake = fake_in(node);
     let endpoint = fake.endpoint();
     let state = tempfile::tempdir().expect("tempdir");

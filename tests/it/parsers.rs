@@ -2,8 +2,8 @@
 //! (any `Authorization` bytes), the `Host` header, and EKS Auth's answer (any status, headers
 //! and body). Arbitrary input never panics and never gets a 200 it should not.
 //!
-//! `cargo test --test parsers` runs a few hundred cases of each (CI). The ignored test runs
-//! 50,000 of each: `cargo test --release --test parsers -- --ignored`. No case is written to
+//! `cargo test --test it parsers::` runs a few hundred cases of each (CI). The ignored test runs
+//! 50,000 of each: `cargo test --release --test it parsers:: -- --ignored`. No case is written to
 //! disk (no `proptest-regressions/` in the repository): a failure prints its input.
 
 use aws_smithy_runtime_api::client::http::{
@@ -435,7 +435,7 @@ fn eks_auth_answers_never_panic_and_only_usable_ones_succeed() {
 }
 
 #[test]
-#[ignore = "50,000 cases of each property: cargo test --release --test parsers -- --ignored"]
+#[ignore = "50,000 cases of each property: cargo test --release --test it parsers:: -- --ignored"]
 fn parsers_hold_for_a_large_case_count() {
     token_property(LARGE);
     host_property(LARGE);

@@ -52,6 +52,11 @@ pub fn now_secs() -> u64 {
         .as_secs()
 }
 
+/// Held by the tests that flood this process with requests, or time a pod beside a flood: one
+/// at a time in the whole binary, as when each feature was a binary of its own, so no flood
+/// skews another's figures. A tokio mutex: held across awaits, and never poisoned by a failure.
+pub static FLOODS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// A projected-token-shaped JWT (unsigned: the agent does not verify, the fake does not care).
@@ -290,6 +295,14 @@ pub fn metric(text: &str, sample: &str) -> f64 {
         })
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// `pod_identity_token_verifications_total` for `result`, from the exposition text.
+pub fn verifications(text: &str, result: &str) -> f64 {
+    metric(
+        text,
+        &format!("pod_identity_token_verifications_total{{result=\"{result}\"}}"),
+    )
 }
 
 /// An emulator (EKS Auth and OIDC issuer) on loopback, in this process, with its state dir.

@@ -30,6 +30,18 @@ pub fn agent_command_in(ns: &str, args: &[&str]) -> Command {
     hermetic(Command::new("ip"), &full)
 }
 
+/// `init` (with `extra` flags) inside network namespace `ns`, as the DaemonSet's init container
+/// runs it; what it logged. Panics with that log unless it succeeds.
+pub async fn init_in(ns: &str, extra: &[&str]) -> String {
+    let args: Vec<&str> = std::iter::once("init")
+        .chain(extra.iter().copied())
+        .collect();
+    let out = agent_command_in(ns, &args).output().await.expect("init");
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "init in {ns}: {log}");
+    log
+}
+
 fn hermetic(mut c: Command, args: &[&str]) -> Command {
     c.args(args)
         .env_clear()
