@@ -7,6 +7,8 @@
 //! scripted sequence of fixtures before falling back to a default, or answer tokens of one
 //! namespace with a fixture of their own (forged tokens refused while real pods get credentials).
 
+// Beside `jwt.rs` wherever it is included (the tests' support, the load bench).
+use super::jwt::namespace_of;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -241,17 +243,6 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
     }
     let lifetime = *state.lifetime.lock().expect("lock");
     render(&load_fixture(&step.fixture), call, lifetime)
-}
-
-/// The `kubernetes.io.namespace` claim of an (unverified) JWT.
-fn namespace_of(token: &str) -> Option<String> {
-    use base64::Engine;
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()?;
-    let v: Value = serde_json::from_slice(&bytes).ok()?;
-    v["kubernetes.io"]["namespace"].as_str().map(str::to_owned)
 }
 
 /// Turn a fixture's recorded response into a real one, filling its placeholders.

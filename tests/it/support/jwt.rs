@@ -29,3 +29,12 @@ pub fn tampered(token: &str, from: &str, to: &str) -> String {
         parts.get(2).copied().unwrap_or_default()
     )
 }
+
+/// The `kubernetes.io.namespace` claim of a JWT; `None` if it has none or is not a JWT.
+pub fn namespace_of(token: &str) -> Option<String> {
+    let payload = URL_SAFE_NO_PAD.decode(token.split('.').nth(1)?).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&payload).ok()?;
+    claims["kubernetes.io"]["namespace"]
+        .as_str()
+        .map(str::to_owned)
+}

@@ -43,6 +43,7 @@ pub fn free_port() -> u16 {
 }
 
 pub use alone::alone;
+pub use jwt::namespace_of;
 pub use process::NODE_ACCESS_KEY_ID;
 
 pub fn now_secs() -> u64 {
@@ -378,18 +379,4 @@ pub fn verify_with_api_server<'a>(
         keys: KeysFrom::ApiServer,
         verify: VerifySettings::default(),
     })
-}
-
-/// The `kubernetes.io.namespace` claim of a JWT.
-pub fn namespace_of(token: &str) -> String {
-    use base64::Engine;
-    let payload = token.split('.').nth(1).unwrap_or_default();
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    v["kubernetes.io"]["namespace"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
 }
