@@ -27,19 +27,32 @@ use pod_identity_agent::server::limits::ConnectionLimits;
 use pod_identity_agent::server::{RunningServer, Server, ServerSettings};
 use serde_json::json;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const CLUSTER: &str = "my-cluster";
 
-/// A loopback port nothing listens on now (bound, read and released): for agents that must be
-/// started on a known port, and for "nothing answers here".
+/// A loopback port nothing listens on now (bound and released), for agents that must be started
+/// on a known port and for "nothing answers here"; never the same one twice in this process.
+///
+/// Taken below the kernel's ephemeral range (32768 and up by default), which every `:0` bind and
+/// every outgoing connection, of every test in this binary and of anything else on the machine,
+/// draws from: a port handed out from there can be taken by one of them before the agent binds
+/// it. Each process starts at its own point of the range, by its process id.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 32_768 - FIRST;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(FIRST + start.wrapping_add(n) % COUNT).expect("a port");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below the ephemeral range");
 }
 
 pub use alone::alone;
