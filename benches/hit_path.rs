@@ -6,7 +6,9 @@
 //! count instructions: with `PIA_HIT_PATH_ITERATIONS=N` the bench binary serves exactly N hits and
 //! exits, so `valgrind --tool=callgrind` on it gives instructions per hit (see BENCHMARKS.md).
 
-#[path = "../tests/support/jwt.rs"]
+// Only `encode_unsigned` of the tests' JWT helpers.
+#[allow(dead_code)]
+#[path = "../tests/it/support/jwt.rs"]
 mod jwt;
 
 use criterion::{criterion_group, Criterion};

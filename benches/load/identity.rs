@@ -11,11 +11,12 @@
 //!   with verification (new pods verified meanwhile, on loopback).
 //!
 //! Loopback addresses are all the host to the agent; pods that are not the host need network
-//! namespaces (`tests/support/netns.rs`), made and removed here, for the run.
+//! namespaces (`tests/it/support/netns.rs`), made and removed here, for the run.
 
 use crate::fake_eks_auth::FakeEksAuth;
 use crate::fake_kube::{keys_of, FakeKube};
 use crate::harness::*;
+use crate::jwt::namespace_of;
 use crate::netns::{exec, fake_in, namespaces, wire_pod};
 use crate::process;
 use hdrhistogram::Histogram;
@@ -407,7 +408,7 @@ fn in_namespaces() -> Vec<Row> {
     let calls = fake
         .tokens()
         .iter()
-        .filter(|t| namespace_of(t) == "attacker")
+        .filter(|t| namespace_of(t).as_deref() == Some("attacker"))
         .count();
     let budget = 10 + elapsed.as_secs() as usize + 1;
     let mut rows = vec![Row {
@@ -474,18 +475,4 @@ fn connections_held(
         target: "held <= 1,024 (limits::MAX_SHARE of 2,048); the pod answered within 1 s".into(),
         met: Some(open <= 1024 && status == 200 && took < Duration::from_secs(1)),
     }
-}
-
-/// The `kubernetes.io.namespace` claim of a token the fake recorded.
-fn namespace_of(token: &str) -> String {
-    use base64::Engine;
-    let payload = token.split('.').nth(1).unwrap_or_default();
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    v["kubernetes.io"]["namespace"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
 }

@@ -8,15 +8,22 @@
 //! as separate processes (the ceiling is this binary re-executed), the load generator and the
 //! fake EKS Auth here; all traffic stays on 127.0.0.1 and every loop is bounded in time.
 
-#[path = "../../tests/support/fake_eks_auth.rs"]
+// The tests' own fakes and helpers, shared so the bench drives what the tests check; it uses
+// only part of each (the tests, which use all of it, are where dead code is found).
+#[allow(dead_code)]
+#[path = "../../tests/it/support/fake_eks_auth.rs"]
 mod fake_eks_auth;
-#[path = "../../tests/support/fake_kube.rs"]
+#[allow(dead_code)]
+#[path = "../../tests/it/support/fake_kube.rs"]
 mod fake_kube;
-#[path = "../../tests/support/jwt.rs"]
+#[allow(dead_code)]
+#[path = "../../tests/it/support/jwt.rs"]
 mod jwt;
-#[path = "../../tests/support/netns.rs"]
+#[allow(dead_code)]
+#[path = "../../tests/it/support/netns.rs"]
 mod netns;
-#[path = "../../tests/support/process.rs"]
+#[allow(dead_code)]
+#[path = "../../tests/it/support/process.rs"]
 mod process;
 
 mod abuse;
