@@ -182,7 +182,8 @@ const KNOWN_CODES: &[KnownCode] = &[
         code: "ResourceNotFoundException",
         status: 404,
         fault: Fault::Token,
-        hint: "no Pod Identity association for this service account, or no such cluster (check --cluster-name)",
+        hint: "no Pod Identity association for this service account, \
+            or no such cluster (check --cluster-name)",
     },
     KnownCode {
         code: "UnrecognizedClientException",
@@ -237,8 +238,8 @@ fn names_node_permission(message: &str) -> bool {
 }
 
 /// An `AccessDeniedException` that is the association's role refusing to be assumed.
-const ROLE_TRUST_HINT: &str =
-    "the association's role must trust pods.eks.amazonaws.com for sts:AssumeRole and sts:TagSession";
+const ROLE_TRUST_HINT: &str = "the association's role must trust pods.eks.amazonaws.com \
+    for sts:AssumeRole and sts:TagSession";
 
 /// What a person should do about an EKS Auth error.
 pub fn hint_of(e: &ExchangeError) -> &'static str {

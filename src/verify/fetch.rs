@@ -131,8 +131,8 @@ impl Verifier {
                     tracing::debug!(source = %self.describe,
                         "fetched the cluster's token signing keys: unchanged");
                 } else {
-                    tracing::info!(source = %self.describe, issuer = %set.issuer, keys = set.len(started),
-                        "fetched the cluster's token signing keys");
+                    tracing::info!(source = %self.describe, issuer = %set.issuer,
+                        keys = set.len(started), "fetched the cluster's token signing keys");
                     self.persist(&set);
                 }
                 let set = Arc::new(set);

@@ -38,8 +38,6 @@ mod fetch;
 mod judge;
 pub mod keys;
 pub mod source;
-#[cfg(test)]
-mod testing;
 
 use crate::jwt::Jws;
 use crate::token::{PodIdentity, Token, AUDIENCE};
@@ -272,3 +270,6 @@ impl Verifier {
         }
     }
 }
+
+#[cfg(test)]
+mod testing;
