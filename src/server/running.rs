@@ -147,3 +147,88 @@ impl RunningServer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::limits::ConnectionLimits;
+    use super::*;
+    use crate::admission::AdmissionSettings;
+    use crate::cache::CacheSettings;
+    use crate::eks_auth::{ExchangeError, FetchFuture};
+    use crate::kube::KubeSettings;
+    use crate::token::Token;
+    use crate::verify::{KeysFrom, VerificationSettings, VerifySettings};
+
+    /// EKS Auth that is never reached: these tests make no exchange.
+    struct Unreachable;
+
+    impl CredentialSource for Unreachable {
+        fn fetch(&self, _: &Token) -> FetchFuture {
+            Box::pin(async { Err(ExchangeError::Unavailable("not in this test".into())) })
+        }
+    }
+
+    /// A server with the API server and an issuer configured, both on a loopback port where
+    /// nothing listens: the client and the verifier are built, their calls fail.
+    fn settings() -> ServerSettings {
+        let nowhere = "http://127.0.0.1:9".to_owned();
+        ServerSettings {
+            bind_hosts: vec!["127.0.0.1".parse().expect("ip")],
+            port: 0,
+            probe_addr: None,
+            metrics_addr: None,
+            cache: CacheSettings::default(),
+            leeway: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(1),
+            admission: AdmissionSettings::default(),
+            verification: Some(VerificationSettings {
+                keys: KeysFrom::Issuer {
+                    discovery_url: format!("{nowhere}/.well-known/openid-configuration"),
+                    issuer: nowhere.clone(),
+                },
+                verify: VerifySettings::default(),
+            }),
+            node_name: None,
+            client_ipv6_prefix: 128,
+            connections: ConnectionLimits::default(),
+            events: None,
+            kube: Some(KubeSettings {
+                server: nowhere,
+                token_file: "/nonexistent/token".into(),
+                ca_file: None,
+                timeout: Duration::from_millis(200),
+                attempts: 1,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_that_serves_again_keeps_the_agents_kube_client_and_verifier() {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let settings = settings();
+        let first = Server::start(&settings, Arc::new(Unreachable), metrics.clone())
+            .await
+            .expect("starts");
+        let (kube, verifier) = (
+            first.kube.clone().expect("a kube client"),
+            first.verifier.clone().expect("a verifier"),
+        );
+        let addr = first.credential_addrs[0];
+        (first.retirer())().await;
+        let (again, old) = first
+            .resume(&settings, Arc::new(Unreachable), metrics)
+            .await
+            .expect("serves again");
+        assert_eq!(again.credential_addrs, vec![addr], "the same socket");
+        assert!(Arc::ptr_eq(again.kube.as_ref().expect("kube"), &kube));
+        assert!(Arc::ptr_eq(
+            again.verifier.as_ref().expect("verifier"),
+            &verifier
+        ));
+        again.shutdown().await;
+        tokio::time::timeout(Duration::from_secs(5), old)
+            .await
+            .expect("the old server ends")
+            .expect("no panic");
+    }
+}
