@@ -20,7 +20,7 @@
 //! [`Connections::close`] ends every connection at once (shutdown does that when the grace
 //! period is over).
 
-use super::limits::{Conn, ConnectionLimiter, Pace};
+use super::limits::{Conn, ConnectionLimiter, Pace, Slot};
 use crate::util::LogEvery;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -204,6 +204,26 @@ impl Connections {
     pub fn tracker(&self) -> &TaskTracker {
         &self.tracker
     }
+
+    /// Run `conn` in a task of its own until it ends, drains after `stop`, is closed, or its
+    /// `slot` is taken back to make room; counted open meanwhile.
+    fn spawn<C>(&self, conn: C, slot: Slot, stop: CancellationToken)
+    where
+        C: Future + GracefulConnection + Send + 'static,
+    {
+        let close = self.close.clone();
+        self.open.fetch_add(1, Ordering::Relaxed);
+        let open = OpenGuard(self.open.clone());
+        self.tracker.spawn(async move {
+            let _open = open;
+            tokio::select! {
+                _ = drain(conn, stop, close) => {}
+                // The limiter closed it to make room for another client.
+                _ = slot.conn().evicted() => {}
+            }
+            drop(slot);
+        });
+    }
 }
 
 /// Decrements the open-connection count when the connection's task ends, however it ends.
@@ -280,18 +300,7 @@ pub async fn serve<H, F>(
             }
         });
         let conn = http.serve_connection(TokioIo::new(stream), svc);
-        let (stop, close) = (stop.clone(), conns.close.clone());
-        conns.open.fetch_add(1, Ordering::Relaxed);
-        let open = OpenGuard(conns.open.clone());
-        conns.tracker.spawn(async move {
-            let _open = open;
-            tokio::select! {
-                _ = drain(conn, stop, close) => {}
-                // The limiter closed it to make room for another client.
-                _ = slot.conn().evicted() => {}
-            }
-            drop(slot);
-        });
+        conns.spawn(conn, slot, stop.clone());
     }
     bound.accepting.store(false, Ordering::Relaxed);
     // The connections go on in their own tasks; shutdown waits for them on the tracker.
