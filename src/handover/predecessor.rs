@@ -16,30 +16,32 @@
 //!
 //! [`wire::MAX_UNCOMMITTED_FRAME`]: super::wire::MAX_UNCOMMITTED_FRAME
 
-use super::convert::{entry_to_wire, hash_to_wire, refusal_to_wire};
+//!
+//! The rooms: `accept` (the listening thread: who is let in, and the name file kept), `peer`
+//! (one peer's handover, steps 1 to 5, and where it ended).
+
+mod accept;
+mod peer;
+
 use super::rendezvous::{self, Published};
-use super::wire::{Channel, Msg, WireListener, MIN_PROTOCOL, PROTOCOL};
-use super::{prepare_dir, HandoverError, HandoverSettings, CHUNK};
-use crate::cache::{CredentialCache, Exported};
+use super::{prepare_dir, HandoverError, HandoverSettings};
+use crate::cache::CredentialCache;
 use crate::metrics::Metrics;
 use crate::server::listener::Role;
+use crate::util::LogEvery;
 use crate::verify::Verifier;
 use futures_util::future::BoxFuture;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// Peers served at once; a handover needs one.
 const MAX_PEERS: usize = 4;
-/// How often the listening thread looks at the name file.
-const LOOK_EVERY: Duration = Duration::from_secs(1);
-/// How often it looks for a free place, when [`MAX_PEERS`] are being served.
-const PLACE_FREE_EVERY: Duration = Duration::from_millis(50);
 /// At most one log line per this long about peers of another user.
 const STRANGER_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -55,21 +57,8 @@ pub struct Offer {
     pub retire: Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>,
 }
 
-/// Where one peer's handover ended.
-enum Ended {
-    /// Handed over: the connection stays open as the link to the successor.
-    Completed(usize, Channel),
-    /// The peer never committed (`Taken`): it got the keys and the listening sockets, no token
-    /// or credential.
-    Abandoned(HandoverError),
-    /// Failed before this agent retired: it still serves.
-    Failed(HandoverError),
-    /// Failed after this agent retired: it accepts nothing until it serves again.
-    FailedRetired(HandoverError),
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub(super) enum Phase {
     Serving,
     /// A successor said `Taken`: no other may.
     Committed,
@@ -79,32 +68,34 @@ enum Phase {
 }
 
 /// What the listening thread and the peer threads share.
-struct Shared {
-    settings: HandoverSettings,
-    offer: Offer,
-    metrics: Arc<Metrics>,
-    runtime: tokio::runtime::Handle,
-    name: String,
+pub(super) struct Shared {
+    pub(super) settings: HandoverSettings,
+    pub(super) offer: Offer,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) runtime: tokio::runtime::Handle,
+    pub(super) name: String,
     phase: Mutex<Phase>,
-    handed_tx: watch::Sender<bool>,
+    pub(super) handed_tx: watch::Sender<bool>,
     lost_tx: watch::Sender<bool>,
     /// Set before everything is shut down, so the threads end instead of carrying on.
-    stopping: AtomicBool,
+    pub(super) stopping: AtomicBool,
     /// A handle on each peer's connection, so stopping can end them.
-    peers: Mutex<Vec<(u64, UnixStream)>>,
+    pub(super) peers: Mutex<Vec<(u64, UnixStream)>>,
+    /// Says at most every [`STRANGER_LOG_EVERY`] that a peer of another user was closed.
+    pub(super) stranger_log: LogEvery,
 }
 
 impl Shared {
-    fn phase(&self) -> Phase {
+    pub(super) fn phase(&self) -> Phase {
         *self.phase.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set_phase(&self, phase: Phase) {
+    pub(super) fn set_phase(&self, phase: Phase) {
         *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
     }
 
     /// Move from `from` to `to`; whether this call did.
-    fn advance(&self, from: Phase, to: Phase) -> bool {
+    pub(super) fn advance(&self, from: Phase, to: Phase) -> bool {
         let mut p = self.phase.lock().unwrap_or_else(|p| p.into_inner());
         if *p != from {
             return false;
@@ -113,7 +104,7 @@ impl Shared {
         true
     }
 
-    fn count(&self, outcome: &str) {
+    pub(super) fn count(&self, outcome: &str) {
         self.metrics
             .handover
             .with_label_values(&["predecessor", outcome])
@@ -121,12 +112,12 @@ impl Shared {
     }
 
     /// Write this agent's socket name to the name file, replacing whatever it names.
-    fn name_again(&self) -> std::io::Result<()> {
+    pub(super) fn name_again(&self) -> std::io::Result<()> {
         let file = self.settings.dir.join(rendezvous::NAME_FILE);
         crate::files::write_private(&file, self.name.as_bytes())
     }
 
-    fn lost(&self) {
+    pub(super) fn lost(&self) {
         self.set_phase(Phase::Lost);
         let _ = self.lost_tx.send(true);
     }
@@ -180,11 +171,12 @@ impl Predecessor {
             lost_tx,
             stopping: AtomicBool::new(false),
             peers: Mutex::default(),
+            stranger_log: LogEvery::new(STRANGER_LOG_EVERY),
         });
         let (s, l) = (shared.clone(), listener.clone());
         let thread = std::thread::Builder::new()
             .name("handover".into())
-            .spawn(move || accept_loop(&s, &l, &woken))?;
+            .spawn(move || accept::accept_loop(&s, &l, &woken))?;
         Ok(Predecessor {
             shared,
             handed_over,
@@ -250,305 +242,4 @@ impl Predecessor {
             name: self.shared.name.clone(),
         })
     }
-}
-
-/// Wait up to `timeout` for a connection on `listener` (or, with `accept` false, for nothing
-/// but `woken`); whether a connection may be there.
-fn readable(listener: &UnixListener, woken: &UnixStream, accept: bool, timeout: Duration) -> bool {
-    let mut fds = [
-        libc::pollfd {
-            fd: woken.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    let n: libc::nfds_t = if accept { 2 } else { 1 };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `n` valid pollfds, for descriptors kept open by the caller.
-    let ready = unsafe { libc::poll(fds.as_mut_ptr(), n, ms) };
-    ready > 0 && fds[1].revents != 0
-}
-
-fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, woken: &UnixStream) {
-    let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
-    let mut next_peer = 0u64;
-    let mut stranger_logged: Option<Instant> = None;
-    let mut looked = Instant::now();
-    while !shared.stopping.load(Ordering::Relaxed) {
-        threads.retain(|t| !t.is_finished());
-        // Also between connections, however many arrive.
-        if looked.elapsed() >= LOOK_EVERY {
-            looked = Instant::now();
-            if shared.phase() == Phase::Serving {
-                keep_named(shared);
-            }
-        }
-        // Once lost, nobody is accepted until this agent serves again: a successor queues for
-        // the next listener on this socket, instead of being told this one handed over. With
-        // every peer's place taken, a newcomer queues until one is free (each peer is held to
-        // deadlines), instead of being turned away.
-        let full = threads.len() >= MAX_PEERS;
-        let accepting = !full && shared.phase() != Phase::Lost;
-        let wait = if full { PLACE_FREE_EVERY } else { LOOK_EVERY };
-        if !readable(listener, woken, accepting, wait) || shared.stopping.load(Ordering::Relaxed) {
-            continue;
-        }
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(_) => continue,
-        };
-        // Anyone in this namespace can connect to an abstract name: only this user is heard.
-        if let Err(e) = rendezvous::check_peer(&stream) {
-            shared.count("stranger");
-            if stranger_logged.is_none_or(|t| t.elapsed() >= STRANGER_LOG_EVERY) {
-                stranger_logged = Some(Instant::now());
-                tracing::warn!(error = %e, "closed a connection to the handover socket from another user");
-            }
-            continue;
-        }
-        let Ok(handle) = stream.try_clone() else {
-            continue;
-        };
-        next_peer += 1;
-        let id = next_peer;
-        shared
-            .peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((id, handle));
-        let s = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("handover-peer".into())
-            .spawn(move || {
-                serve_peer(&s, stream);
-                s.peers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .retain(|(i, _)| *i != id);
-            });
-        match spawned {
-            Ok(t) => threads.push(t),
-            Err(e) => tracing::warn!(error = %e, "cannot serve a handover peer"),
-        }
-    }
-    for (_, peer) in shared
-        .peers
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-    {
-        let _ = peer.shutdown(std::net::Shutdown::Both);
-    }
-    for t in threads {
-        let _ = t.join();
-    }
-}
-
-/// Name this agent's socket again if the name file is gone, unreadable, or names a socket
-/// nobody listens on.
-fn keep_named(shared: &Shared) {
-    let named = rendezvous::read_name(&shared.settings.dir);
-    let fine = match &named {
-        Ok(Some(name)) => *name == shared.name || rendezvous::listening(name),
-        _ => false,
-    };
-    if fine {
-        return;
-    }
-    match shared.name_again() {
-        Ok(()) => tracing::info!("named this agent's handover socket again (the name file was missing, or named an agent that is gone)"),
-        Err(e) => tracing::warn!(error = %e, "cannot name this agent's handover socket; the next agent will bind fresh"),
-    }
-}
-
-/// One peer, from its `Hello` to the end of the link to it.
-fn serve_peer(shared: &Shared, stream: UnixStream) {
-    let started = Instant::now();
-    match hand_over(shared, stream) {
-        Ended::Completed(sent, mut link) => {
-            shared.set_phase(Phase::HandedOver);
-            let _ = shared.handed_tx.send(true);
-            shared.count("completed");
-            shared
-                .metrics
-                .handover_entries
-                .with_label_values(&["sent"])
-                .inc_by(sent as u64);
-            shared
-                .metrics
-                .handover_seconds
-                .with_label_values(&["predecessor"])
-                .set(started.elapsed().as_secs_f64());
-            tracing::info!(
-                entries = sent,
-                "handed over to the next agent; idle until terminated, or until it goes"
-            );
-            link.wait_closed();
-            if !shared.stopping.load(Ordering::Relaxed) {
-                shared.count("resumed");
-                tracing::warn!("the agent that took over is gone; serving again on the sockets this one still holds");
-                shared.lost();
-            }
-        }
-        Ended::Abandoned(e) => {
-            shared.count("abandoned");
-            tracing::warn!(error = %e, "a peer on the handover socket never took over; it got the keys and the listening sockets, no token or credential");
-        }
-        Ended::Failed(e) => {
-            shared.count("failed");
-            tracing::warn!(error = %e, "a handover to a new agent failed; still serving");
-        }
-        Ended::FailedRetired(e) => {
-            shared.count("failed");
-            if !shared.stopping.load(Ordering::Relaxed) {
-                shared.count("resumed");
-                tracing::error!(error = %e, "the new agent failed after this one retired; serving again on the sockets this one still holds");
-                shared.lost();
-            }
-        }
-    }
-}
-
-fn send_chunks(
-    channel: &mut Channel,
-    entries: impl Iterator<Item = Exported>,
-) -> Result<usize, HandoverError> {
-    let mut entries = entries.map(entry_to_wire).peekable();
-    let mut sent = 0;
-    while entries.peek().is_some() {
-        let chunk: Vec<_> = entries.by_ref().take(CHUNK).collect();
-        sent += chunk.len();
-        channel.send(&Msg::Entries { entries: chunk })?;
-    }
-    Ok(sent)
-}
-
-/// Steps 1 and 2: the peer says `Hello` and gets the keys and sockets.
-fn offer_sockets(channel: &mut Channel, shared: &Shared) -> Result<(), HandoverError> {
-    let agreed = match channel.recv()? {
-        (
-            Msg::Hello {
-                protocol,
-                min_protocol,
-                ..
-            },
-            _,
-        ) => {
-            let agreed = protocol.min(PROTOCOL);
-            if agreed < MIN_PROTOCOL.max(min_protocol) {
-                let reason = format!("no protocol in common (this agent speaks {MIN_PROTOCOL} to {PROTOCOL}, the peer {min_protocol} to {protocol})");
-                let _ = channel.send(&Msg::Refused {
-                    reason: reason.clone(),
-                });
-                return Err(HandoverError::Refused(reason));
-            }
-            agreed
-        }
-        (other, _) => return Err(HandoverError::Unexpected(other.name())),
-    };
-    if shared.phase() != Phase::Serving {
-        let reason = "this agent handed over already, or is handing over".to_owned();
-        let _ = channel.send(&Msg::Refused {
-            reason: reason.clone(),
-        });
-        return Err(HandoverError::Refused(reason));
-    }
-    let grace_ms = u64::try_from(shared.settings.grace.as_millis()).unwrap_or(u64::MAX);
-    channel.send(&Msg::Welcome {
-        protocol: agreed,
-        grace_ms,
-    })?;
-    let offer = &shared.offer;
-    if let Some(keys) = offer.verifier.as_ref().and_then(|v| v.snapshot()) {
-        channel.send(&Msg::Keys { keys })?;
-    }
-    let (listeners, fds): (Vec<WireListener>, Vec<RawFd>) = offer
-        .listeners
-        .iter()
-        .map(|(role, addr, fd)| {
-            (
-                WireListener {
-                    role: *role,
-                    addr: *addr,
-                },
-                fd.as_raw_fd(),
-            )
-        })
-        .unzip();
-    channel.send_with_fds(&Msg::Listeners { listeners }, &fds)?;
-    Ok(())
-}
-
-/// The predecessor's side of one handover, blocking.
-fn hand_over(shared: &Shared, stream: UnixStream) -> Ended {
-    let settings = &shared.settings;
-    let offer = &shared.offer;
-    let mut channel = match Channel::new(stream, settings.timeout) {
-        Ok(c) => c,
-        Err(e) => return Ended::Failed(e.into()),
-    };
-    // Its hello within one step; and the successor builds its server on the sockets before it
-    // commits, which may take a while.
-    channel.set_deadline(settings.timeout);
-    if let Err(e) = offer_sockets(&mut channel, shared) {
-        return Ended::Failed(e);
-    }
-    shared.count("started");
-    channel.set_timeout(settings.timeout * 6);
-    channel.set_deadline(settings.timeout * 6);
-    match channel.recv() {
-        Ok((Msg::Taken, _)) => {}
-        Ok((other, _)) => return Ended::Abandoned(HandoverError::Unexpected(other.name())),
-        Err(e) => return Ended::Abandoned(e.into()),
-    }
-    if !shared.advance(Phase::Serving, Phase::Committed) {
-        let _ = channel.send(&Msg::Refused {
-            reason: "another agent took over first".into(),
-        });
-        return Ended::Abandoned(HandoverError::Refused(
-            "another agent took over first".into(),
-        ));
-    }
-    // The successor gives the snapshot four steps.
-    channel.set_timeout(settings.timeout);
-    channel.set_deadline(settings.timeout * 4);
-    let (snapshot, newest) = offer.cache.export_iter(0);
-    let before_retiring = send_chunks(&mut channel, snapshot)
-        .and_then(|n| Ok(channel.send(&Msg::Retiring).map(|()| n)?));
-    let mut sent = match before_retiring {
-        Ok(n) => n,
-        Err(e) => {
-            // Not retired: still serving, and free to hand over to another.
-            shared.set_phase(Phase::Serving);
-            return Ended::Failed(e);
-        }
-    };
-    // Both serve on the same sockets now; stop here, finish what is in flight.
-    shared.runtime.block_on((offer.retire)());
-    channel.set_deadline(settings.timeout * 2);
-    let after = (|| -> Result<(), HandoverError> {
-        let (delta, _) = offer.cache.export_iter(newest);
-        sent += send_chunks(&mut channel, delta)?;
-        let evicted = offer.cache.evicted_since(newest);
-        channel.send(&Msg::Evicted {
-            tokens: evicted.iter().map(hash_to_wire).collect(),
-        })?;
-        let refusals = offer.cache.refusals();
-        channel.send(&Msg::Refusals {
-            refusals: refusals
-                .iter()
-                .map(|(h, r, left)| refusal_to_wire(h, r, *left))
-                .collect(),
-        })?;
-        Ok(channel.send(&Msg::Done)?)
-    })();
-    if let Err(e) = after {
-        return Ended::FailedRetired(e);
-    }
-    Ended::Completed(sent, channel)
 }

@@ -5,13 +5,14 @@
 use super::convert::{entry_from_wire, hash_from_wire, refusal_from_wire};
 use super::rendezvous::{self, Legacy};
 use super::sockets::{self, Namespace};
-use super::wire::{Channel, Msg, MAX_FRAME, MIN_PROTOCOL, PROTOCOL};
+use super::wire::{Channel, Msg, WireListener, MAX_FRAME, MIN_PROTOCOL, PROTOCOL};
 use super::{prepare_dir, HandoverError, HandoverSettings};
 use crate::cache::{CredentialCache, Imported};
 use crate::metrics::Metrics;
 use crate::server::listener::Role;
 use crate::verify::keys::Stored;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant, SystemTime};
 
 /// The largest frame before `Taken`: the verification keys, a few kilobytes.
@@ -112,13 +113,41 @@ fn nobody(settings: &HandoverSettings, why: &'static str) -> Takeover {
 /// Steps 1 and 2, blocking.
 fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
     let started = Instant::now();
+    let mut channel = match connect(settings)? {
+        Ok(channel) => channel,
+        Err(nobody) => return Ok(nobody),
+    };
+    let grace = greet(&mut channel, settings)?;
+    let mut keys = None;
+    loop {
+        match channel.recv()? {
+            (Msg::Keys { keys: k }, _) => keys = Some(k),
+            (Msg::Listeners { listeners }, fds) => {
+                let (listeners, dropped) = check_sockets(listeners, fds, settings);
+                return Ok(Takeover::Offered(Offered {
+                    channel,
+                    listeners,
+                    dropped,
+                    keys,
+                    grace,
+                    started,
+                }));
+            }
+            (Msg::Refused { reason }, _) => return Err(HandoverError::Refused(reason)),
+            (other, _) => return Err(HandoverError::Unexpected(other.name())),
+        }
+    }
+}
+
+/// A channel to the agent named in the handover directory, or what was found instead.
+fn connect(settings: &HandoverSettings) -> Result<Result<Channel, Takeover>, HandoverError> {
     let name = match rendezvous::read_name(&settings.dir) {
         Ok(Some(name)) => name,
         Ok(None) => {
-            return Ok(nobody(
+            return Ok(Err(nobody(
                 settings,
                 "no agent is named in the handover directory",
-            ))
+            )))
         }
         Err(why) => {
             return Err(HandoverError::Directory(
@@ -135,10 +164,10 @@ fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
                 std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
             ) =>
         {
-            return Ok(nobody(
+            return Ok(Err(nobody(
                 settings,
                 "the agent named in the handover directory is gone",
-            ))
+            )))
         }
         // Its queue stayed full: it does not accept.
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(HandoverError::Timeout),
@@ -148,6 +177,11 @@ fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
     let mut channel = Channel::new(stream, settings.timeout)?;
     channel.set_deadline(settings.timeout * 4);
     channel.set_max_frame(OFFER_FRAME);
+    Ok(Ok(channel))
+}
+
+/// Step 1: `Hello`, answered by `Welcome`; the predecessor's shutdown grace.
+fn greet(channel: &mut Channel, settings: &HandoverSettings) -> Result<Duration, HandoverError> {
     channel.send(&Msg::Hello {
         protocol: PROTOCOL,
         min_protocol: MIN_PROTOCOL,
@@ -159,47 +193,37 @@ fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
     channel.set_timeout(settings.timeout * 2);
     let welcome = channel.recv()?;
     channel.set_timeout(settings.timeout);
-    let grace = match welcome {
+    match welcome {
         (Msg::Welcome { protocol, grace_ms }, _)
             if (MIN_PROTOCOL..=PROTOCOL).contains(&protocol) =>
         {
-            Duration::from_millis(grace_ms).min(MAX_GRACE)
+            Ok(Duration::from_millis(grace_ms).min(MAX_GRACE))
         }
-        (Msg::Welcome { protocol, .. }, _) => {
-            return Err(HandoverError::Refused(format!(
-                "the predecessor chose protocol {protocol}, which this agent does not speak"
-            )))
-        }
-        (Msg::Refused { reason }, _) => return Err(HandoverError::Refused(reason)),
-        (other, _) => return Err(HandoverError::Unexpected(other.name())),
-    };
+        (Msg::Welcome { protocol, .. }, _) => Err(HandoverError::Refused(format!(
+            "the predecessor chose protocol {protocol}, which this agent does not speak"
+        ))),
+        (Msg::Refused { reason }, _) => Err(HandoverError::Refused(reason)),
+        (other, _) => Err(HandoverError::Unexpected(other.name())),
+    }
+}
+
+/// The offered sockets that pass the checks ([`sockets::check`]), and why the others did not
+/// (closed here).
+fn check_sockets(
+    listeners: Vec<WireListener>,
+    fds: Vec<OwnedFd>,
+    settings: &HandoverSettings,
+) -> (Vec<(Role, SocketAddr, std::net::TcpListener)>, Vec<String>) {
     let namespace = Namespace::here();
-    let mut keys = None;
-    loop {
-        match channel.recv()? {
-            (Msg::Keys { keys: k }, _) => keys = Some(k),
-            (Msg::Listeners { listeners }, fds) => {
-                let mut checked = Vec::with_capacity(fds.len());
-                let mut dropped = Vec::new();
-                for (l, fd) in listeners.into_iter().zip(fds) {
-                    match sockets::check(l.role, l.addr, &fd, &settings.expected, &namespace) {
-                        Ok(()) => checked.push((l.role, l.addr, std::net::TcpListener::from(fd))),
-                        Err(why) => dropped.push(format!("{:?} {}: {why}", l.role, l.addr)),
-                    }
-                }
-                return Ok(Takeover::Offered(Offered {
-                    channel,
-                    listeners: checked,
-                    dropped,
-                    keys,
-                    grace,
-                    started,
-                }));
-            }
-            (Msg::Refused { reason }, _) => return Err(HandoverError::Refused(reason)),
-            (other, _) => return Err(HandoverError::Unexpected(other.name())),
+    let mut checked = Vec::with_capacity(fds.len());
+    let mut dropped = Vec::new();
+    for (l, fd) in listeners.into_iter().zip(fds) {
+        match sockets::check(l.role, l.addr, &fd, &settings.expected, &namespace) {
+            Ok(()) => checked.push((l.role, l.addr, std::net::TcpListener::from(fd))),
+            Err(why) => dropped.push(format!("{:?} {}: {why}", l.role, l.addr)),
         }
     }
+    (checked, dropped)
 }
 
 /// Import what `msg` carries into `cache`, within `room` bytes, refreshing nothing before
@@ -327,7 +351,8 @@ impl Taking {
             }
             // The sockets are ours already: a lost delta costs exchanges, not availability.
             Err(e) => {
-                tracing::warn!(error = %e, "the predecessor's last entries did not arrive; those tokens will be exchanged again, and it serves again beside this agent");
+                tracing::warn!(error = %e, "the predecessor's last entries did not arrive; \
+                    those tokens will be exchanged again, and it serves again beside this agent");
                 ("completed_without_delta", Err(e))
             }
         };

@@ -27,6 +27,13 @@ use std::time::Duration;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+const HEALTHY: &[u8] = br#"{"status":"ok"}"#;
+const SCHEDULER_STOPPED: &[u8] = br#"{"status":"refresh scheduler stopped after repeated panics"}"#;
+const METRICS_ELSEWHERE: &[u8] = b"{\"code\":\"NotFound\",\
+    \"message\":\"metrics are served on the metrics port (--metrics-port)\"}";
+const NOT_HERE: &[u8] = b"{\"code\":\"NotFound\",\
+    \"message\":\"this port serves /healthz and /readyz, and /metrics on the metrics port\"}";
+
 /// What the probes look at.
 pub struct Admin {
     /// Each credential listener and whether its accept loop runs.
@@ -83,22 +90,14 @@ impl Admin {
     }
 
     async fn answer(&self, port: Port, path: &str) -> Response<Full<Bytes>> {
+        let fixed = |status, body: &'static [u8]| json_response(status, Bytes::from_static(body));
         match path {
-            "/healthz" if self.cache.scheduler_running() => json_response(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#)),
-            "/healthz" => json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Bytes::from_static(br#"{"status":"refresh scheduler stopped after repeated panics"}"#),
-            ),
+            "/healthz" if self.cache.scheduler_running() => fixed(StatusCode::OK, HEALTHY),
+            "/healthz" => fixed(StatusCode::SERVICE_UNAVAILABLE, SCHEDULER_STOPPED),
             "/readyz" => self.readyz().await,
             "/metrics" if port == Port::Metrics => self.metrics().await,
-            "/metrics" => json_response(
-                StatusCode::NOT_FOUND,
-                Bytes::from_static(br#"{"code":"NotFound","message":"metrics are served on the metrics port (--metrics-port)"}"#),
-            ),
-            _ => json_response(
-                StatusCode::NOT_FOUND,
-                Bytes::from_static(br#"{"code":"NotFound","message":"this port serves /healthz and /readyz, and /metrics on the metrics port"}"#),
-            ),
+            "/metrics" => fixed(StatusCode::NOT_FOUND, METRICS_ELSEWHERE),
+            _ => fixed(StatusCode::NOT_FOUND, NOT_HERE),
         }
     }
 

@@ -3,19 +3,25 @@
 //! Contract: [`bind_credential_listeners`] binds one listener per bind host. An IPv6 host that
 //! cannot be bound (a node without IPv6) is reported and skipped; an IPv4 host that cannot be
 //! bound, or no listener at all, is an error. [`Sockets`] supplies sockets a predecessor handed
-//! over, or waits for a port it still holds. [`serve`] accepts connections until `stop` is
-//! cancelled, then stops accepting at once and returns; the connections it accepted finish in
-//! their own tasks: from then on every answer ends its connection (`Connection: close`), and a
-//! connection with no request under way gets a second for its next one (the first on one
-//! accepted a moment ago, or the next on a kept-alive one: its client may be sending it as the
-//! server stops), rather than being closed as idle and losing it. [`Connections::close`] ends every
-//! connection at once (shutdown does that when the grace period is over). Every connection runs
-//! as a task on the shared tracker, so shutdown can wait for them. Connections are HTTP/1.1
-//! with keep-alive, a bounded header size and a header read timeout, and are admitted within
-//! the bounds of a [`ConnectionLimiter`], which may close an idle one (never one whose request
-//! is being answered, its response included) to make room for another client.
+//! over, or waits for a port it still holds (saying so every [`BIND_WARN_EVERY`]).
+//!
+//! [`serve`] admits each accepted connection within the bounds of a [`ConnectionLimiter`]
+//! (a refused one gets the limiter's canned answer, `429` or `503`, and is closed), and serves
+//! it in a task of its own on the shared tracker, so shutdown can wait for them. Connections
+//! are HTTP/1.1 with a bounded header size and a header read timeout, kept alive between
+//! requests while the server serves. The limiter may close an idle one to make room for
+//! another client, never one whose request is being answered (its response included).
+//!
+//! When `stop` is cancelled, [`serve`] stops accepting at once and returns; its connections
+//! finish in their own tasks, and keep-alive ends: every answer from then on carries
+//! `Connection: close`, and a connection with no request under way gets
+//! [`NEXT_REQUEST_WAIT`] for its next one (the first on one accepted a moment ago, or the next
+//! on a kept-alive one: its client may be sending it as the server stops) before it is closed.
+//! [`Connections::close`] ends every connection at once (shutdown does that when the grace
+//! period is over).
 
-use super::limits::{Conn, ConnectionLimiter, Pace};
+use super::limits::{Conn, ConnectionLimiter, Pace, Slot};
+use crate::util::LogEvery;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -84,15 +90,17 @@ impl Sockets {
         if !self.wait_for_ports {
             return bind(addr).await;
         }
-        let mut warned = std::time::Instant::now();
+        let warn = LogEvery::new(BIND_WARN_EVERY);
+        // Said first once the wait has lasted a period, not at the first try.
+        let _ = warn.due();
         loop {
             match bind(addr).await {
                 Err(BindError::Bind { source, .. })
                     if source.kind() == io::ErrorKind::AddrInUse =>
                 {
-                    if warned.elapsed() >= BIND_WARN_EVERY {
-                        warned = std::time::Instant::now();
-                        tracing::warn!(%addr, "waiting for the previous agent to let go of the address");
+                    if warn.due().is_some() {
+                        tracing::warn!(%addr,
+                            "waiting for the previous agent to let go of the address");
                     }
                     tokio::time::sleep(BIND_RETRY).await;
                 }
@@ -149,7 +157,8 @@ pub async fn bind_credential_listeners(
             Err(BindError::Bind { addr, source })
                 if addr.is_ipv6() && source.kind() != io::ErrorKind::AddrInUse =>
             {
-                tracing::warn!(%addr, error = %source, "IPv6 credential listener not available; serving the others");
+                tracing::warn!(%addr, error = %source,
+                    "IPv6 credential listener not available; serving the others");
                 skipped.push((addr, source));
             }
             Err(e) => return Err(e),
@@ -194,6 +203,26 @@ impl Connections {
 
     pub fn tracker(&self) -> &TaskTracker {
         &self.tracker
+    }
+
+    /// Run `conn` in a task of its own until it ends, drains after `stop`, is closed, or its
+    /// `slot` is taken back to make room; counted open meanwhile.
+    fn spawn<C>(&self, conn: C, slot: Slot, stop: CancellationToken)
+    where
+        C: Future + GracefulConnection + Send + 'static,
+    {
+        let close = self.close.clone();
+        self.open.fetch_add(1, Ordering::Relaxed);
+        let open = OpenGuard(self.open.clone());
+        self.tracker.spawn(async move {
+            let _open = open;
+            tokio::select! {
+                _ = drain(conn, stop, close) => {}
+                // The limiter closed it to make room for another client.
+                _ = slot.conn().evicted() => {}
+            }
+            drop(slot);
+        });
     }
 }
 
@@ -271,18 +300,7 @@ pub async fn serve<H, F>(
             }
         });
         let conn = http.serve_connection(TokioIo::new(stream), svc);
-        let (stop, close) = (stop.clone(), conns.close.clone());
-        conns.open.fetch_add(1, Ordering::Relaxed);
-        let open = OpenGuard(conns.open.clone());
-        conns.tracker.spawn(async move {
-            let _open = open;
-            tokio::select! {
-                _ = drain(conn, stop, close) => {}
-                // The limiter closed it to make room for another client.
-                _ = slot.conn().evicted() => {}
-            }
-            drop(slot);
-        });
+        conns.spawn(conn, slot, stop.clone());
     }
     bound.accepting.store(false, Ordering::Relaxed);
     // The connections go on in their own tasks; shutdown waits for them on the tracker.
@@ -331,8 +349,9 @@ impl hyper::body::Body for Tracked {
 const NEXT_REQUEST_WAIT: Duration = Duration::from_secs(1);
 
 /// Serve one connection. Once `stop` is cancelled, its next answer ends it ([`serve`] adds
-/// `Connection: close`); if none comes within [`NEXT_REQUEST_WAIT`], keep-alive is turned off,
-/// which closes it at once if idle, or after the request it is on. `close` ends it at once.
+/// `Connection: close`); if none comes within [`NEXT_REQUEST_WAIT`], it is shut down
+/// gracefully (hyper stops keeping it alive), which closes it at once if idle, or after the
+/// request it is on. `close` ends it at once.
 async fn drain<C>(conn: C, stop: CancellationToken, close: CancellationToken)
 where
     C: Future + GracefulConnection,
@@ -370,5 +389,190 @@ where
 {
     fn shut_down_gracefully(self: std::pin::Pin<&mut Self>) {
         self.graceful_shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::limits::ConnectionLimits;
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// A listener on loopback answering `200 <client address>`, or never when the path is
+    /// `/hang`, within `limits`.
+    struct Serving {
+        addr: SocketAddr,
+        accepting: Arc<AtomicBool>,
+        stop: CancellationToken,
+        conns: Connections,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    async fn start(max_connections: usize, max_per_client: usize) -> Serving {
+        let bound = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let (addr, accepting) = (bound.addr, bound.accepting.clone());
+        let limits = ConnectionLimits {
+            max_connections,
+            max_per_client,
+            header_timeout: Duration::from_secs(5),
+        };
+        let (stop, conns) = (CancellationToken::new(), Connections::default());
+        let task = tokio::spawn(serve(
+            bound,
+            |req: Request<Incoming>, peer: SocketAddr| async move {
+                if req.uri().path() == "/hang" {
+                    std::future::pending::<()>().await;
+                }
+                Response::new(Full::new(Bytes::from(peer.ip().to_string())))
+            },
+            stop.clone(),
+            conns.clone(),
+            ConnectionLimiter::new(limits, None),
+        ));
+        // The accept loop marks itself accepting once it runs.
+        while !accepting.load(Ordering::Relaxed) {
+            tokio::task::yield_now().await;
+        }
+        Serving {
+            addr,
+            accepting,
+            stop,
+            conns,
+            task,
+        }
+    }
+
+    /// Send a request for `path` and read one response: its head and body.
+    async fn get(conn: &mut TcpStream, path: &str) -> (String, String) {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: agent\r\n\r\n");
+        conn.write_all(request.as_bytes()).await.expect("write");
+        read_response(conn).await.expect("a response")
+    }
+
+    async fn read_response(conn: &mut TcpStream) -> Option<(String, String)> {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + length {
+                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]);
+                    return Some((head, body.into_owned()));
+                }
+            }
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut chunk))
+                .await
+                .expect("an answer within 5 s")
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Whether the server closes `conn` within `within`.
+    async fn closed(conn: &mut TcpStream, within: Duration) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(within, conn.read(&mut byte)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn serves_requests_on_a_kept_alive_connection_with_the_clients_address() {
+        let s = start(8, 8).await;
+        let mut conn = TcpStream::connect(s.addr).await.expect("connect");
+        for _ in 0..3 {
+            let (head, body) = get(&mut conn, "/").await;
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            assert!(!head.contains("connection: close"), "kept alive: {head}");
+            assert_eq!(body, "127.0.0.1");
+        }
+        assert_eq!(s.conns.open(), 1);
+        s.stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_connection_past_the_clients_share_is_answered_429_and_closed() {
+        let s = start(1, 1).await;
+        let mut first = TcpStream::connect(s.addr).await.expect("connect");
+        let _ = get(&mut first, "/").await;
+        let mut second = TcpStream::connect(s.addr).await.expect("connect");
+        let (head, body) = read_response(&mut second).await.expect("a refusal");
+        assert!(head.starts_with("http/1.1 429"), "{head}");
+        assert!(head.contains("connection: close"), "{head}");
+        assert!(body.contains("TooManyConnections"), "{body}");
+        assert!(closed(&mut second, Duration::from_secs(5)).await);
+        // The first is untouched.
+        assert_eq!(get(&mut first, "/").await.1, "127.0.0.1");
+        s.stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn at_stop_it_stops_accepting_and_its_connections_drain() {
+        let s = start(8, 8).await;
+        let mut talking = TcpStream::connect(s.addr).await.expect("connect");
+        let _ = get(&mut talking, "/").await;
+        let mut silent = TcpStream::connect(s.addr).await.expect("connect");
+        let _ = get(&mut silent, "/").await;
+        s.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), s.task)
+            .await
+            .expect("serve returns at once")
+            .expect("no panic");
+        assert!(!s.accepting.load(Ordering::Relaxed));
+        assert!(
+            TcpStream::connect(s.addr).await.is_err(),
+            "no longer listening"
+        );
+        // A request sent just after the stop is still answered, and ends its connection.
+        let (head, _) = get(&mut talking, "/").await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("connection: close"), "{head}");
+        assert!(closed(&mut talking, Duration::from_secs(1)).await);
+        // One with nothing to say is closed once its grace for a next request is over.
+        assert!(
+            !closed(&mut silent, NEXT_REQUEST_WAIT / 2).await,
+            "closed too soon"
+        );
+        assert!(closed(&mut silent, NEXT_REQUEST_WAIT * 2).await);
+        tokio::time::timeout(Duration::from_secs(5), s.conns.wait())
+            .await
+            .expect("every connection task ended");
+        assert_eq!(s.conns.open(), 0);
+    }
+
+    #[tokio::test]
+    async fn close_ends_a_connection_whose_request_never_finishes() {
+        let s = start(8, 8).await;
+        let mut conn = TcpStream::connect(s.addr).await.expect("connect");
+        conn.write_all(b"GET /hang HTTP/1.1\r\nhost: agent\r\n\r\n")
+            .await
+            .expect("write");
+        assert!(
+            !closed(&mut conn, Duration::from_millis(300)).await,
+            "busy before stop"
+        );
+        s.stop.cancel();
+        assert!(
+            !closed(&mut conn, NEXT_REQUEST_WAIT * 2).await,
+            "a busy one waits"
+        );
+        s.conns.close();
+        assert!(closed(&mut conn, Duration::from_secs(5)).await);
+        tokio::time::timeout(Duration::from_secs(5), s.conns.wait())
+            .await
+            .expect("every connection task ended");
+        assert_eq!(s.conns.open(), 0);
     }
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 /// The stored format's version; another version is ignored, never misread.
-const STORED_VERSION: u32 = 2;
+pub(super) const STORED_VERSION: u32 = 2;
 
 /// One usable key and the JWK it came from.
 #[derive(Debug, Clone)]

@@ -30,31 +30,29 @@
 //! monotonic clock. A fetch that changed the keys is kept in the state directory (mode 0600), so
 //! a restart starts with keys.
 
+//!
+//! The rooms: [`keys`] (the key set and its retiring keys), [`source`] (where keys come from),
+//! `fetch` (when keys are fetched, and kept on disk), `judge` (a token against the keys held).
+
+mod fetch;
+mod judge;
 pub mod keys;
 pub mod source;
 
 use crate::jwt::Jws;
 use crate::token::{PodIdentity, Token, AUDIENCE};
 use crate::util::LogEvery;
+use fetch::FetchLog;
 use keys::{KeySet, Stored};
-use serde::Deserialize;
 use source::KeySource;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 use tokio_util::task::TaskTracker;
 
 /// The state file's name in the state directory.
 pub const KEYS_FILE: &str = "verification-keys.json";
-/// Stored key sets larger than this are not read.
-const MAX_STORED: u64 = 1024 * 1024;
-/// Retries of the first fetch when no keys are held, doubling up to the refresh interval.
-const RETRY_FIRST: Duration = Duration::from_secs(5);
-/// How long after a token's `iat` a fetch must have started to be sure to hold its key.
-const ISSUE_MARGIN: Duration = Duration::from_secs(2);
 /// At most one warning this often that tokens went to EKS Auth unverified.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -162,43 +160,6 @@ pub enum KeysState {
     Unavailable,
 }
 
-/// The claims verification reads.
-#[derive(Deserialize)]
-struct Claims {
-    iss: Option<String>,
-    aud: Option<Audience>,
-    iat: Option<f64>,
-    #[serde(rename = "kubernetes.io")]
-    kubernetes: Option<KubernetesClaims>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Audience {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
-struct Named {
-    name: Option<String>,
-    uid: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct KubernetesClaims {
-    namespace: Option<String>,
-    pod: Option<Named>,
-    serviceaccount: Option<Named>,
-    node: Option<Named>,
-}
-
-/// Token-caused fetches: when the last one was tried.
-#[derive(Default)]
-struct FetchLog {
-    last_attempt: Option<Instant>,
-}
-
 pub struct Verifier {
     settings: VerifySettings,
     source: KeySource,
@@ -212,20 +173,9 @@ pub struct Verifier {
     warn_unverifiable: LogEvery,
     /// `pod_identity_token_verifications_total{result}` and key-fetch results, when counted.
     counted: Option<(prometheus::IntCounterVec, prometheus::IntCounterVec)>,
-    /// Where fetches run, so shutdown and retirement stop them.
-    tasks: TaskTracker,
-    stop: CancellationToken,
-}
-
-fn refused(why: &str, remember: bool) -> Verdict {
-    Verdict::Refused {
-        why: format!("the token failed local verification: {why}"),
-        remember,
-    }
-}
-
-fn epoch_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+    /// Where fetches run: the serving server's tracker, so its shutdown waits for them; a
+    /// server that serves again on this verifier brings its own ([`Verifier::start`]).
+    tasks: Mutex<TaskTracker>,
 }
 
 impl Verifier {
@@ -236,8 +186,6 @@ impl Verifier {
         settings: VerifySettings,
         handed_over: Option<Stored>,
         counted: Option<(prometheus::IntCounterVec, prometheus::IntCounterVec)>,
-        tasks: TaskTracker,
-        stop: CancellationToken,
     ) -> Arc<Verifier> {
         let describe = source.describe();
         let stored = handed_over.or_else(|| Self::read_state(&settings, &describe));
@@ -257,58 +205,8 @@ impl Verifier {
             state: AtomicU8::new(state as u8),
             warn_unverifiable: LogEvery::new(WARN_EVERY),
             counted,
-            tasks,
-            stop,
+            tasks: Mutex::default(),
         })
-    }
-
-    fn read_state(settings: &VerifySettings, describe: &str) -> Option<Stored> {
-        let path = settings.state_file.as_ref()?;
-        match read_private(path) {
-            Ok(Some(bytes)) => match serde_json::from_slice::<Stored>(&bytes) {
-                Ok(s) if s.source == describe => Some(s),
-                Ok(_) => None,
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "ignoring an unreadable key file");
-                    None
-                }
-            },
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "ignoring the key file");
-                None
-            }
-        }
-    }
-
-    /// Start the periodic fetch: at once when no keys are held, else when they are due.
-    pub fn start(self: &Arc<Self>) {
-        let me = self.clone();
-        self.tasks.spawn(async move {
-            let mut retry = RETRY_FIRST;
-            loop {
-                // On the monotonic clock: a wall clock stepped back does not postpone it.
-                let due = me.keys().map_or(Duration::ZERO, |k| {
-                    me.settings.refresh_every.saturating_sub(k.age())
-                });
-                tokio::select! {
-                    _ = tokio::time::sleep(due) => {}
-                    _ = me.stop.cancelled() => return,
-                }
-                let ok = tokio::select! {
-                    ok = me.fetch_now() => ok,
-                    _ = me.stop.cancelled() => return,
-                };
-                if !ok && me.keys().is_none() {
-                    // No keys at all: try again soon, backing off to the refresh interval.
-                    tokio::select! {
-                        _ = tokio::time::sleep(retry) => {}
-                        _ = me.stop.cancelled() => return,
-                    }
-                    retry = (retry * 2).min(me.settings.refresh_every);
-                }
-            }
-        });
     }
 
     pub fn keys(&self) -> Option<Arc<KeySet>> {
@@ -335,112 +233,6 @@ impl Verifier {
     /// How long ago the keys held were fetched.
     pub fn keys_age(&self) -> Option<Duration> {
         self.keys().map(|k| k.age())
-    }
-
-    /// Fetch now, under the fetch lock; whether it succeeded.
-    async fn fetch_now(&self) -> bool {
-        let mut log = self.fetching.lock().await;
-        log.last_attempt = Some(Instant::now());
-        self.fetch_locked().await
-    }
-
-    async fn fetch_locked(&self) -> bool {
-        let (started, fetched) = (SystemTime::now(), Instant::now());
-        // The source's own retries included: the fetch lock is held meanwhile.
-        let timeout = self.settings.fetch_timeout;
-        let result = tokio::time::timeout(timeout, self.source.fetch(timeout))
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
-        let before = self.keys();
-        let result = result.and_then(|f| {
-            KeySet::after_fetch(
-                f.issuer,
-                &f.jwks,
-                fetched,
-                started,
-                before.as_deref(),
-                self.settings.grace,
-            )
-        });
-        let ok = result.is_ok();
-        if let Some((_, fetches)) = &self.counted {
-            fetches
-                .with_label_values(&[if ok { "ok" } else { "failed" }])
-                .inc();
-        }
-        match result {
-            Ok(set) => {
-                // Fetches a flood of made-up `kid`s provokes find the same keys: said and kept
-                // only when something changed.
-                if before.as_deref().is_some_and(|b| b.same_keys(&set)) {
-                    tracing::debug!(source = %self.describe, "fetched the cluster's token signing keys: unchanged");
-                } else {
-                    tracing::info!(source = %self.describe, issuer = %set.issuer, keys = set.len(started),
-                        "fetched the cluster's token signing keys");
-                    self.persist(&set);
-                }
-                let set = Arc::new(set);
-                match self.keys.write() {
-                    Ok(mut k) => *k = Some(set),
-                    Err(p) => *p.into_inner() = Some(set),
-                }
-                self.state.store(KeysState::Loaded as u8, Ordering::Relaxed);
-            }
-            Err(why) => {
-                tracing::warn!(source = %self.describe, error = %why, have_keys = before.is_some(),
-                    "cannot fetch the cluster's token signing keys");
-                if before.is_none() {
-                    self.state
-                        .store(KeysState::Unavailable as u8, Ordering::Relaxed);
-                }
-            }
-        }
-        ok
-    }
-
-    fn persist(&self, set: &KeySet) {
-        let Some(path) = self.settings.state_file.clone() else {
-            return;
-        };
-        let Ok(bytes) = serde_json::to_vec(&set.to_stored(&self.describe, SystemTime::now()))
-        else {
-            return;
-        };
-        // A small file, but a blocking write all the same: off the runtime's workers.
-        self.tasks.spawn_blocking(move || {
-            if let Err(e) = write_private(&path, &bytes) {
-                tracing::warn!(file = %path.display(), error = %e, "cannot keep the token signing keys");
-            }
-        });
-    }
-
-    /// Make sure a fetch that started at or after `need` has been tried, for a token naming a
-    /// key not held: one just done is shared; otherwise one starts, at most one per
-    /// `fetch_floor` (waiting for the floor: requests arriving meanwhile share the fetch). With
-    /// `again_after`, a fetch is made only if the last attempt is that old (an issuer that
-    /// published late). Waits at most `wait_for_keys`; the fetch goes on regardless.
-    async fn fetch_for(self: &Arc<Self>, need: SystemTime, again_after: Option<Duration>) {
-        let me = self.clone();
-        let fetch = self.tasks.spawn(async move {
-            let mut log = me.fetching.lock().await;
-            if me
-                .keys()
-                .is_some_and(|k| k.fetch_started(SystemTime::now()) >= need)
-            {
-                return;
-            }
-            let since = log.last_attempt.map(|t| t.elapsed());
-            match (again_after, since) {
-                (Some(gap), Some(since)) if since < gap => return,
-                (None, Some(since)) => {
-                    tokio::time::sleep(me.settings.fetch_floor.saturating_sub(since)).await;
-                }
-                _ => {}
-            }
-            log.last_attempt = Some(Instant::now());
-            me.fetch_locked().await;
-        });
-        let _ = tokio::time::timeout(self.settings.wait_for_keys, fetch).await;
     }
 
     /// Check `token`'s signature, issuer and audience (see the module contract).
@@ -478,132 +270,7 @@ impl Verifier {
             _ => None,
         }
     }
-
-    async fn check(self: &Arc<Self>, token: &Token) -> Verdict {
-        self.judge(token, true).await
-    }
-
-    /// [`Verifier::check`], fetching keys a token names only when `fetch`.
-    async fn judge(self: &Arc<Self>, token: &Token, fetch: bool) -> Verdict {
-        let jws = match Jws::parse(token.raw()) {
-            Ok(jws) => jws,
-            Err(e) => return refused(&e.to_string(), true),
-        };
-        match jws.header.alg.as_str() {
-            "RS256" | "ES256" => {}
-            // Never a cluster's signature: a key-less or shared-secret token is forged.
-            "none" | "HS256" | "HS384" | "HS512" => {
-                return refused("alg must be RS256 or ES256", true)
-            }
-            // A cluster may sign with another asymmetric algorithm (ES384): EKS Auth decides.
-            _ => return Verdict::Unverifiable("signed with an algorithm not checked here".into()),
-        }
-        let Some(claims) = jws.claims::<Claims>() else {
-            return refused("the payload is not JSON claims", true);
-        };
-        let now = SystemTime::now();
-        let issued_at = claims
-            .iat
-            .filter(|v| v.is_finite() && *v >= 0.0)
-            .map(|v| UNIX_EPOCH + Duration::from_secs((v as u64).min(epoch_secs(now))))
-            .unwrap_or(now);
-        // A fetch that started by then had the token's key, if the cluster publishes it: one
-        // started after the token arrived, or one well after it was issued (iat has whole
-        // seconds, and the node's clock is not the issuer's).
-        let current = now.min(issued_at + ISSUE_MARGIN);
-        let kid = jws.header.kid.as_deref();
-        let mut keys = self.keys();
-        if fetch && keys.as_ref().is_none_or(|k| !k.knows(kid, now)) {
-            let again = keys
-                .as_ref()
-                .is_some_and(|k| k.fetch_started(now) >= current);
-            if again {
-                self.fetch_for(now, Some(self.settings.min_refresh_interval))
-                    .await;
-            } else {
-                self.fetch_for(current, None).await;
-            }
-            keys = self.keys();
-        }
-        let Some(keys) = keys else {
-            return Verdict::Unverifiable("the cluster's keys could not be fetched yet".into());
-        };
-        if !keys.knows(kid, now) {
-            // The wall clock now, not before the fetch: the set's start is measured back from it.
-            return if keys.fetch_started(SystemTime::now()) >= current {
-                // Keys fetched after the token was issued do not hold its key: not the cluster's.
-                // Not remembered: an issuer that publishes late heals at the next fetch.
-                refused("signed by a key the cluster does not publish", false)
-            } else {
-                Verdict::Unverifiable(
-                    "the token names a key not fetched yet and no fetch could be made now".into(),
-                )
-            };
-        }
-        if !keys.current(kid).any(|k| jws.verify(k)) {
-            return if keys.retiring(kid, now).any(|k| jws.verify(k)) {
-                // Neither trusted (the cluster no longer vouches for the key: it may have been
-                // revoked) nor refused (a rotation may still be propagating): EKS Auth decides.
-                Verdict::Unverifiable("signed by a key the cluster stopped publishing".into())
-            } else {
-                refused("the signature does not match the cluster's key", true)
-            };
-        }
-        if claims.iss.as_deref().map(|i| i.trim_end_matches('/')) != Some(keys.issuer.as_str()) {
-            return refused("it was issued by another issuer", true);
-        }
-        let audience = &self.settings.audience;
-        let audience_ok = match &claims.aud {
-            Some(Audience::One(a)) => a == audience,
-            Some(Audience::Many(list)) => list.iter().any(|a| a == audience),
-            None => false,
-        };
-        if !audience_ok {
-            return refused("its audience is not pods.eks.amazonaws.com", true);
-        }
-        match identity(claims, &keys.issuer, audience) {
-            Some(id) => Verdict::Verified(id),
-            None => Verdict::Unverifiable("the token is the cluster's but names no pod".into()),
-        }
-    }
 }
 
-#[cfg(target_os = "linux")]
-fn read_private(path: &std::path::Path) -> Result<Option<Vec<u8>>, String> {
-    crate::files::read_private(path, MAX_STORED)
-}
-
-#[cfg(target_os = "linux")]
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    crate::files::write_private(path, bytes)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn read_private(_: &std::path::Path) -> Result<Option<Vec<u8>>, String> {
-    Ok(None)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn write_private(_: &std::path::Path, _: &[u8]) -> std::io::Result<()> {
-    Ok(())
-}
-
-/// The pod a verified token names, if it names one fully.
-fn identity(claims: Claims, issuer: &str, audience: &str) -> Option<PodIdentity> {
-    let k = claims.kubernetes?;
-    let pod = k.pod?;
-    let non_empty = |s: Option<String>| s.filter(|s| !s.is_empty());
-    Some(PodIdentity {
-        namespace: non_empty(k.namespace)?,
-        service_account: non_empty(k.serviceaccount?.name)?,
-        pod_name: non_empty(pod.name)?,
-        pod_uid: non_empty(pod.uid)?,
-        node_name: k.node.and_then(|n| non_empty(n.name)),
-        issued_at: claims
-            .iat
-            .filter(|v| v.is_finite() && *v >= 0.0)
-            .map(|v| v as u64),
-        issuer: issuer.to_owned(),
-        audience: audience.to_owned(),
-    })
-}
+#[cfg(test)]
+mod testing;
