@@ -3,7 +3,8 @@
 //! user that connects, so that no one peer holds up another; the first to commit gets the cache.
 //!
 //! Contract: a peer of another user is closed at accept, before a byte is read (counted
-//! `stranger`); at most [`MAX_PEERS`] peers are served at once (more wait in the socket's queue
+//! `stranger`); a peer whose `Hello` does not prove it read this agent's name file
+//! ([`super::auth`]) is closed before it is sent a byte (counted `unauthenticated`); at most [`MAX_PEERS`] peers are served at once (more wait in the socket's queue
 //! until one is done); each peer is bounded by deadlines (its `Hello` within one handover
 //! timeout, in frames of at most [`wire::MAX_UNCOMMITTED_FRAME`] bytes; `Taken` within six).
 //! After handing over, the thread keeps the connection to its successor open: when the
@@ -17,6 +18,7 @@
 //! [`wire::MAX_UNCOMMITTED_FRAME`]: super::wire::MAX_UNCOMMITTED_FRAME
 
 use super::convert::{entry_to_wire, hash_to_wire, refusal_to_wire};
+use super::auth::{Nonce, Secret};
 use super::rendezvous::{self, Published};
 use super::wire::{Channel, Msg, WireListener, MIN_PROTOCOL, PROTOCOL};
 use super::{prepare_dir, HandoverError, HandoverSettings, CHUNK};
@@ -40,7 +42,8 @@ const MAX_PEERS: usize = 4;
 const LOOK_EVERY: Duration = Duration::from_secs(1);
 /// How often it looks for a free place, when [`MAX_PEERS`] are being served.
 const PLACE_FREE_EVERY: Duration = Duration::from_millis(50);
-/// At most one log line per this long about peers of another user.
+/// At most one log line per this long about peers of another user, and about peers that could
+/// not prove they read the name file.
 const STRANGER_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// What the predecessor side needs of the running server.
@@ -64,6 +67,8 @@ enum Ended {
     Abandoned(HandoverError),
     /// Failed before this agent retired: it still serves.
     Failed(HandoverError),
+    /// The peer's `Hello` did not prove it read the name file: it was sent nothing.
+    Unauthenticated,
     /// Failed after this agent retired: it accepts nothing until it serves again.
     FailedRetired(HandoverError),
 }
@@ -85,6 +90,10 @@ struct Shared {
     metrics: Arc<Metrics>,
     runtime: tokio::runtime::Handle,
     name: String,
+    /// Written beside the name; a peer that cannot prove it read it gets nothing.
+    secret: Secret,
+    /// Paces the warning about such peers: anyone root in this namespace can make one.
+    unauthenticated_logged: crate::util::LogEvery,
     phase: Mutex<Phase>,
     handed_tx: watch::Sender<bool>,
     lost_tx: watch::Sender<bool>,
@@ -122,8 +131,7 @@ impl Shared {
 
     /// Write this agent's socket name to the name file, replacing whatever it names.
     fn name_again(&self) -> std::io::Result<()> {
-        let file = self.settings.dir.join(rendezvous::NAME_FILE);
-        crate::files::write_private(&file, self.name.as_bytes())
+        rendezvous::write_name(&self.settings.dir, &self.name, &self.secret)
     }
 
     fn lost(&self) {
@@ -163,7 +171,11 @@ impl Predecessor {
             }
         };
         published.listener.set_nonblocking(true)?;
-        let Published { listener, name } = published;
+        let Published {
+            listener,
+            name,
+            secret,
+        } = published;
         let listener = Arc::new(listener);
         let (waker, woken) = UnixStream::pair()?;
         woken.set_nonblocking(true)?;
@@ -175,6 +187,8 @@ impl Predecessor {
             metrics,
             runtime: tokio::runtime::Handle::current(),
             name,
+            secret,
+            unauthenticated_logged: crate::util::LogEvery::new(STRANGER_LOG_EVERY),
             phase: Mutex::new(Phase::Serving),
             handed_tx,
             lost_tx,
@@ -248,6 +262,7 @@ impl Predecessor {
         Some(Published {
             listener,
             name: self.shared.name.clone(),
+            secret: self.shared.secret.clone(),
         })
     }
 }
@@ -354,7 +369,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, woken: &UnixStream
 fn keep_named(shared: &Shared) {
     let named = rendezvous::read_name(&shared.settings.dir);
     let fine = match &named {
-        Ok(Some(name)) => *name == shared.name || rendezvous::listening(name),
+        Ok(Some(named)) => named.name == shared.name || rendezvous::listening(&named.name),
         _ => false,
     };
     if fine {
@@ -399,6 +414,15 @@ fn serve_peer(shared: &Shared, stream: UnixStream) {
             shared.count("abandoned");
             tracing::warn!(error = %e, "a peer on the handover socket never took over; it got the keys and the listening sockets, no token or credential");
         }
+        Ended::Unauthenticated => {
+            shared.count("unauthenticated");
+            if let Some(suppressed) = shared.unauthenticated_logged.due() {
+                tracing::warn!(
+                    suppressed,
+                    "closed a connection to the handover socket that could not prove it read this agent's name file; it was sent nothing"
+                );
+            }
+        }
         Ended::Failed(e) => {
             shared.count("failed");
             tracing::warn!(error = %e, "a handover to a new agent failed; still serving");
@@ -430,15 +454,22 @@ fn send_chunks(
 
 /// Steps 1 and 2: the peer says `Hello` and gets the keys and sockets.
 fn offer_sockets(channel: &mut Channel, shared: &Shared) -> Result<(), HandoverError> {
-    let agreed = match channel.recv()? {
+    let (nonce, agreed) = match channel.recv()? {
         (
             Msg::Hello {
                 protocol,
                 min_protocol,
+                nonce,
+                proof,
                 ..
             },
             _,
         ) => {
+            // Before anything is sent, a refusal included: a peer that did not read the name
+            // file learns nothing here, not even the protocols this agent speaks.
+            let nonce = Nonce::from_hex(&nonce)
+                .filter(|n| shared.secret.check_successor(n, &shared.name, &proof))
+                .ok_or(HandoverError::Unauthenticated)?;
             let agreed = protocol.min(PROTOCOL);
             if agreed < MIN_PROTOCOL.max(min_protocol) {
                 let reason = format!("no protocol in common (this agent speaks {MIN_PROTOCOL} to {PROTOCOL}, the peer {min_protocol} to {protocol})");
@@ -447,7 +478,7 @@ fn offer_sockets(channel: &mut Channel, shared: &Shared) -> Result<(), HandoverE
                 });
                 return Err(HandoverError::Refused(reason));
             }
-            agreed
+            (nonce, agreed)
         }
         (other, _) => return Err(HandoverError::Unexpected(other.name())),
     };
@@ -462,6 +493,7 @@ fn offer_sockets(channel: &mut Channel, shared: &Shared) -> Result<(), HandoverE
     channel.send(&Msg::Welcome {
         protocol: agreed,
         grace_ms,
+        proof: shared.secret.predecessor_proof(&nonce, &shared.name),
     })?;
     let offer = &shared.offer;
     if let Some(keys) = offer.verifier.as_ref().and_then(|v| v.snapshot()) {
@@ -495,8 +527,10 @@ fn hand_over(shared: &Shared, stream: UnixStream) -> Ended {
     // Its hello within one step; and the successor builds its server on the sockets before it
     // commits, which may take a while.
     channel.set_deadline(settings.timeout);
-    if let Err(e) = offer_sockets(&mut channel, shared) {
-        return Ended::Failed(e);
+    match offer_sockets(&mut channel, shared) {
+        Ok(()) => {}
+        Err(HandoverError::Unauthenticated) => return Ended::Unauthenticated,
+        Err(e) => return Ended::Failed(e),
     }
     shared.count("started");
     channel.set_timeout(settings.timeout * 6);

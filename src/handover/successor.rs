@@ -5,6 +5,7 @@
 use super::convert::{entry_from_wire, hash_from_wire, refusal_from_wire};
 use super::rendezvous::{self, Legacy};
 use super::sockets::{self, Namespace};
+use super::auth::Nonce;
 use super::wire::{Channel, Msg, MAX_FRAME, MIN_PROTOCOL, PROTOCOL};
 use super::{prepare_dir, HandoverError, HandoverSettings};
 use crate::cache::{CredentialCache, Imported};
@@ -112,8 +113,8 @@ fn nobody(settings: &HandoverSettings, why: &'static str) -> Takeover {
 /// Steps 1 and 2, blocking.
 fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
     let started = Instant::now();
-    let name = match rendezvous::read_name(&settings.dir) {
-        Ok(Some(name)) => name,
+    let named = match rendezvous::read_name(&settings.dir) {
+        Ok(Some(named)) => named,
         Ok(None) => {
             return Ok(nobody(
                 settings,
@@ -127,7 +128,7 @@ fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
             ))
         }
     };
-    let stream = match rendezvous::connect(&name, settings.timeout) {
+    let stream = match rendezvous::connect(&named.name, settings.timeout) {
         Ok(s) => s,
         Err(e)
             if matches!(
@@ -148,11 +149,14 @@ fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
     let mut channel = Channel::new(stream, settings.timeout)?;
     channel.set_deadline(settings.timeout * 4);
     channel.set_max_frame(OFFER_FRAME);
+    let nonce = Nonce::generate()?;
     channel.send(&Msg::Hello {
         protocol: PROTOCOL,
         min_protocol: MIN_PROTOCOL,
         version: env!("CARGO_PKG_VERSION").to_owned(),
         pid: std::process::id(),
+        nonce: nonce.to_hex(),
+        proof: named.secret.successor_proof(&nonce, &named.name),
     })?;
     // The predecessor serves a few peers at once; others wait in its queue for a place, which
     // one that never committed gives up within a handover timeout.
@@ -160,9 +164,21 @@ fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
     let welcome = channel.recv()?;
     channel.set_timeout(settings.timeout);
     let grace = match welcome {
-        (Msg::Welcome { protocol, grace_ms }, _)
-            if (MIN_PROTOCOL..=PROTOCOL).contains(&protocol) =>
+        // Whoever listens at the name must show it read the same file before anything it
+        // sends is used: a process that bound the name of an agent that died is not it.
+        (Msg::Welcome { proof, .. }, _)
+            if !named
+                .secret
+                .check_predecessor(&nonce, &named.name, &proof) =>
         {
+            return Err(HandoverError::Unauthenticated)
+        }
+        (
+            Msg::Welcome {
+                protocol, grace_ms, ..
+            },
+            _,
+        ) if (MIN_PROTOCOL..=PROTOCOL).contains(&protocol) => {
             Duration::from_millis(grace_ms).min(MAX_GRACE)
         }
         (Msg::Welcome { protocol, .. }, _) => {
