@@ -88,7 +88,7 @@ pub struct Metrics {
     /// Connections open on all listeners.
     pub open_connections: IntGauge,
     /// Handovers by role (successor, predecessor) and result (started, completed,
-    /// completed_without_delta, failed, abandoned, stranger, resumed).
+    /// completed_without_delta, failed, abandoned, stranger, unauthenticated, resumed).
     pub handover: IntCounterVec,
     /// Cache entries handed over, by direction (sent, received).
     pub handover_entries: IntCounterVec,
@@ -207,7 +207,7 @@ impl Metrics {
         )?;
         let handover = counter(
             "pod_identity_handover_total",
-            "Handovers between an agent and its successor, by role (successor, predecessor) and result (started, completed, completed_without_delta, failed, abandoned: a peer never committed, stranger: a peer of another user was closed, resumed: the predecessor serves again after its successor failed or went).",
+            "Handovers between an agent and its successor, by role (successor, predecessor) and result (started, completed, completed_without_delta, failed, abandoned: a peer never committed, stranger: a peer of another user was closed, unauthenticated: a peer that could not prove it read the name file was closed, resumed: the predecessor serves again after its successor failed or went).",
             &["role", "result"],
         )?;
         let handover_entries = counter(

@@ -2,17 +2,20 @@
 //! sockets and cached credentials over a Unix socket, instead of binding fresh after it is gone.
 //!
 //! Contract. Every agent, once serving, listens on an abstract Unix socket with a fresh random
-//! name and writes that name to `<dir>/agent.name` ([`rendezvous`]; `--handover-dir`, default
-//! `/run/pod-identity-agent`, made mode 0700 and required to belong to this user). Abstract names
-//! exist per network namespace: the predecessor and its successor can only meet in theirs, and a
-//! process elsewhere can be an end of neither side's connection, whatever files it reaches. Both
-//! sides require the other to run as this user (`SO_PEERCRED`; the predecessor closes anyone else
-//! at accept, before reading a byte). A starting agent that finds a live predecessor there (a
+//! name and writes that name, with a fresh secret, to `<dir>/agent.name` ([`rendezvous`];
+//! `--handover-dir`, default `/run/pod-identity-agent`, made mode 0700 and required to belong to
+//! this user). Abstract names exist per network namespace: the predecessor and its successor can
+//! only meet in theirs, and a process elsewhere can be an end of neither side's connection,
+//! whatever files it reaches. Both sides require the other to run as this user (`SO_PEERCRED`;
+//! the predecessor closes anyone else at accept, before reading a byte) and to prove it read the
+//! name file ([`auth`]: the successor in its `Hello`, before it is sent a byte; the predecessor
+//! in its `Welcome`, before anything it sends is used). A starting agent that finds a live predecessor there (a
 //! *successor*) takes over from it, in this order ([`wire`] has the frames, protocol
 //! [`wire::PROTOCOL`]):
-//! 1. successor → `Hello` (the protocols it speaks); the predecessor answers `Welcome` (the
-//!    protocol agreed, and its shutdown grace), or `Refused` if they have none in common or it
-//!    handed over already;
+//! 1. successor → `Hello` (the protocols it speaks, a nonce and its proof); the predecessor
+//!    closes a peer without a valid proof, and answers `Welcome` (the protocol agreed, its
+//!    shutdown grace and its own proof), or `Refused` if they have none in common or it handed
+//!    over already;
 //! 2. predecessor → its verification keys (`Keys`, public) and its listening sockets
 //!    (`Listeners`, passed with `SCM_RIGHTS`: the same sockets, one accept queue). The successor
 //!    checks every descriptor ([`sockets`]: listening TCP, bound where the message says and
@@ -32,9 +35,9 @@
 //!
 //! Until it is authenticated and has committed, a peer is held to frames of 4 KiB and to
 //! deadlines (its `Hello` within one handover timeout, `Taken` within six); the predecessor
-//! serves a few peers at once, so a slow one does not hold up a successor. A peer that says
-//! `Hello` and never `Taken` gets the public keys and the listening sockets (which, as root in
-//! this namespace, it could bind anyway), and no token or credential (counted `abandoned`).
+//! serves a few peers at once, so a slow one does not hold up a successor. A peer that proves
+//! it read the name file but never says `Taken` gets the public keys and the listening sockets,
+//! and no token or credential (counted `abandoned`).
 //!
 //! The connection stays open after `Done` for as long as the successor runs. A predecessor whose
 //! successor fails after it retired, or goes after taking over (it crashed, or stopped first,
@@ -57,13 +60,17 @@
 //! on its way. A serving agent names its socket again if the name file goes missing or names an
 //! agent that is gone.
 //!
-//! Trust boundary: a process that is root (this agent's user) in the host's network namespace
-//! can take over credential serving, and so read every pod's token and credentials; root on the
-//! node can do that anyway (ptrace, `/proc/<pid>/mem`). Root in another network namespace (a
-//! root container with the directory mounted) can delete or replace the name file, which only
-//! makes the next start bind fresh, and gets nothing. Another user in the host's namespace can
-//! connect to the abstract socket and is closed at once.
+//! Trust boundary: only a process that is this agent's user (root) in the host's network
+//! namespace **and** has the handover directory mounted can take over credential serving, and
+//! so read every pod's token and credentials: that is the agent's own DaemonSet, or root on the
+//! node. A root hostNetwork container without the directory (no capabilities needed) can
+//! connect to the abstract socket (it is listed in `/proc/net/unix`), or bind the name of an
+//! agent that died, and gets nothing: no proof, no byte (counted `unauthenticated`). Root in
+//! another network namespace with the directory mounted can delete or replace the name file,
+//! which only makes the next start bind fresh, and can be an end of no connection. Another user
+//! in the host's namespace is closed at once.
 
+pub mod auth;
 mod convert;
 pub mod predecessor;
 pub mod rendezvous;
@@ -123,6 +130,8 @@ pub enum HandoverError {
     Refused(String),
     #[error("the peer runs as user {0}, not this agent's")]
     Stranger(u32),
+    #[error("the peer could not prove it read the handover name file")]
+    Unauthenticated,
     #[error("unexpected {0} message")]
     Unexpected(&'static str),
     #[error("handover directory {0}: {1}")]

@@ -3,7 +3,8 @@
 //! user that connects, so that no one peer holds up another; the first to commit gets the cache.
 //!
 //! Contract: a peer of another user is closed at accept, before a byte is read (counted
-//! `stranger`); at most [`MAX_PEERS`] peers are served at once (more wait in the socket's queue
+//! `stranger`); a peer whose `Hello` does not prove it read this agent's name file
+//! ([`super::auth`]) is closed before it is sent a byte (counted `unauthenticated`); at most [`MAX_PEERS`] peers are served at once (more wait in the socket's queue
 //! until one is done); each peer is bounded by deadlines (its `Hello` within one handover
 //! timeout, in frames of at most [`wire::MAX_UNCOMMITTED_FRAME`] bytes; `Taken` within six).
 //! After handing over, the thread keeps the connection to its successor open: when the
@@ -23,6 +24,7 @@
 mod accept;
 mod peer;
 
+use super::auth::Secret;
 use super::rendezvous::{self, Published};
 use super::{prepare_dir, HandoverError, HandoverSettings};
 use crate::cache::CredentialCache;
@@ -74,6 +76,8 @@ pub(super) struct Shared {
     pub(super) metrics: Arc<Metrics>,
     pub(super) runtime: tokio::runtime::Handle,
     pub(super) name: String,
+    /// Written beside the name; a peer that cannot prove it read it gets nothing.
+    pub(super) secret: Secret,
     phase: Mutex<Phase>,
     pub(super) handed_tx: watch::Sender<bool>,
     lost_tx: watch::Sender<bool>,
@@ -83,6 +87,9 @@ pub(super) struct Shared {
     pub(super) peers: Mutex<Vec<(u64, UnixStream)>>,
     /// Says at most every [`STRANGER_LOG_EVERY`] that a peer of another user was closed.
     pub(super) stranger_log: LogEvery,
+    /// The same for peers that could not prove they read the name file: anyone root in this
+    /// namespace can make one.
+    pub(super) unauthenticated_log: LogEvery,
 }
 
 impl Shared {
@@ -113,8 +120,7 @@ impl Shared {
 
     /// Write this agent's socket name to the name file, replacing whatever it names.
     pub(super) fn name_again(&self) -> std::io::Result<()> {
-        let file = self.settings.dir.join(rendezvous::NAME_FILE);
-        crate::files::write_private(&file, self.name.as_bytes())
+        rendezvous::write_name(&self.settings.dir, &self.name, &self.secret)
     }
 
     pub(super) fn lost(&self) {
@@ -154,7 +160,11 @@ impl Predecessor {
             }
         };
         published.listener.set_nonblocking(true)?;
-        let Published { listener, name } = published;
+        let Published {
+            listener,
+            name,
+            secret,
+        } = published;
         let listener = Arc::new(listener);
         let (waker, woken) = UnixStream::pair()?;
         woken.set_nonblocking(true)?;
@@ -166,12 +176,14 @@ impl Predecessor {
             metrics,
             runtime: tokio::runtime::Handle::current(),
             name,
+            secret,
             phase: Mutex::new(Phase::Serving),
             handed_tx,
             lost_tx,
             stopping: AtomicBool::new(false),
             peers: Mutex::default(),
             stranger_log: LogEvery::new(STRANGER_LOG_EVERY),
+            unauthenticated_log: LogEvery::new(STRANGER_LOG_EVERY),
         });
         let (s, l) = (shared.clone(), listener.clone());
         let thread = std::thread::Builder::new()
@@ -240,6 +252,7 @@ impl Predecessor {
         Some(Published {
             listener,
             name: self.shared.name.clone(),
+            secret: self.shared.secret.clone(),
         })
     }
 }

@@ -3,12 +3,15 @@
 //!
 //! Contract: [`Published::listen`] binds the abstract name `pod-identity-agent/handover/` plus 32
 //! lowercase hex digits (128 random bits from the system's generator, fresh at every listen, so
-//! nobody can bind it first), and [`Published::publish`] writes that name to `<dir>/agent.name`
-//! with [`crate::files::write_private`] (0600, never through a planted file or link). Abstract
+//! nobody can bind it first) with a fresh [`Secret`], and [`Published::publish`] writes the name
+//! and the secret to `<dir>/agent.name` with [`crate::files::write_private`] (0600, never
+//! through a planted file or link): the two ends of a handover prove to each other that they
+//! read that file ([`super::auth`]). Abstract
 //! names exist per network namespace: only a process in this agent's namespace can connect to
 //! the name, and only one there can bind a name a successor connects to, whatever files it can
 //! reach. [`read_name`] accepts only this user's own regular file holding exactly such a name
-//! (a planted FIFO or link is refused, without waiting on it). [`connect`] reaches a name
+//! and a secret (a planted FIFO or link is refused, without waiting on it; a file of an agent
+//! of protocol 3, a name alone, is refused: such an agent cannot prove anything). [`connect`] reaches a name
 //! without ever blocking on a full queue, and [`check_peer`] refuses a peer of another user
 //! (`SO_PEERCRED`):
 //! any process in the namespace can connect to an abstract name, so that check is what keeps
@@ -19,6 +22,7 @@
 //! connections. Nothing here removes a name file: a running agent replaces one that names no
 //! listening socket, so a live peer's name is never dropped.
 
+use super::auth::Secret;
 use super::HandoverError;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
@@ -57,16 +61,25 @@ pub fn valid(name: &str) -> bool {
 pub struct Published {
     pub listener: UnixListener,
     pub name: String,
+    /// What a successor must prove it read, beside the name.
+    pub secret: Secret,
 }
 
 impl Published {
-    /// Bind a fresh random abstract name (another, should one be taken).
+    /// Bind a fresh random abstract name (another, should one be taken), with a fresh secret.
     pub fn listen() -> std::io::Result<Published> {
         let mut last = None;
         for _ in 0..4 {
             let name = random_name()?;
             match UnixListener::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes())?) {
-                Ok(listener) => return Ok(Published { listener, name }),
+                Ok(listener) => {
+                    let secret = Secret::generate()?;
+                    return Ok(Published {
+                        listener,
+                        name,
+                        secret,
+                    });
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
                 Err(e) => return Err(e),
             }
@@ -76,24 +89,49 @@ impl Published {
 
     /// Name this socket in `dir`, replacing whatever named another.
     pub fn publish(&self, dir: &Path) -> std::io::Result<()> {
-        crate::files::write_private(&dir.join(NAME_FILE), self.name.as_bytes())
+        write_name(dir, &self.name, &self.secret)
     }
 }
 
-/// The name in `dir`, if there is a name file; an error if it is not this user's regular file
-/// or does not hold a name this protocol makes.
-pub fn read_name(dir: &Path) -> Result<Option<String>, String> {
+/// Write `name` and `secret` to the name file in `dir`: a line each.
+pub fn write_name(dir: &Path, name: &str, secret: &Secret) -> std::io::Result<()> {
+    let contents = format!("{name}\n{}\n", secret.to_hex());
+    crate::files::write_private(&dir.join(NAME_FILE), contents.as_bytes())
+}
+
+/// What a name file says: where the running agent listens, and the secret it shares with
+/// whoever may take over from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named {
+    pub name: String,
+    pub secret: Secret,
+}
+
+/// The name and secret in `dir`, if there is a name file; an error if it is not this user's
+/// regular file or does not hold exactly a name this protocol makes and a secret.
+pub fn read_name(dir: &Path) -> Result<Option<Named>, String> {
     let Some(bytes) = crate::files::read_private(&dir.join(NAME_FILE), 256)? else {
         return Ok(None);
     };
-    let name = String::from_utf8(bytes).map_err(|_| "not text".to_owned())?;
-    if !valid(&name) {
-        return Err(format!(
+    let text = String::from_utf8(bytes).map_err(|_| "not text".to_owned())?;
+    let mut lines = text.split('\n');
+    let (name, secret, rest) = (lines.next(), lines.next(), lines.collect::<Vec<_>>());
+    let name = name.filter(|n| valid(n)).ok_or_else(|| {
+        format!(
             "does not hold a handover socket name ({} bytes)",
-            name.len()
-        ));
-    }
-    Ok(Some(name))
+            text.len()
+        )
+    })?;
+    let secret = secret
+        .and_then(Secret::from_hex)
+        .filter(|_| rest == [""])
+        .ok_or_else(|| {
+            "holds no handover secret after the name (an agent of protocol 3 or older wrote it, or it was planted)".to_owned()
+        })?;
+    Ok(Some(Named {
+        name: name.to_owned(),
+        secret,
+    }))
 }
 
 fn io_err(e: nix::Error) -> std::io::Error {
@@ -222,11 +260,23 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         assert_eq!(read_name(dir.path()), Ok(None));
         a.publish(dir.path()).expect("publish");
-        assert_eq!(read_name(dir.path()), Ok(Some(a.name.clone())));
+        let named = Named {
+            name: a.name.clone(),
+            secret: a.secret.clone(),
+        };
+        assert_eq!(read_name(dir.path()), Ok(Some(named)));
+        assert_ne!(a.secret, b.secret, "a fresh secret at every listen");
         let file = dir.path().join(NAME_FILE);
+        let secret = a.secret.to_hex();
         for bad in [
+            // Protocol 3's file: a name alone.
+            a.name.clone(),
             format!("{}\n", a.name),
-            a.name.to_uppercase(),
+            format!("{}\n{}", a.name, secret),
+            format!("{}\n{}\n\n", a.name, secret),
+            format!("{}\n{}\n", a.name, &secret[1..]),
+            format!("{}\n{}\n", a.name, secret.to_uppercase()),
+            format!("{}\n{}\n", a.name.to_uppercase(), secret),
             format!("{PREFIX}{}", "0".repeat(31)),
             format!("{PREFIX}{}", "g".repeat(32)),
             format!("other/{}", "0".repeat(32)),

@@ -2,8 +2,9 @@
 //! socket by the name in the handover directory, receive and check its sockets, then take over
 //! its cache, and keep the connection open as long as this agent runs.
 
+use super::auth::Nonce;
 use super::convert::{entry_from_wire, hash_from_wire, refusal_from_wire};
-use super::rendezvous::{self, Legacy};
+use super::rendezvous::{self, Legacy, Named};
 use super::sockets::{self, Namespace};
 use super::wire::{Channel, Msg, WireListener, MAX_FRAME, MIN_PROTOCOL, PROTOCOL};
 use super::{prepare_dir, HandoverError, HandoverSettings};
@@ -113,11 +114,11 @@ fn nobody(settings: &HandoverSettings, why: &'static str) -> Takeover {
 /// Steps 1 and 2, blocking.
 fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
     let started = Instant::now();
-    let mut channel = match connect(settings)? {
-        Ok(channel) => channel,
+    let (mut channel, named) = match connect(settings)? {
+        Ok(connected) => connected,
         Err(nobody) => return Ok(nobody),
     };
-    let grace = greet(&mut channel, settings)?;
+    let grace = greet(&mut channel, &named, settings)?;
     let mut keys = None;
     loop {
         match channel.recv()? {
@@ -140,9 +141,11 @@ fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
 }
 
 /// A channel to the agent named in the handover directory, or what was found instead.
-fn connect(settings: &HandoverSettings) -> Result<Result<Channel, Takeover>, HandoverError> {
-    let name = match rendezvous::read_name(&settings.dir) {
-        Ok(Some(name)) => name,
+fn connect(
+    settings: &HandoverSettings,
+) -> Result<Result<(Channel, Named), Takeover>, HandoverError> {
+    let named = match rendezvous::read_name(&settings.dir) {
+        Ok(Some(named)) => named,
         Ok(None) => {
             return Ok(Err(nobody(
                 settings,
@@ -156,7 +159,7 @@ fn connect(settings: &HandoverSettings) -> Result<Result<Channel, Takeover>, Han
             ))
         }
     };
-    let stream = match rendezvous::connect(&name, settings.timeout) {
+    let stream = match rendezvous::connect(&named.name, settings.timeout) {
         Ok(s) => s,
         Err(e)
             if matches!(
@@ -177,16 +180,24 @@ fn connect(settings: &HandoverSettings) -> Result<Result<Channel, Takeover>, Han
     let mut channel = Channel::new(stream, settings.timeout)?;
     channel.set_deadline(settings.timeout * 4);
     channel.set_max_frame(OFFER_FRAME);
-    Ok(Ok(channel))
+    Ok(Ok((channel, named)))
 }
 
-/// Step 1: `Hello`, answered by `Welcome`; the predecessor's shutdown grace.
-fn greet(channel: &mut Channel, settings: &HandoverSettings) -> Result<Duration, HandoverError> {
+/// Step 1: `Hello` with this agent's proof, answered by `Welcome` with the predecessor's; the
+/// predecessor's shutdown grace.
+fn greet(
+    channel: &mut Channel,
+    named: &Named,
+    settings: &HandoverSettings,
+) -> Result<Duration, HandoverError> {
+    let nonce = Nonce::generate()?;
     channel.send(&Msg::Hello {
         protocol: PROTOCOL,
         min_protocol: MIN_PROTOCOL,
         version: env!("CARGO_PKG_VERSION").to_owned(),
         pid: std::process::id(),
+        nonce: nonce.to_hex(),
+        proof: named.secret.successor_proof(&nonce, &named.name),
     })?;
     // The predecessor serves a few peers at once; others wait in its queue for a place, which
     // one that never committed gives up within a handover timeout.
@@ -194,9 +205,19 @@ fn greet(channel: &mut Channel, settings: &HandoverSettings) -> Result<Duration,
     let welcome = channel.recv()?;
     channel.set_timeout(settings.timeout);
     match welcome {
-        (Msg::Welcome { protocol, grace_ms }, _)
-            if (MIN_PROTOCOL..=PROTOCOL).contains(&protocol) =>
+        // Whoever listens at the name must show it read the same file before anything it
+        // sends is used: a process that bound the name of an agent that died is not it.
+        (Msg::Welcome { proof, .. }, _)
+            if !named.secret.check_predecessor(&nonce, &named.name, &proof) =>
         {
+            Err(HandoverError::Unauthenticated)
+        }
+        (
+            Msg::Welcome {
+                protocol, grace_ms, ..
+            },
+            _,
+        ) if (MIN_PROTOCOL..=PROTOCOL).contains(&protocol) => {
             Ok(Duration::from_millis(grace_ms).min(MAX_GRACE))
         }
         (Msg::Welcome { protocol, .. }, _) => Err(HandoverError::Refused(format!(

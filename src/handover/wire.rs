@@ -21,17 +21,23 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 /// The newest protocol this build speaks, and the oldest. Peers agree on the newest both
-/// speak; with none in common the handover is refused and the successor binds fresh. Version 3
-/// runs over an abstract Unix socket, which only this network namespace reaches (see
+/// speak; with none in common the handover is refused and the successor binds fresh. Version 4
+/// adds the proofs of [`super::auth`]: version 3 trusted any peer of this user in this network
+/// namespace, which every root hostNetwork container is, so a version-3 agent is neither handed
+/// anything nor taken over from (the first upgrade from it binds fresh). Version 3 ran over an
+/// abstract Unix socket, which only this network namespace reaches (see
 /// [`super::rendezvous`]), instead of version 2's pathname socket and namespace proofs; version
 /// 1 agents sent secrets to any peer and are never handed anything.
-pub const PROTOCOL: u32 = 3;
-pub const MIN_PROTOCOL: u32 = 3;
+pub const PROTOCOL: u32 = 4;
+pub const MIN_PROTOCOL: u32 = 4;
 /// Frames larger than this are refused: entries travel in chunks well below it.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 /// What a channel reads per frame until it is told it may read more: a `Hello`, `Taken` or
 /// `Refused` is a few hundred bytes.
 pub const MAX_UNCOMMITTED_FRAME: usize = 4 * 1024;
+/// What an imported entry costs beyond its token and body bytes (its structure, plan and key),
+/// counted against the successor's byte cap.
+pub const ENTRY_OVERHEAD: usize = 256;
 /// Descriptors accepted with one frame.
 const MAX_FDS: usize = 32;
 
@@ -46,12 +52,24 @@ pub enum Msg {
         min_protocol: u32,
         version: String,
         pid: u32,
+        /// Protocol 4: a fresh challenge (hex), and the proof that the successor read the
+        /// predecessor's name file ([`super::auth`]). Empty from an older agent: refused.
+        #[serde(default)]
+        nonce: String,
+        #[serde(default)]
+        proof: String,
     },
     /// Either way: no handover, and why.
     Refused { reason: String },
     /// Predecessor → successor: the protocol agreed, and the predecessor's shutdown grace: after
     /// `Retiring` it sends the rest once its requests in flight finish, within that long.
-    Welcome { protocol: u32, grace_ms: u64 },
+    /// Protocol 4: `proof` shows the predecessor read the same name file, for this `Hello`.
+    Welcome {
+        protocol: u32,
+        grace_ms: u64,
+        #[serde(default)]
+        proof: String,
+    },
     /// Predecessor → successor: the cluster's verification keys it holds.
     Keys { keys: crate::verify::keys::Stored },
     /// Predecessor → successor: its listening sockets, descriptors attached in this order.
@@ -95,7 +113,12 @@ impl Msg {
     /// Roughly how many bytes of cache it carries, for the successor's cap.
     pub fn weight(&self) -> usize {
         match self {
-            Msg::Entries { entries } => entries.iter().map(|e| e.token.len() + e.body.len()).sum(),
+            // Each entry costs its parsed form too, however small its strings: a frame of empty
+            // entries must not weigh nothing.
+            Msg::Entries { entries } => entries
+                .iter()
+                .map(|e| e.token.len() + e.body.len() + ENTRY_OVERHEAD)
+                .sum(),
             Msg::Refusals { refusals } => refusals.iter().map(|r| r.message.len() + 128).sum(),
             Msg::Evicted { tokens } => tokens.len() * 64,
             _ => 0,
@@ -409,6 +432,8 @@ mod tests {
             min_protocol: MIN_PROTOCOL,
             version: "x".into(),
             pid: 1,
+            nonce: String::new(),
+            proof: String::new(),
         })
         .expect("send");
         a.send_with_fds(

@@ -80,8 +80,8 @@ async fn a_new_agent_takes_over_without_a_failed_request_or_an_exchange() {
     let named = rendezvous::read_name(Path::new(&dir))
         .expect("name file")
         .expect("named");
-    assert!(rendezvous::listening(&named));
-    assert!(rendezvous::connect(&named, Duration::ZERO).is_ok());
+    assert!(rendezvous::listening(&named.name));
+    assert!(rendezvous::connect(&named.name, Duration::ZERO).is_ok());
     drop(second);
 }
 
@@ -137,6 +137,9 @@ async fn a_name_file_that_names_no_handover_socket_is_bound_around() {
         b"pod-identity-agent/handover/../../x",
         &[0xff; 40],
         &[b'a'; 4096],
+        // An agent of protocol 3 wrote its name alone: it could prove nothing, so it is not
+        // taken over from (the first upgrade from it binds fresh).
+        b"pod-identity-agent/handover/0123456789abcdef0123456789abcdef",
     ] {
         std::fs::write(&file, garbage).expect("write");
         let agent = serves_at_once(&node, &dir).await;
@@ -174,7 +177,7 @@ async fn a_predecessor_that_refuses_is_bound_around() {
         s.read_exact(&mut len).expect("len");
         let mut hello = vec![0u8; u32::from_be_bytes(len) as usize];
         s.read_exact(&mut hello).expect("hello");
-        let reply = br#"{"type":"refused","reason":"protocol 4 is not this agent's 3"}"#;
+        let reply = br#"{"type":"refused","reason":"protocol 5 is not this agent's 4"}"#;
         s.write_all(&(reply.len() as u32).to_be_bytes())
             .expect("write");
         s.write_all(reply).expect("write");
@@ -184,11 +187,11 @@ async fn a_predecessor_that_refuses_is_bound_around() {
     logged(&agent, "ready").await;
     let hello: serde_json::Value = serde_json::from_str(&fake.join().expect("fake")).expect("json");
     assert_eq!(hello["type"], "hello");
-    assert_eq!(hello["protocol"], 3);
+    assert_eq!(hello["protocol"], 4);
     assert!(agent
         .stderr
         .joined()
-        .contains("protocol 4 is not this agent's 3"));
+        .contains("protocol 5 is not this agent's 4"));
     node.serves().await;
 }
 
@@ -443,7 +446,11 @@ async fn an_agent_that_stops_after_taking_over_hands_serving_back() {
     let gone = Instant::now();
     loop {
         let named = rendezvous::read_name(Path::new(&dir)).expect("read");
-        if named != theirs && named.as_deref().is_some_and(rendezvous::listening) {
+        if named != theirs
+            && named
+                .as_ref()
+                .is_some_and(|n| rendezvous::listening(&n.name))
+        {
             break;
         }
         assert!(

@@ -9,8 +9,10 @@
 use crate::support;
 use crate::support::node::{logged, Load, Node, REQUEST_TIMEOUT};
 use crate::support::*;
-use pod_identity_agent::handover::rendezvous::{self, Published};
+use pod_identity_agent::handover::auth::{Nonce, Secret};
+use pod_identity_agent::handover::rendezvous::{self, Named, Published};
 use pod_identity_agent::handover::wire::{Channel, Msg, WireEntry, WireListener};
+use pod_identity_agent::handover::wire::{MIN_PROTOCOL, PROTOCOL};
 use pod_identity_agent::server::listener::Role;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -19,28 +21,36 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn hello() -> Msg {
+/// A successor's hello to the agent `named`, proving it read the name file.
+fn hello(named: &Named) -> Msg {
+    let nonce = Nonce::generate().expect("nonce");
     Msg::Hello {
-        protocol: 3,
-        min_protocol: 3,
+        protocol: PROTOCOL,
+        min_protocol: MIN_PROTOCOL,
         version: "test".into(),
         pid: std::process::id(),
+        nonce: nonce.to_hex(),
+        proof: named.secret.successor_proof(&nonce, &named.name),
     }
+}
+
+fn named_in(dir: &str) -> Named {
+    rendezvous::read_name(Path::new(dir))
+        .expect("name file")
+        .expect("named")
 }
 
 /// The agent's abstract socket, by the name in `dir`.
 fn connect_to(dir: &str) -> UnixStream {
-    let name = rendezvous::read_name(Path::new(dir))
-        .expect("name file")
-        .expect("named");
-    rendezvous::connect(&name, Duration::ZERO).expect("connect")
+    rendezvous::connect(&named_in(dir).name, Duration::ZERO).expect("connect")
 }
 
-/// A peer posing as a successor: says hello, and reads until `Listeners`.
+/// A peer posing as a successor, with the name file read: says hello, and reads until
+/// `Listeners`.
 fn successor_until_listeners(dir: &str) -> (Channel, Vec<&'static str>, Vec<OwnedFd>) {
     let mut channel = Channel::new(connect_to(dir), Duration::from_secs(10)).expect("channel");
     channel.set_max_frame(1 << 20);
-    channel.send(&hello()).expect("hello");
+    channel.send(&hello(&named_in(dir))).expect("hello");
     let mut seen = Vec::new();
     loop {
         let (msg, fds) = channel.recv().expect("a message");
@@ -137,6 +147,140 @@ async fn a_peer_that_never_takes_over_gets_no_token_or_credential() {
     drop((agent, next));
 }
 
+/// A process of the agent's own user in its network namespace (any root hostNetwork container)
+/// finds the socket in /proc/net/unix; without the name file's secret it is sent nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_did_not_read_the_name_file_is_sent_nothing() {
+    let node = Node::new().await;
+    let dir = node.handover_dir();
+    let agent = serving_agent(&node, &dir, &[]).await;
+    warm(&node, 2).await;
+    let named = named_in(&dir);
+    let nonce = Nonce::generate().expect("nonce");
+    let other = Secret::generate().expect("secret");
+    let hellos = [
+        // Protocol 3's hello: no proof at all.
+        r#"{"type":"hello","protocol":4,"min_protocol":3,"version":"x","pid":1}"#.to_owned(),
+        // A proof under a guessed secret.
+        serde_json::json!({"type": "hello", "protocol": 4, "min_protocol": 4, "version": "x",
+            "pid": 1, "nonce": nonce.to_hex(), "proof": other.successor_proof(&nonce, &named.name)})
+        .to_string(),
+        // The real secret's proof, replayed for another nonce.
+        serde_json::json!({"type": "hello", "protocol": 4, "min_protocol": 4, "version": "x",
+            "pid": 1, "nonce": Nonce::generate().expect("nonce").to_hex(),
+            "proof": named.secret.successor_proof(&nonce, &named.name)})
+        .to_string(),
+        // The predecessor's own proof turned around.
+        serde_json::json!({"type": "hello", "protocol": 4, "min_protocol": 4, "version": "x",
+            "pid": 1, "nonce": nonce.to_hex(),
+            "proof": named.secret.predecessor_proof(&nonce, &named.name)})
+        .to_string(),
+    ];
+    let name = named.name.clone();
+    let answers = tokio::task::spawn_blocking(move || {
+        hellos
+            .iter()
+            .map(|hello| {
+                let mut s = rendezvous::connect(&name, Duration::ZERO).expect("connect");
+                s.write_all(&(hello.len() as u32).to_be_bytes())
+                    .expect("length");
+                s.write_all(hello.as_bytes()).expect("hello");
+                s.set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                // Descriptors travel with bytes: no byte, no socket.
+                let mut got = Vec::new();
+                let read = s.read_to_end(&mut got);
+                (read.is_ok(), got.len())
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("peers");
+    assert_eq!(answers, vec![(true, 0); 4], "closed, with nothing sent");
+    let m = get(node.metrics_addr(), "/metrics", &[]).await.text();
+    assert_eq!(
+        metric(
+            &m,
+            "pod_identity_handover_total{result=\"unauthenticated\",role=\"predecessor\"}"
+        ),
+        4.0,
+        "{m}"
+    );
+    assert!(agent
+        .stderr
+        .joined()
+        .contains("could not prove it read this agent's name file"));
+    // Still serving, and a successor that read the file takes over.
+    node.serves().await;
+    let next = node.agent(&dir, &[]);
+    let took = logged(&next, "took over from the previous agent").await;
+    // The two pods warmed, and the one `serves` asked for.
+    assert_eq!(took["entries"], 3, "{took}");
+    drop((agent, next));
+}
+
+/// An agent died without a successor; something of its user bound its abstract name and waits
+/// for the next agent. Without the name file's secret it cannot show it is the agent named
+/// there: the next agent uses nothing it offers and binds fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_at_a_dead_agents_name_hands_the_next_agent_nothing() {
+    let node = Node::new().await;
+    let dir = node.handover_dir();
+    std::fs::create_dir_all(&dir).expect("dir");
+    let impostor = Published::listen().expect("listen");
+    // The dead agent's file: the name the impostor took, and a secret it never saw.
+    rendezvous::write_name(
+        Path::new(&dir),
+        &impostor.name,
+        &Secret::generate().expect("secret"),
+    )
+    .expect("write");
+    // It offers a listening socket at the agent's own address, which the next agent would take
+    // over (and the impostor keep a copy of) if it believed it.
+    let listener = std::net::TcpListener::bind(node.addr()).expect("bind");
+    let credentials = node.addr();
+    let impostor = std::thread::spawn(move || {
+        let (stream, _) = impostor.listener.accept().expect("the next agent connects");
+        let mut channel = Channel::new(stream, Duration::from_secs(10)).expect("channel");
+        let Ok((Msg::Hello { nonce, .. }, _)) = channel.recv() else {
+            panic!("no hello");
+        };
+        let nonce = Nonce::from_hex(&nonce).expect("a nonce");
+        // Its best guess: a proof under the secret it made itself.
+        let _ = channel.send(&Msg::Welcome {
+            protocol: PROTOCOL,
+            grace_ms: 0,
+            proof: impostor.secret.predecessor_proof(&nonce, &impostor.name),
+        });
+        let listeners = vec![WireListener {
+            role: Role::Credentials,
+            addr: credentials,
+        }];
+        let _ = channel.send_with_fds(&Msg::Listeners { listeners }, &[listener.as_raw_fd()]);
+        let sent: Vec<&'static str> =
+            std::iter::from_fn(|| channel.recv().ok().map(|(m, _)| m.name())).collect();
+        sent
+    });
+    let agent = node.agent(&dir, &[]);
+    logged(&agent, "ready").await;
+    let sent: Vec<&'static str> = tokio::task::spawn_blocking(move || impostor.join())
+        .await
+        .expect("join")
+        .expect("impostor");
+    assert!(sent.is_empty(), "the agent went on: {sent:?}");
+    let logs = agent.stderr.joined();
+    assert!(
+        logs.contains("could not prove it read the handover name file"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("took over from the previous agent"),
+        "{logs}"
+    );
+    node.serves().await;
+    drop(agent);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_that_dies_after_the_predecessor_retired_makes_it_serve_again() {
     let node = Node::new().await;
@@ -213,13 +357,15 @@ fn predecessor_offering<T: Send + 'static>(
     std::thread::spawn(move || {
         let (stream, _) = published.listener.accept().expect("the successor connects");
         let mut channel = Channel::new(stream, Duration::from_secs(10)).expect("channel");
-        let Ok((Msg::Hello { .. }, _)) = channel.recv() else {
+        let Ok((Msg::Hello { nonce, .. }, _)) = channel.recv() else {
             panic!("no hello");
         };
+        let nonce = Nonce::from_hex(&nonce).expect("a nonce");
         channel
             .send(&Msg::Welcome {
-                protocol: 3,
+                protocol: PROTOCOL,
                 grace_ms: 0,
+                proof: published.secret.predecessor_proof(&nonce, &published.name),
             })
             .expect("welcome");
         let raw: Vec<_> = fds.iter().map(AsRawFd::as_raw_fd).collect();
@@ -446,7 +592,10 @@ fn a_relay_in_another_network_namespace_sits_between_no_one() {
     let d = dir.clone();
     let relay = spaces[0].run(move || async move {
         let dir = Path::new(&d);
-        let real = rendezvous::read_name(dir).expect("read").expect("named");
+        let real = rendezvous::read_name(dir)
+            .expect("read")
+            .expect("named")
+            .name;
         std::fs::rename(dir.join(rendezvous::NAME_FILE), dir.join("agent.name.real"))
             .expect("rename");
         let mut got = Relayed {
@@ -463,7 +612,7 @@ fn a_relay_in_another_network_namespace_sits_between_no_one() {
         while Instant::now() < until {
             // The predecessor names its socket again when the name is dead where it runs: keep
             // the relay's name in place.
-            if rendezvous::read_name(dir).ok().flatten().as_deref() != Some(own.name.as_str()) {
+            if rendezvous::read_name(dir).ok().flatten().map(|n| n.name) != Some(own.name.clone()) {
                 own.publish(dir).expect("publish");
             }
             for l in [&own.listener, &planted] {
@@ -526,7 +675,7 @@ fn a_relay_in_another_network_namespace_sits_between_no_one() {
     while rendezvous::read_name(Path::new(&dir))
         .ok()
         .flatten()
-        .is_none_or(|n| !rendezvous::listening(&n))
+        .is_none_or(|n| !rendezvous::listening(&n.name))
     {
         assert!(healed.elapsed() < Duration::from_secs(3), "not named again");
         std::thread::sleep(Duration::from_millis(50));
@@ -599,7 +748,8 @@ fn a_predecessor_of_another_user_is_sent_nothing() {
     let name = named_rx
         .recv_timeout(Duration::from_secs(5))
         .expect("named");
-    std::fs::write(Path::new(&dir).join(rendezvous::NAME_FILE), &name).expect("name");
+    rendezvous::write_name(Path::new(&dir), &name, &Secret::generate().expect("secret"))
+        .expect("name");
     let agent = node.agent(&dir, &[]);
     rt.block_on(logged(&agent, "ready"));
     let (accepted, got) = impostor.join().expect("impostor");
@@ -619,14 +769,12 @@ fn another_user_in_the_agents_namespace_gets_nothing_and_holds_up_no_one() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let _in = rt.enter();
     let (node, dir, predecessor) = rt.block_on(node_with_agent());
-    let name = rendezvous::read_name(Path::new(&dir))
-        .expect("read")
-        .expect("named");
+    let name = named_in(&dir).name;
     // Abstract names are listed in /proc/net/unix for anyone: it can find and connect to it.
     let (connected_tx, connected_rx) = std::sync::mpsc::channel();
     let stranger = as_nobody(move || {
         let mut s = rendezvous::connect(&name, Duration::ZERO).expect("anyone can connect");
-        let hello = br#"{"type":"hello","protocol":3,"min_protocol":3,"version":"x","pid":1}"#;
+        let hello = br#"{"type":"hello","protocol":4,"min_protocol":4,"version":"x","pid":1}"#;
         let _ = s.write_all(&(hello.len() as u32).to_be_bytes());
         let _ = s.write_all(hello);
         connected_tx.send(()).expect("connected");

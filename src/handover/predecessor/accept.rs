@@ -130,7 +130,7 @@ fn admit(shared: &Arc<Shared>, stream: UnixStream, id: u64) -> Option<JoinHandle
 fn keep_named(shared: &Shared) {
     let named = rendezvous::read_name(&shared.settings.dir);
     let fine = match &named {
-        Ok(Some(name)) => *name == shared.name || rendezvous::listening(name),
+        Ok(Some(named)) => named.name == shared.name || rendezvous::listening(&named.name),
         _ => false,
     };
     if fine {

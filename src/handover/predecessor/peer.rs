@@ -9,6 +9,7 @@
 
 use super::{Phase, Shared};
 use crate::cache::{CredentialCache, Exported};
+use crate::handover::auth::Nonce;
 use crate::handover::convert::{entry_to_wire, hash_to_wire, refusal_to_wire};
 use crate::handover::wire::{Channel, Msg, WireListener, MIN_PROTOCOL, PROTOCOL};
 use crate::handover::{HandoverError, CHUNK};
@@ -26,6 +27,8 @@ enum Ended {
     Abandoned(HandoverError),
     /// Failed before this agent retired: it still serves.
     Failed(HandoverError),
+    /// The peer's `Hello` did not prove it read the name file: it was sent nothing.
+    Unauthenticated,
     /// Failed after this agent retired: it accepts nothing until it serves again.
     FailedRetired(HandoverError),
 }
@@ -67,6 +70,16 @@ pub(super) fn serve_peer(shared: &Shared, stream: UnixStream) {
             tracing::warn!(error = %e, "a peer on the handover socket never took over; \
                 it got the keys and the listening sockets, no token or credential");
         }
+        Ended::Unauthenticated => {
+            shared.count("unauthenticated");
+            if let Some(suppressed) = shared.unauthenticated_log.due() {
+                tracing::warn!(
+                    suppressed,
+                    "closed a connection to the handover socket that could not prove it read \
+                    this agent's name file; it was sent nothing"
+                );
+            }
+        }
         Ended::Failed(e) => {
             shared.count("failed");
             tracing::warn!(error = %e, "a handover to a new agent failed; still serving");
@@ -99,15 +112,22 @@ fn send_chunks(
 
 /// Steps 1 and 2: the peer says `Hello` and gets the keys and sockets.
 fn offer_sockets(channel: &mut Channel, shared: &Shared) -> Result<(), HandoverError> {
-    let agreed = match channel.recv()? {
+    let (nonce, agreed) = match channel.recv()? {
         (
             Msg::Hello {
                 protocol,
                 min_protocol,
+                nonce,
+                proof,
                 ..
             },
             _,
         ) => {
+            // Before anything is sent, a refusal included: a peer that did not read the name
+            // file learns nothing here, not even the protocols this agent speaks.
+            let nonce = Nonce::from_hex(&nonce)
+                .filter(|n| shared.secret.check_successor(n, &shared.name, &proof))
+                .ok_or(HandoverError::Unauthenticated)?;
             let agreed = protocol.min(PROTOCOL);
             if agreed < MIN_PROTOCOL.max(min_protocol) {
                 let reason = format!(
@@ -119,7 +139,7 @@ fn offer_sockets(channel: &mut Channel, shared: &Shared) -> Result<(), HandoverE
                 });
                 return Err(HandoverError::Refused(reason));
             }
-            agreed
+            (nonce, agreed)
         }
         (other, _) => return Err(HandoverError::Unexpected(other.name())),
     };
@@ -134,6 +154,7 @@ fn offer_sockets(channel: &mut Channel, shared: &Shared) -> Result<(), HandoverE
     channel.send(&Msg::Welcome {
         protocol: agreed,
         grace_ms,
+        proof: shared.secret.predecessor_proof(&nonce, &shared.name),
     })?;
     let offer = &shared.offer;
     if let Some(keys) = offer.verifier.as_ref().and_then(|v| v.snapshot()) {
@@ -167,8 +188,10 @@ fn hand_over(shared: &Shared, stream: UnixStream) -> Ended {
     // Its hello within one step; and the successor builds its server on the sockets before it
     // commits, which may take a while.
     channel.set_deadline(settings.timeout);
-    if let Err(e) = offer_sockets(&mut channel, shared) {
-        return Ended::Failed(e);
+    match offer_sockets(&mut channel, shared) {
+        Ok(()) => {}
+        Err(HandoverError::Unauthenticated) => return Ended::Unauthenticated,
+        Err(e) => return Ended::Failed(e),
     }
     shared.count("started");
     channel.set_timeout(settings.timeout * 6);
