@@ -71,6 +71,7 @@
 //! in the host's namespace is closed at once.
 
 pub mod auth;
+mod channel;
 mod convert;
 pub mod predecessor;
 pub mod rendezvous;
