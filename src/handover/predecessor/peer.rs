@@ -27,8 +27,10 @@ enum Ended {
     Abandoned(HandoverError),
     /// Failed before this agent retired: it still serves.
     Failed(HandoverError),
-    /// The peer's `Hello` did not prove it read the name file: it was sent nothing.
-    Unauthenticated,
+    /// The peer did not prove it read the name file (a proof that does not hold, or it went,
+    /// stalled or sent something else first, the error): it was sent nothing, and anyone can
+    /// do this as often as they like, so it is counted apart and logged at a pace.
+    Unauthenticated(Option<HandoverError>),
     /// Failed after this agent retired: it accepts nothing until it serves again.
     FailedRetired(HandoverError),
 }
@@ -70,11 +72,13 @@ pub(super) fn serve_peer(shared: &Shared, stream: UnixStream) {
             tracing::warn!(error = %e, "a peer on the handover socket never took over; \
                 it got the keys and the listening sockets, no token or credential");
         }
-        Ended::Unauthenticated => {
+        Ended::Unauthenticated(before_proof) => {
             shared.count("unauthenticated");
             if let Some(suppressed) = shared.unauthenticated_log.due() {
+                let error = before_proof.map(|e| e.to_string());
                 tracing::warn!(
                     suppressed,
+                    error,
                     "closed a connection to the handover socket that could not prove it read \
                     this agent's name file; it was sent nothing"
                 );
@@ -110,9 +114,19 @@ fn send_chunks(
     Ok(sent)
 }
 
-/// Steps 1 and 2: the peer says `Hello` and gets the keys and sockets.
-fn offer_sockets(channel: &mut Channel, shared: &Shared) -> Result<(), HandoverError> {
-    let (nonce, agreed) = match channel.recv()? {
+/// A `Hello` whose proof was checked: the peer read this agent's name file.
+struct Proven {
+    nonce: Nonce,
+    protocol: u32,
+    min_protocol: u32,
+}
+
+/// Step 1: the peer's `Hello`, and its proof checked before anything is sent, a refusal
+/// included: a peer that did not read the name file learns nothing here, not even the
+/// protocols this agent speaks. `Err(None)`: a proof that does not hold; `Err(Some(_))`: the
+/// peer went, stalled or sent something else before proving anything (so it may be anyone).
+fn proven_hello(channel: &mut Channel, shared: &Shared) -> Result<Proven, Option<HandoverError>> {
+    match channel.recv().map_err(|e| Some(e.into()))? {
         (
             Msg::Hello {
                 protocol,
@@ -122,27 +136,40 @@ fn offer_sockets(channel: &mut Channel, shared: &Shared) -> Result<(), HandoverE
                 ..
             },
             _,
-        ) => {
-            // Before anything is sent, a refusal included: a peer that did not read the name
-            // file learns nothing here, not even the protocols this agent speaks.
-            let nonce = Nonce::from_hex(&nonce)
-                .filter(|n| shared.secret.check_successor(n, &shared.name, &proof))
-                .ok_or(HandoverError::Unauthenticated)?;
-            let agreed = protocol.min(PROTOCOL);
-            if agreed < MIN_PROTOCOL.max(min_protocol) {
-                let reason = format!(
-                    "no protocol in common (this agent speaks {MIN_PROTOCOL} to {PROTOCOL}, \
-                    the peer {min_protocol} to {protocol})"
-                );
-                let _ = channel.send(&Msg::Refused {
-                    reason: reason.clone(),
-                });
-                return Err(HandoverError::Refused(reason));
-            }
-            (nonce, agreed)
-        }
-        (other, _) => return Err(HandoverError::Unexpected(other.name())),
-    };
+        ) => Nonce::from_hex(&nonce)
+            .filter(|n| shared.secret.check_successor(n, &shared.name, &proof))
+            .map(|nonce| Proven {
+                nonce,
+                protocol,
+                min_protocol,
+            })
+            .ok_or(None),
+        (other, _) => Err(Some(HandoverError::Unexpected(other.name()))),
+    }
+}
+
+/// Step 2: a peer that proved it read the name file gets the keys and sockets.
+fn offer_sockets(
+    channel: &mut Channel,
+    shared: &Shared,
+    hello: Proven,
+) -> Result<(), HandoverError> {
+    let Proven {
+        nonce,
+        protocol,
+        min_protocol,
+    } = hello;
+    let agreed = protocol.min(PROTOCOL);
+    if agreed < MIN_PROTOCOL.max(min_protocol) {
+        let reason = format!(
+            "no protocol in common (this agent speaks {MIN_PROTOCOL} to {PROTOCOL}, \
+            the peer {min_protocol} to {protocol})"
+        );
+        let _ = channel.send(&Msg::Refused {
+            reason: reason.clone(),
+        });
+        return Err(HandoverError::Refused(reason));
+    }
     if shared.phase() != Phase::Serving {
         let reason = "this agent handed over already, or is handing over".to_owned();
         let _ = channel.send(&Msg::Refused {
@@ -188,10 +215,12 @@ fn hand_over(shared: &Shared, stream: UnixStream) -> Ended {
     // Its hello within one step; and the successor builds its server on the sockets before it
     // commits, which may take a while.
     channel.set_deadline(settings.timeout);
-    match offer_sockets(&mut channel, shared) {
-        Ok(()) => {}
-        Err(HandoverError::Unauthenticated) => return Ended::Unauthenticated,
-        Err(e) => return Ended::Failed(e),
+    let hello = match proven_hello(&mut channel, shared) {
+        Ok(h) => h,
+        Err(before_proof) => return Ended::Unauthenticated(before_proof),
+    };
+    if let Err(e) = offer_sockets(&mut channel, shared, hello) {
+        return Ended::Failed(e);
     }
     shared.count("started");
     channel.set_timeout(settings.timeout * 6);
