@@ -18,7 +18,7 @@ use crate::emulator::kube_tls::KubeTls;
 use crate::emulator::state::{chained_profiles, kubeconfig, mint_to, token_path, token_path_for};
 use crate::emulator::{cluster, explain, Emulator};
 use crate::metrics::Metrics;
-use crate::server::listener::{self, Connections};
+use crate::server::listener::Connections;
 use crate::server::Server;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -46,7 +46,9 @@ struct RunningEmulator {
 
 impl RunningEmulator {
     async fn start(emulator: Arc<Emulator>, at: SocketAddr) -> Result<RunningEmulator, String> {
-        let bound = listener::bind(at).await.map_err(|e| e.to_string())?;
+        let bound = crate::server::bind::bind(at)
+            .await
+            .map_err(|e| e.to_string())?;
         let addr = bound.addr;
         let stop = CancellationToken::new();
         let connections = Connections::default();

@@ -28,7 +28,7 @@ pub(super) async fn start(
     metrics: Arc<Metrics>,
 ) -> Result<(RunningServer, Handover, Link), Stopped> {
     let server = &settings.server;
-    let start = |e: crate::server::listener::BindError| Stopped::Start(e.to_string());
+    let start = |e: crate::server::bind::BindError| Stopped::Start(e.to_string());
     #[cfg(target_os = "linux")]
     if let Some(h) = &settings.handover {
         let mut preload = Preload::default();
@@ -146,12 +146,12 @@ async fn offered(
 fn uncovered(
     expected: &crate::handover::Expected,
     have: &[(
-        crate::server::listener::Role,
+        crate::server::bind::Role,
         std::net::SocketAddr,
         std::net::TcpListener,
     )],
-) -> Vec<(crate::server::listener::Role, std::net::SocketAddr)> {
-    use crate::server::listener::Role;
+) -> Vec<(crate::server::bind::Role, std::net::SocketAddr)> {
+    use crate::server::bind::Role;
     let wanted = expected
         .credentials
         .iter()

@@ -177,7 +177,7 @@ impl Emulator {
     /// `connections` were closed).
     pub fn serve(
         self: Arc<Self>,
-        bound: listener::Bound,
+        bound: crate::server::bind::Bound,
         stop: CancellationToken,
         connections: Connections,
     ) -> tokio::task::JoinHandle<()> {

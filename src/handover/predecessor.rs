@@ -29,7 +29,7 @@ use super::rendezvous::{self, Published};
 use super::{prepare_dir, HandoverError, HandoverSettings};
 use crate::cache::CredentialCache;
 use crate::metrics::Metrics;
-use crate::server::listener::Role;
+use crate::server::bind::Role;
 use crate::util::LogEvery;
 use crate::verify::Verifier;
 use futures_util::future::BoxFuture;

@@ -10,7 +10,7 @@
 //! another address or in another namespace) is refused: the successor closes it and binds that
 //! address itself.
 
-use crate::server::listener::Role;
+use crate::server::bind::Role;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -10,7 +10,7 @@ use super::wire::{Channel, Msg, WireListener, MAX_FRAME, MIN_PROTOCOL, PROTOCOL}
 use super::{prepare_dir, HandoverError, HandoverSettings};
 use crate::cache::{CredentialCache, Imported};
 use crate::metrics::Metrics;
-use crate::server::listener::Role;
+use crate::server::bind::Role;
 use crate::verify::keys::Stored;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;

@@ -122,7 +122,7 @@ impl Msg {
     }
 }
 
-pub use crate::server::listener::Role;
+pub use crate::server::bind::Role;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WireListener {

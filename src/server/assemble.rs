@@ -7,9 +7,10 @@
 //! accepted until [`Prepared::serve`], so a handover can fill the cache first. A Kubernetes
 //! client or a verifier that cannot be built is logged and left off: pods are still served.
 
+use super::bind::{self, BindError, Bound, Role, Sockets};
 use super::handler::{self, CredentialHandler};
 use super::limits::ConnectionLimits;
-use super::listener::{self, BindError, Bound, Connections, Role, Sockets};
+use super::listener::Connections;
 use super::{Server, ServerSettings};
 use crate::admission::Admission;
 use crate::cache::CredentialCache;
@@ -84,7 +85,7 @@ impl Server {
             kept,
         } = preload;
         let (creds, skipped) =
-            listener::bind_credential_listeners(&settings.bind_hosts, settings.port, &mut sockets)
+            bind::bind_credential_listeners(&settings.bind_hosts, settings.port, &mut sockets)
                 .await?;
         let probe = match settings.probe_addr {
             Some(a) => Some(sockets.bind(Role::Probe, a).await?),

@@ -1,12 +1,7 @@
-//! Binding listeners and serving HTTP/1.1 connections on them until shutdown.
+//! Serving HTTP/1.1 connections on bound listeners ([`super::bind`]) until shutdown.
 //!
-//! Contract: [`bind_credential_listeners`] binds one listener per bind host. An IPv6 host that
-//! cannot be bound (a node without IPv6) is reported and skipped; an IPv4 host that cannot be
-//! bound, or no listener at all, is an error. [`Sockets`] supplies sockets a predecessor handed
-//! over, or waits for a port it still holds (saying so every [`BIND_WARN_EVERY`]).
-//!
-//! [`serve`] admits each accepted connection within the bounds of a [`ConnectionLimiter`]
-//! (a refused one gets the limiter's canned answer, `429` or `503`, and is closed), and serves
+//! Contract: [`serve`] admits each accepted connection within the bounds of a
+//! [`ConnectionLimiter`] (a refused one gets the limiter's canned answer, `429` or `503`, and is closed), and serves
 //! it in a task of its own on the shared tracker, so shutdown can wait for them. Connections
 //! are HTTP/1.1 with a bounded header size and a header read timeout, kept alive between
 //! requests while the server serves. The limiter may close an idle one to make room for
@@ -20,8 +15,8 @@
 //! [`Connections::close`] ends every connection at once (shutdown does that when the grace
 //! period is over).
 
+use super::bind::Bound;
 use super::limits::{Conn, ConnectionLimiter, Pace, Slot};
-use crate::util::LogEvery;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -30,149 +25,15 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Tokens are at most 16 KiB; this leaves room for the other headers and no more.
 const MAX_BUF: usize = 32 * 1024;
-
-/// What a listening socket is for: a successor agent matches handed-over sockets by it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Credentials,
-    Probe,
-    Metrics,
-}
-
-/// A listener that bound, and whether its accept loop still runs (for `/readyz`).
-pub struct Bound {
-    pub listener: TcpListener,
-    pub addr: SocketAddr,
-    pub accepting: Arc<AtomicBool>,
-}
-
-/// Where listening sockets come from: those a predecessor handed over, else fresh binds, which
-/// wait while a predecessor that did not hand over still holds the port.
-#[derive(Default)]
-pub struct Sockets {
-    /// Handed-over listening sockets, by role and address.
-    pub inherited: Vec<(Role, SocketAddr, std::net::TcpListener)>,
-    /// Retry a port in use until it is free, instead of failing at once.
-    pub wait_for_ports: bool,
-}
-
-/// How often a bind waiting for a predecessor's port is retried, and how often it says so.
-const BIND_RETRY: Duration = Duration::from_millis(100);
-const BIND_WARN_EVERY: Duration = Duration::from_secs(5);
-
-impl Sockets {
-    /// The handed-over socket for `role` at `addr` (port 0 matches any port on that IP), or a
-    /// fresh bind.
-    pub async fn bind(&mut self, role: Role, addr: SocketAddr) -> Result<Bound, BindError> {
-        let found = self.inherited.iter().position(|(r, a, _)| {
-            *r == role && a.ip() == addr.ip() && (addr.port() == 0 || a.port() == addr.port())
-        });
-        if let Some(at) = found {
-            let (_, _, std_listener) = self.inherited.remove(at);
-            let listener = std_listener
-                .set_nonblocking(true)
-                .and_then(|()| TcpListener::from_std(std_listener))
-                .map_err(|source| BindError::Bind { addr, source })?;
-            return Bound::from_listener(listener, addr);
-        }
-        if !self.wait_for_ports {
-            return bind(addr).await;
-        }
-        let warn = LogEvery::new(BIND_WARN_EVERY);
-        // Said first once the wait has lasted a period, not at the first try.
-        let _ = warn.due();
-        loop {
-            match bind(addr).await {
-                Err(BindError::Bind { source, .. })
-                    if source.kind() == io::ErrorKind::AddrInUse =>
-                {
-                    if warn.due().is_some() {
-                        tracing::warn!(%addr,
-                            "waiting for the previous agent to let go of the address");
-                    }
-                    tokio::time::sleep(BIND_RETRY).await;
-                }
-                other => return other,
-            }
-        }
-    }
-}
-
-impl Bound {
-    fn from_listener(listener: TcpListener, asked: SocketAddr) -> Result<Bound, BindError> {
-        let addr = listener.local_addr().map_err(|source| BindError::Bind {
-            addr: asked,
-            source,
-        })?;
-        Ok(Bound {
-            listener,
-            addr,
-            accepting: Arc::new(AtomicBool::new(false)),
-        })
-    }
-}
-
-/// Why the agent cannot serve credentials.
-#[derive(Debug, thiserror::Error)]
-pub enum BindError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: io::Error },
-    #[error("no credential listener could be bound (tried {0})")]
-    NoneBound(String),
-    #[error("{0}")]
-    Setup(String),
-}
-
-pub async fn bind(addr: SocketAddr) -> Result<Bound, BindError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| BindError::Bind { addr, source })?;
-    Bound::from_listener(listener, addr)
-}
-
-/// Bind every host; return the bound listeners and the IPv6 hosts that were skipped.
-pub async fn bind_credential_listeners(
-    hosts: &[IpAddr],
-    port: u16,
-    sockets: &mut Sockets,
-) -> Result<(Vec<Bound>, Vec<(SocketAddr, io::Error)>), BindError> {
-    let mut bound = Vec::new();
-    let mut skipped = Vec::new();
-    for ip in hosts {
-        let addr = SocketAddr::new(*ip, port);
-        match sockets.bind(Role::Credentials, addr).await {
-            Ok(b) => bound.push(b),
-            Err(BindError::Bind { addr, source })
-                if addr.is_ipv6() && source.kind() != io::ErrorKind::AddrInUse =>
-            {
-                tracing::warn!(%addr, error = %source,
-                    "IPv6 credential listener not available; serving the others");
-                skipped.push((addr, source));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    if bound.is_empty() {
-        let tried: Vec<String> = hosts
-            .iter()
-            .map(|ip| SocketAddr::new(*ip, port).to_string())
-            .collect();
-        return Err(BindError::NoneBound(tried.join(", ")));
-    }
-    Ok((bound, skipped))
-}
 
 /// The connections of one server, across its listeners.
 #[derive(Clone, Default)]
@@ -394,8 +255,10 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::super::bind::bind;
     use super::super::limits::ConnectionLimits;
     use super::*;
+    use std::sync::atomic::AtomicBool;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 

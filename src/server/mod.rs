@@ -22,6 +22,7 @@
 
 pub mod admin;
 mod assemble;
+pub mod bind;
 pub mod handler;
 pub mod limits;
 pub mod listener;
@@ -38,8 +39,8 @@ use crate::cache::CacheSettings;
 use crate::eks_auth::CredentialSource;
 use crate::metrics::Metrics;
 use crate::verify::VerificationSettings;
+use bind::BindError;
 use limits::ConnectionLimits;
-use listener::BindError;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;

@@ -8,7 +8,8 @@
 //! grace, then end what is left.
 
 use super::assemble::Kept;
-use super::listener::{BindError, Connections, Role, Sockets};
+use super::bind::{BindError, Role, Sockets};
+use super::listener::Connections;
 use super::{Preload, Server, ServerSettings};
 use crate::cache::CredentialCache;
 use crate::eks_auth::CredentialSource;

@@ -8,9 +8,10 @@
 //! the re-reading of the node's addresses, both until the server's `stop`.
 
 use super::admin::{Admin, Port};
+use super::bind::Bound;
 use super::handler::CredentialHandler;
 use super::limits::{ConnectionLimiter, ConnectionLimits, Crowding};
-use super::listener::{self, Bound, Connections};
+use super::listener::{self, Connections};
 use super::{memory, Prepared, RunningServer};
 use crate::client::{Clients, NODE_ADDRESSES_EVERY};
 use std::net::SocketAddr;

@@ -335,7 +335,7 @@ pub async fn emulator() -> Emulated {
     let dir = tempfile::tempdir().expect("tempdir");
     let issuer = Arc::new(Issuer::load_or_create(dir.path()).expect("issuer"));
     let emu = Arc::new(Emulator::new(issuer, Associations::Default, Minting::Fake));
-    let bound = pod_identity_agent::server::listener::bind("127.0.0.1:0".parse().expect("addr"))
+    let bound = pod_identity_agent::server::bind::bind("127.0.0.1:0".parse().expect("addr"))
         .await
         .expect("bind");
     let addr = bound.addr;
