@@ -13,7 +13,7 @@ use pod_identity_agent::handover::auth::{Nonce, Secret};
 use pod_identity_agent::handover::rendezvous::{self, Named, Published};
 use pod_identity_agent::handover::wire::{Channel, Msg, WireEntry, WireListener};
 use pod_identity_agent::handover::wire::{MIN_PROTOCOL, PROTOCOL};
-use pod_identity_agent::server::listener::Role;
+use pod_identity_agent::server::bind::Role;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -216,6 +216,59 @@ async fn a_peer_that_did_not_read_the_name_file_is_sent_nothing() {
     let took = logged(&next, "took over from the previous agent").await;
     // The two pods warmed, and the one `serves` asked for.
     assert_eq!(took["entries"], 3, "{took}");
+    drop((agent, next));
+}
+
+/// Anyone root in the namespace can connect to the handover socket and go again before a word
+/// (or send half a frame, or a message that is not `Hello`) as fast as it likes: each is counted
+/// `unauthenticated`, not a failed handover, and logged at a pace, so it neither floods the log
+/// queue (and the audit lines behind it) nor makes the operators' failure count mean nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_that_go_before_proving_anything_are_unauthenticated_and_logged_at_a_pace() {
+    const PEERS: usize = 300;
+    let (node, dir, agent) = node_with_agent().await;
+    let name = named_in(&dir).name;
+    tokio::task::spawn_blocking(move || {
+        for i in 0..PEERS {
+            let mut s = rendezvous::connect(&name, Duration::ZERO).expect("connect");
+            match i % 3 {
+                0 => {}
+                1 => s.write_all(&[0, 0]).expect("half a length"),
+                _ => {
+                    let taken = br#"{"type":"taken"}"#;
+                    s.write_all(&(taken.len() as u32).to_be_bytes())
+                        .and_then(|()| s.write_all(taken))
+                        .expect("a message that is not hello");
+                }
+            }
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    })
+    .await
+    .expect("peers");
+    let sample = |result: &str| {
+        format!("pod_identity_handover_total{{result=\"{result}\",role=\"predecessor\"}}")
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let m = loop {
+        let m = get(node.metrics_addr(), "/metrics", &[]).await.text();
+        if metric(&m, &sample("unauthenticated")) >= PEERS as f64 || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(metric(&m, &sample("unauthenticated")), PEERS as f64, "{m}");
+    assert_eq!(metric(&m, &sample("failed")), 0.0, "{m}");
+    let lines = agent.stderr.joined();
+    let warned = lines.matches("could not prove it read").count();
+    assert!(
+        (1..=3).contains(&warned),
+        "{warned} lines for {PEERS} peers"
+    );
+    assert_eq!(lines.matches("handover to a new agent failed").count(), 0);
+    // Still serving, and a successor that read the file takes over at once.
+    node.serves().await;
+    let next = takes_over_at_once(&node, &dir).await;
     drop((agent, next));
 }
 
