@@ -16,7 +16,7 @@
 //! What the agent asks of the API server, besides the key set ([`crate::verify::source`]):
 //! [`taint`] removes the node's startup taint once the agent serves, and [`events`] reports
 //! refused pods and refused node credentials as Events. [`PERMISSIONS`] lists every resource
-//! verb these use, so the manifests' ClusterRole grants exactly those (`tests/manifests.rs`).
+//! verb these use, so the manifests' ClusterRole grants exactly those (`tests/it/manifests.rs`).
 //!
 //! Why a thin client and not kube-rs: the agent needs five calls (two GETs of the key set, a GET
 //! and a JSON patch of its Node, a POST and a merge patch of an Event) and already builds
