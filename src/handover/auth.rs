@@ -1,9 +1,10 @@
 //! Who may be the other end of a handover: proof, both ways, that a peer read this agent's name
 //! file.
 //!
-//! Contract: every time an agent listens for a successor it makes a fresh 256-bit [`Secret`]
-//! and writes it beside its socket's name in `<dir>/agent.name` (0600, in the agent's own 0700
-//! directory: only a process with that directory mounted, as this user, reads it). A successor
+//! Contract: an agent makes a fresh 256-bit [`Secret`] when it first listens for a successor
+//! (kept, with its socket, while it serves again after a failed successor) and writes it beside
+//! its socket's name in `<dir>/agent.name` (0600, in the agent's own 0700 directory: only a
+//! process with that directory mounted, as this user, reads it). A successor
 //! sends a fresh [`Nonce`] and [`Secret::successor_proof`] in its `Hello`; the predecessor checks
 //! it ([`Secret::check_successor`], in constant time) before it sends a byte, and answers with
 //! [`Secret::predecessor_proof`] in its `Welcome`, which the successor checks before it uses
@@ -17,6 +18,12 @@
 //! take over the listening sockets and the cache (as a successor), or pose as a predecessor
 //! after an agent died without a successor and hand the next agent planted keys and sockets.
 //! Neither proof says anything about the secret to a peer that lacks it.
+//!
+//! The predecessor sends no challenge of its own, so a successor's `Hello` would pass again if
+//! replayed to the same agent. Replaying one takes seeing it: the socket pair carries it between
+//! two processes of which neither can be traced (the agent is not dumpable) nor has its traffic
+//! copied short of `CAP_NET_ADMIN` or `CAP_SYS_PTRACE`, which are root on the node, past this
+//! boundary; such a process reads the name file anyway.
 
 use std::fmt;
 
@@ -57,7 +64,10 @@ fn from_hex(hex: &str) -> Option<[u8; LEN]> {
 
 /// The secret an agent shares, through its name file, with whoever may take over from it.
 /// Deliberately no `Debug` showing it and no way to log it: only [`Secret::to_hex`], for the file.
-#[derive(Clone, PartialEq, Eq)]
+/// No `==` outside tests either: a proof is compared in constant time
+/// ([`Secret::check_successor`]), and a secret itself never needs comparing.
+#[derive(Clone)]
+#[cfg_attr(test, derive(PartialEq, Eq))]
 pub struct Secret([u8; LEN]);
 
 impl fmt::Debug for Secret {
@@ -70,6 +80,15 @@ impl Secret {
     /// A fresh secret from the system's generator.
     pub fn generate() -> std::io::Result<Secret> {
         random().map(Secret)
+    }
+
+    /// Whether `other` is this secret, compared in constant time like a proof.
+    pub fn is(&self, other: &Secret) -> bool {
+        self.0
+            .iter()
+            .zip(&other.0)
+            .fold(0u8, |d, (a, b)| d | (a ^ b))
+            == 0
     }
 
     /// The secret as the name file holds it.
@@ -148,6 +167,19 @@ impl Nonce {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_is_only_itself() {
+        let (a, b) = (
+            Secret::generate().expect("a"),
+            Secret::generate().expect("b"),
+        );
+        assert!(a.is(&a.clone()));
+        assert!(!a.is(&b) && !b.is(&a));
+        let mut one_bit = a.clone();
+        one_bit.0[LEN - 1] ^= 1;
+        assert!(!a.is(&one_bit));
+    }
 
     const NAME: &str = "pod-identity-agent/handover/00112233445566778899aabbccddeeff";
 

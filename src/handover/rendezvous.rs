@@ -1,26 +1,27 @@
 //! Where a successor finds its predecessor: an abstract Unix socket, named in a file in the
 //! handover directory.
 //!
-//! Contract: [`Published::listen`] binds the abstract name `pod-identity-agent/handover/` plus 32
-//! lowercase hex digits (128 random bits from the system's generator, fresh at every listen, so
-//! nobody can bind it first) with a fresh [`Secret`], and [`Published::publish`] writes the name
-//! and the secret to `<dir>/agent.name` with [`crate::files::write_private`] (0600, never
+//! Contract: [`Published::listen`] binds the abstract name `pod-identity-agent/handover/` plus
+//! 32 lowercase hex digits (128 random bits from the system's generator, fresh at every listen,
+//! so nobody can bind it first) with a fresh [`Secret`], and [`Published::publish`] writes the
+//! name and the secret to `<dir>/agent.name` with [`crate::files::write_private`] (0600, never
 //! through a planted file or link): the two ends of a handover prove to each other that they
-//! read that file ([`super::auth`]). Abstract
-//! names exist per network namespace: only a process in this agent's namespace can connect to
-//! the name, and only one there can bind a name a successor connects to, whatever files it can
-//! reach. [`read_name`] accepts only this user's own regular file holding exactly such a name
-//! and a secret (a planted FIFO or link is refused, without waiting on it; a file of an agent
-//! of protocol 3, a name alone, is refused: such an agent cannot prove anything). [`connect`] reaches a name
-//! without ever blocking on a full queue, and [`check_peer`] refuses a peer of another user
-//! (`SO_PEERCRED`):
-//! any process in the namespace can connect to an abstract name, so that check is what keeps
-//! unprivileged ones out. [`listening`] tells whether a name is bound and listening in this
-//! namespace, from `/proc`, without connecting to it. [`legacy`] tells whether an agent of
-//! protocol 1 (a pathname `agent.sock`, which any namespace with the directory reaches) still
-//! listens, without sending it anything, and removes only such a socket that refuses
-//! connections. Nothing here removes a name file: a running agent replaces one that names no
-//! listening socket, so a live peer's name is never dropped.
+//! read that file ([`super::auth`]).
+//!
+//! Abstract names exist per network namespace: only a process in this agent's namespace can
+//! connect to the name, and only one there can bind a name a successor connects to, whatever
+//! files it can reach. [`read_name`] accepts only this user's own regular file holding exactly
+//! such a name and a secret (a planted FIFO or link is refused, without waiting on it; a file
+//! of an agent of protocol 3, a name alone, is refused: such an agent cannot prove anything).
+//! [`connect`] reaches a name without ever blocking on a full queue, and [`check_peer`] refuses
+//! a peer of another user (`SO_PEERCRED`): any process in the namespace can connect to an
+//! abstract name, so that check is what keeps unprivileged ones out. [`listening`] tells
+//! whether a name is bound and listening in this namespace, from `/proc`, without connecting
+//! to it. [`legacy`] tells whether an agent of protocol 1 (a pathname `agent.sock`, which any
+//! namespace with the directory reaches) still listens, without sending it anything, and
+//! removes only such a socket that refuses connections. Nothing here removes a name file: a
+//! running agent replaces one that names no listening socket, so a live peer's name is never
+//! dropped.
 
 use super::auth::Secret;
 use super::HandoverError;
@@ -101,7 +102,8 @@ pub fn write_name(dir: &Path, name: &str, secret: &Secret) -> std::io::Result<()
 
 /// What a name file says: where the running agent listens, and the secret it shares with
 /// whoever may take over from it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(PartialEq, Eq))]
 pub struct Named {
     pub name: String,
     pub secret: Secret,

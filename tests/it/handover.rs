@@ -434,7 +434,9 @@ async fn an_agent_that_stops_after_taking_over_hands_serving_back() {
     let (new, mut restarted_old, tokens) =
         handed_over(&node, &dir, 5, &["--handover-wait", "1s"]).await;
     let calls = node.fake.calls();
-    let theirs = rendezvous::read_name(Path::new(&dir)).expect("read");
+    let theirs = rendezvous::read_name(Path::new(&dir))
+        .expect("read")
+        .map(|n| n.name);
     let load = Load::start(node.addr(), tokens.clone(), 4);
     tokio::time::sleep(Duration::from_millis(300)).await;
     restarted_old.sigterm();
@@ -445,12 +447,10 @@ async fn an_agent_that_stops_after_taking_over_hands_serving_back() {
     // names itself again at once, so an agent starting now finds the one that stays.
     let gone = Instant::now();
     loop {
-        let named = rendezvous::read_name(Path::new(&dir)).expect("read");
-        if named != theirs
-            && named
-                .as_ref()
-                .is_some_and(|n| rendezvous::listening(&n.name))
-        {
+        let named = rendezvous::read_name(Path::new(&dir))
+            .expect("read")
+            .map(|n| n.name);
+        if named != theirs && named.as_ref().is_some_and(|n| rendezvous::listening(n)) {
             break;
         }
         assert!(
