@@ -272,6 +272,36 @@ async fn peers_that_go_before_proving_anything_are_unauthenticated_and_logged_at
     drop((agent, next));
 }
 
+/// A name file that names the running agent with a secret not its own (restored from a backup,
+/// or written by something with the directory): every successor would fail to prove it read
+/// it and bind fresh. The agent writes its own secret back within a look or two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_file_with_another_secret_is_written_again() {
+    let (node, dir, agent) = node_with_agent().await;
+    warm(&node, 2).await;
+    let own = named_in(&dir);
+    let other = Secret::generate().expect("secret");
+    rendezvous::write_name(Path::new(&dir), &own.name, &other).expect("name");
+    let written = Instant::now();
+    loop {
+        let now = named_in(&dir);
+        if now.secret.is(&own.secret) {
+            assert_eq!(now.name, own.name);
+            break;
+        }
+        assert!(now.secret.is(&other), "a third secret");
+        assert!(
+            written.elapsed() < Duration::from_secs(5),
+            "not written again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let next = takes_over_at_once(&node, &dir).await;
+    let took = logged(&next, "took over from the previous agent").await;
+    assert_eq!(took["entries"], 2, "{took}");
+    drop((agent, next));
+}
+
 /// An agent died without a successor; something of its user bound its abstract name and waits
 /// for the next agent. Without the name file's secret it cannot show it is the agent named
 /// there: the next agent uses nothing it offers and binds fresh.
@@ -341,7 +371,7 @@ async fn a_successor_that_dies_after_the_predecessor_retired_makes_it_serve_agai
     let mut agent = serving_agent(&node, &dir, &[]).await;
     let tokens = Arc::new(warm(&node, 3).await);
     let calls = node.fake.calls();
-    let named = rendezvous::read_name(Path::new(&dir)).expect("read");
+    let named = named_in(&dir);
     // Pods asking throughout, on fresh connections.
     let load = Load::start(node.addr(), tokens.clone(), 2);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -389,7 +419,8 @@ async fn a_successor_that_dies_after_the_predecessor_retired_makes_it_serve_agai
     );
     // And it offers itself again, on the same socket, which stayed open and named meanwhile
     // (a successor that came then waited in its queue).
-    assert_eq!(rendezvous::read_name(Path::new(&dir)).expect("read"), named);
+    let again = named_in(&dir);
+    assert!(again.name == named.name && again.secret.is(&named.secret));
     let next = node.agent(&dir, &[]);
     let took = logged(&next, "took over from the previous agent").await;
     assert_eq!(took["entries"], 3, "{took}");

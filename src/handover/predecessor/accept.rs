@@ -125,12 +125,14 @@ fn admit(shared: &Arc<Shared>, stream: UnixStream, id: u64) -> Option<JoinHandle
     }
 }
 
-/// Name this agent's socket again if the name file is gone, unreadable, or names a socket
-/// nobody listens on.
+/// Name this agent's socket again if the name file is gone, unreadable, names a socket nobody
+/// listens on, or names this one with a secret that is not its own (a file restored from
+/// elsewhere: every successor would fail to prove it read it, and bind fresh).
 fn keep_named(shared: &Shared) {
     let named = rendezvous::read_name(&shared.settings.dir);
     let fine = match &named {
-        Ok(Some(named)) => named.name == shared.name || rendezvous::listening(&named.name),
+        Ok(Some(named)) if named.name == shared.name => named.secret.is(&shared.secret),
+        Ok(Some(named)) => rendezvous::listening(&named.name),
         _ => false,
     };
     if fine {
