@@ -1,12 +1,17 @@
 //! The successor's side of a handover (steps in [`super`]): find the predecessor's abstract
 //! socket by the name in the handover directory, receive and check its sockets, then take over
 //! its cache, and keep the connection open as long as this agent runs.
+//!
+//! The rooms: `meet` (finding the predecessor, and the proofs both ways before anything it sends
+//! is used); here, what it offers and the taking of its cache.
 
-use super::auth::Nonce;
+mod meet;
+
+use meet::{connect, greet};
+
 use super::convert::{entry_from_wire, hash_from_wire, refusal_from_wire};
-use super::rendezvous::{self, Legacy, Named};
 use super::sockets::{self, Namespace};
-use super::wire::{Channel, Msg, WireListener, MAX_FRAME, MIN_PROTOCOL, PROTOCOL};
+use super::wire::{Channel, Msg, WireListener, MAX_FRAME};
 use super::{prepare_dir, HandoverError, HandoverSettings};
 use crate::cache::{CredentialCache, Imported};
 use crate::metrics::Metrics;
@@ -16,7 +21,7 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant, SystemTime};
 
-/// The largest frame before `Taken`: the verification keys, a few kilobytes.
+/// The largest frame before `Taken`, from a predecessor that proved it read the name file: the verification keys, a few kilobytes.
 const OFFER_FRAME: usize = 1024 * 1024;
 /// The most a predecessor's shutdown grace is waited for (`--shutdown-grace`'s own limit).
 const MAX_GRACE: Duration = Duration::from_secs(3600);
@@ -103,14 +108,6 @@ pub async fn take_over(settings: &HandoverSettings, metrics: &Metrics) -> Takeov
     }
 }
 
-/// Nobody answers at the name: an older agent, if one listens on `agent.sock`, else nobody.
-fn nobody(settings: &HandoverSettings, why: &'static str) -> Takeover {
-    match rendezvous::legacy(&settings.dir) {
-        Legacy::Live => Takeover::Older,
-        Legacy::None | Legacy::Stale => Takeover::Alone(why),
-    }
-}
-
 /// Steps 1 and 2, blocking.
 fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
     let started = Instant::now();
@@ -119,6 +116,8 @@ fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
         Err(nobody) => return Ok(nobody),
     };
     let grace = greet(&mut channel, &named, settings)?;
+    // Larger frames only from the predecessor that proved it is the one named.
+    channel.set_max_frame(OFFER_FRAME);
     let mut keys = None;
     loop {
         match channel.recv()? {
@@ -137,94 +136,6 @@ fn receive(settings: &HandoverSettings) -> Result<Takeover, HandoverError> {
             (Msg::Refused { reason }, _) => return Err(HandoverError::Refused(reason)),
             (other, _) => return Err(HandoverError::Unexpected(other.name())),
         }
-    }
-}
-
-/// A channel to the agent named in the handover directory, or what was found instead.
-fn connect(
-    settings: &HandoverSettings,
-) -> Result<Result<(Channel, Named), Takeover>, HandoverError> {
-    let named = match rendezvous::read_name(&settings.dir) {
-        Ok(Some(named)) => named,
-        Ok(None) => {
-            return Ok(Err(nobody(
-                settings,
-                "no agent is named in the handover directory",
-            )))
-        }
-        Err(why) => {
-            return Err(HandoverError::Directory(
-                settings.dir.join(rendezvous::NAME_FILE),
-                why,
-            ))
-        }
-    };
-    let stream = match rendezvous::connect(&named.name, settings.timeout) {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-            ) =>
-        {
-            return Ok(Err(nobody(
-                settings,
-                "the agent named in the handover directory is gone",
-            )))
-        }
-        // Its queue stayed full: it does not accept.
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(HandoverError::Timeout),
-        Err(e) => return Err(e.into()),
-    };
-    rendezvous::check_peer(&stream)?;
-    let mut channel = Channel::new(stream, settings.timeout)?;
-    channel.set_deadline(settings.timeout * 4);
-    channel.set_max_frame(OFFER_FRAME);
-    Ok(Ok((channel, named)))
-}
-
-/// Step 1: `Hello` with this agent's proof, answered by `Welcome` with the predecessor's; the
-/// predecessor's shutdown grace.
-fn greet(
-    channel: &mut Channel,
-    named: &Named,
-    settings: &HandoverSettings,
-) -> Result<Duration, HandoverError> {
-    let nonce = Nonce::generate()?;
-    channel.send(&Msg::Hello {
-        protocol: PROTOCOL,
-        min_protocol: MIN_PROTOCOL,
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        pid: std::process::id(),
-        nonce: nonce.to_hex(),
-        proof: named.secret.successor_proof(&nonce, &named.name),
-    })?;
-    // The predecessor serves a few peers at once; others wait in its queue for a place, which
-    // one that never committed gives up within a handover timeout.
-    channel.set_timeout(settings.timeout * 2);
-    let welcome = channel.recv()?;
-    channel.set_timeout(settings.timeout);
-    match welcome {
-        // Whoever listens at the name must show it read the same file before anything it
-        // sends is used: a process that bound the name of an agent that died is not it.
-        (Msg::Welcome { proof, .. }, _)
-            if !named.secret.check_predecessor(&nonce, &named.name, &proof) =>
-        {
-            Err(HandoverError::Unauthenticated)
-        }
-        (
-            Msg::Welcome {
-                protocol, grace_ms, ..
-            },
-            _,
-        ) if (MIN_PROTOCOL..=PROTOCOL).contains(&protocol) => {
-            Ok(Duration::from_millis(grace_ms).min(MAX_GRACE))
-        }
-        (Msg::Welcome { protocol, .. }, _) => Err(HandoverError::Refused(format!(
-            "the predecessor chose protocol {protocol}, which this agent does not speak"
-        ))),
-        (Msg::Refused { reason }, _) => Err(HandoverError::Refused(reason)),
-        (other, _) => Err(HandoverError::Unexpected(other.name())),
     }
 }
 
