@@ -2,11 +2,12 @@
 //!
 //! Contract: a [`Credentials`] value is complete (non-empty key id, secret and session token, an
 //! expiration in the future, and no further than [`MAX_LIFETIME`]) or it does not exist;
-//! [`Credentials::validate`] is the gate from whatever EKS Auth sent. The body is serialised once, when the value is built, as exactly
+//! [`Credentials::validate`] is the gate from whatever EKS Auth sent. The body is serialised once,
+//! when the value is built, as exactly
 //! `{"AccessKeyId","SecretAccessKey","Token","AccountId","Expiration"}` in that order, with
 //! `Expiration` in RFC 3339 UTC ending in `Z` and no fraction (the strictest parsers, Rust's and
-//! JS's, accept only that). `AccountId` is the account field of the assumed-role ARN and is
-//! omitted when the ARN has none. The secret fields never appear in `Debug` output.
+//! JS's, accept only that). `AccountId` is the account field of the assumed-role ARN and is omitted
+//! when the ARN has none. The secret fields never appear in `Debug` output.
 
 use aws_smithy_types::date_time::Format;
 use aws_smithy_types::DateTime;

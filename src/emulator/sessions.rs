@@ -3,14 +3,14 @@
 //! `GetCallerIdentity`) the emulator can tell whose they are and check the signature, as STS
 //! does, without remembering anything.
 //!
-//! Contract: the session token is sealed: `IQoJb3JpZ2luX2Vj` (the prefix of real STS tokens)
-//! and the base64 of `[version 1][payload length u16 BE][payload JSON][random padding][HMAC-SHA256
-//! of all the preceding bytes]`, ~1 KB like a real one; any changed byte makes it unknown. The payload names the access key
-//! id, the assumed-role ARN, the role id and the expiry. The secret key is derived from the
-//! access key id under the same key. That key is derived from the issuer's private key
-//! (`Issuer::derive_key`), so credentials stay valid across restarts of an emulator with the same
-//! state dir (the AWS CLI caches assumed-role credentials on disk and reuses them), memory does
-//! not grow with the number of sessions issued, and a token whose MAC fails is unknown
+//! Contract: the session token is sealed: `IQoJb3JpZ2luX2Vj` (the prefix of real STS tokens) and
+//! the base64 of `[version 1][payload length u16 BE][payload JSON][random padding][HMAC-SHA256 of
+//! all the preceding bytes]`, ~1 KB like a real one; any changed byte makes it unknown. The payload
+//! names the access key id, the assumed-role ARN, the role id and the expiry. The secret key is
+//! derived from the access key id under the same key. That key is derived from the issuer's private
+//! key (`Issuer::derive_key`), so credentials stay valid across restarts of an emulator with the
+//! same state dir (the AWS CLI caches assumed-role credentials on disk and reuses them), memory
+//! does not grow with the number of sessions issued, and a token whose MAC fails is unknown
 //! (`InvalidClientTokenId`), whoever made it. Nothing here is logged.
 
 use super::associations::role_parts;

@@ -76,10 +76,10 @@ pub fn chained_profiles(irsa_role: &str, irsa_token: &Path, cross_role: &str) ->
     )
 }
 
-/// A kubeconfig for the emulated cluster's API at `server` (HTTPS, its certificate `ca_pem`),
-/// whose user runs `aws eks get-token` with STS pointed at the emulator (`sts`) (`AWS_ENDPOINT_URL_STS`, which the AWS CLI honours for
-/// the presigned URL and for `--role-arn`'s `AssumeRole`), as `aws eks update-kubeconfig`
-/// writes one for a real cluster.
+/// A kubeconfig for the emulated cluster's API at `server` (HTTPS, its certificate `ca_pem`), whose
+/// user runs `aws eks get-token` with STS pointed at the emulator (`sts`) (`AWS_ENDPOINT_URL_STS`,
+/// which the AWS CLI honours for the presigned URL and for `--role-arn`'s `AssumeRole`), as `aws
+/// eks update-kubeconfig` writes one for a real cluster.
 pub fn kubeconfig(cluster: &str, server: &str, sts: &str, ca_pem: &str) -> String {
     use base64::Engine;
     let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);

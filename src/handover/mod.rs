@@ -1,16 +1,16 @@
 //! Upgrades and restarts without a gap: a starting agent takes its predecessor's listening
 //! sockets and cached credentials over a Unix socket, instead of binding fresh after it is gone.
 //!
-//! Contract. Every agent, once serving, listens on an abstract Unix socket with a fresh random
-//! name and writes that name, with a fresh secret, to `<dir>/agent.name` ([`rendezvous`];
+//! Contract. Every agent, once serving, listens on an abstract Unix socket with a fresh random name
+//! and writes that name, with a fresh secret, to `<dir>/agent.name` ([`rendezvous`];
 //! `--handover-dir`, default `/run/pod-identity-agent`, made mode 0700 and required to belong to
 //! this user). Abstract names exist per network namespace: the predecessor and its successor can
 //! only meet in theirs, and a process elsewhere can be an end of neither side's connection,
-//! whatever files it reaches. Both sides require the other to run as this user (`SO_PEERCRED`;
-//! the predecessor closes anyone else at accept, before reading a byte) and to prove it read the
-//! name file ([`auth`]: the successor in its `Hello`, before it is sent a byte; the predecessor
-//! in its `Welcome`, before anything it sends is used). A starting agent that finds a live predecessor there (a
-//! *successor*) takes over from it, in this order ([`wire`] has the frames, protocol
+//! whatever files it reaches. Both sides require the other to run as this user (`SO_PEERCRED`; the
+//! predecessor closes anyone else at accept, before reading a byte) and to prove it read the name
+//! file ([`auth`]: the successor in its `Hello`, before it is sent a byte; the predecessor in its
+//! `Welcome`, before anything it sends is used). A starting agent that finds a live predecessor
+//! there (a *successor*) takes over from it, in this order ([`wire`] has the frames, protocol
 //! [`wire::PROTOCOL`]):
 //! 1. successor → `Hello` (the protocols it speaks, a nonce and its proof); the predecessor
 //!    closes a peer without a valid proof, and answers `Welcome` (the protocol agreed, its
@@ -50,22 +50,23 @@
 //! Both serving one accept queue for a while is harmless. An agent that handed over idles
 //! otherwise until it is terminated.
 //!
-//! Anything else binds fresh, retrying while the ports are held (with a warning), so the node
-//! never ends up with no listener and a start is never refused over a port a predecessor is
-//! about to free: no name file, or one that names a socket nobody listens on (the predecessor is
+//! Anything else binds fresh, retrying while the ports are held (with a warning, for at most
+//! [`crate::server::bind::PORT_WAIT_LIMIT`]), so the node never ends up with no listener and a
+//! start is never refused over a port a predecessor is about to free: no name file, or one that names a socket nobody listens on (the predecessor is
 //! gone; a first start), an invalid or planted one, a predecessor that does not answer in time,
 //! refuses or breaks off. A live pathname `agent.sock` (an agent of protocol 1) means an older
 //! agent holds the ports: it is never sent or asked anything. An agent that receives SIGTERM
 //! before anyone took over keeps serving for up to `--handover-wait`, in case its successor is
-//! on its way. A serving agent names its socket again if the name file goes missing or names an
-//! agent that is gone.
+//! on its way. A serving agent names its socket again if the name file goes missing, names an
+//! agent that is gone, or names this one with a secret not its own.
 //!
 //! Trust boundary: only a process that is this agent's user (root) in the host's network
 //! namespace **and** has the handover directory mounted can take over credential serving, and
 //! so read every pod's token and credentials: that is the agent's own DaemonSet, or root on the
 //! node. A root hostNetwork container without the directory (no capabilities needed) can
 //! connect to the abstract socket (it is listed in `/proc/net/unix`), or bind the name of an
-//! agent that died, and gets nothing: no proof, no byte (counted `unauthenticated`). Root in
+//! agent that died, and gets nothing: no proof, no byte (counted `unauthenticated`, whether it
+//! sends a wrong proof, something else, or nothing; logged at a pace). Root in
 //! another network namespace with the directory mounted can delete or replace the name file,
 //! which only makes the next start bind fresh, and can be an end of no connection. Another user
 //! in the host's namespace is closed at once.

@@ -4,19 +4,20 @@
 //!
 //! Contract: a peer of another user is closed at accept, before a byte is read (counted
 //! `stranger`); a peer whose `Hello` does not prove it read this agent's name file
-//! ([`super::auth`]) is closed before it is sent a byte (counted `unauthenticated`); at most [`MAX_PEERS`] peers are served at once (more wait in the socket's queue
-//! until one is done); each peer is bounded by deadlines (its `Hello` within one handover
-//! timeout, in frames of at most [`wire::MAX_UNCOMMITTED_FRAME`] bytes; `Taken` within six).
-//! After handing over, the thread keeps the connection to its successor open: when the
-//! successor goes (it stopped, crashed or gave up on the last entries), or the handover fails
-//! after this agent retired, [`Predecessor::lost`] resolves so that the agent serves again on
-//! the sockets it still holds; until then nobody is accepted, and the socket stays open and
-//! named ([`Predecessor::stop_keeping_socket`]) for the agent's next offer. While serving, the
-//! thread checks every second that the name file names a live socket, and names its own if not
-//! (a successor that failed and left its name, a deleted file).
+//! ([`super::auth`]), or that goes, stalls or sends anything else first, is closed before it is
+//! sent a byte (counted `unauthenticated`, logged at a pace: anyone root can do it); at most
+//! [`MAX_PEERS`] peers are served at once (more wait in the socket's queue until one is done); each
+//! peer is bounded by deadlines (its `Hello` within one handover timeout, in frames of at most
+//! [`wire::MAX_UNCOMMITTED_FRAME`] bytes; `Taken` within six). After handing over, the thread keeps
+//! the connection to its successor open: when the successor goes (it stopped, crashed or gave up on
+//! the last entries), or the handover fails after this agent retired, [`Predecessor::lost`]
+//! resolves so that the agent serves again on the sockets it still holds; until then nobody is
+//! accepted, and the socket stays open and named ([`Predecessor::stop_keeping_socket`]) for the
+//! agent's next offer. While serving, the thread checks every second that the name file names a
+//! live socket, and names its own if not (a successor that failed and left its name, a deleted
+//! file), or with its own secret if the file names it with another.
 //!
 //! [`wire::MAX_UNCOMMITTED_FRAME`]: super::wire::MAX_UNCOMMITTED_FRAME
-
 //!
 //! The rooms: `accept` (the listening thread: who is let in, and the name file kept), `peer`
 //! (one peer's handover, steps 1 to 5, and where it ended).

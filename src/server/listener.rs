@@ -1,11 +1,11 @@
 //! Serving HTTP/1.1 connections on bound listeners ([`super::bind`]) until shutdown.
 //!
-//! Contract: [`serve`] admits each accepted connection within the bounds of a
-//! [`ConnectionLimiter`] (a refused one gets the limiter's canned answer, `429` or `503`, and is closed), and serves
-//! it in a task of its own on the shared tracker, so shutdown can wait for them. Connections
-//! are HTTP/1.1 with a bounded header size and a header read timeout, kept alive between
-//! requests while the server serves. The limiter may close an idle one to make room for
-//! another client, never one whose request is being answered (its response included).
+//! Contract: [`serve`] admits each accepted connection within the bounds of a [`ConnectionLimiter`]
+//! (a refused one gets the limiter's canned answer, `429` or `503`, and is closed), and serves it
+//! in a task of its own on the shared tracker, so shutdown can wait for them. Connections are
+//! HTTP/1.1 with a bounded header size and a header read timeout, kept alive between requests while
+//! the server serves. The limiter may close an idle one to make room for another client, never one
+//! whose request is being answered (its response included).
 //!
 //! When `stop` is cancelled, [`serve`] stops accepting at once and returns; its connections
 //! finish in their own tasks, and keep-alive ends: every answer from then on carries

@@ -1,5 +1,6 @@
 //! The one task that turns reported refusals into Events: one series per object and reason per
-//! interval ([`super::series`]), the node's budget of calls, and who a pod is ([`super::identify`]).
+//! interval ([`super::series`]), the node's budget of calls, and who a pod is
+//! ([`super::identify`]).
 //!
 //! Contract: every series has a generation of its own, and every call's result names the
 //! generation it was made for, so an answer that comes after its series' interval ended (a new
