@@ -123,6 +123,9 @@ pub async fn run(
         match serve_again(&settings, running, handover, &source, &metrics).await {
             Some((again, offered, old)) => {
                 (running, handover) = (again, offered);
+                // An agent whose successors keep failing serves again many times: keep only
+                // the old servers' shutdowns still running.
+                retired.retain(|h: &tokio::task::JoinHandle<()>| !h.is_finished());
                 retired.push(old);
             }
             None => {

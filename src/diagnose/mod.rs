@@ -35,7 +35,7 @@ use crate::cli::DiagnoseArgs;
 pub use report::{Finding, Level, Report};
 
 /// Where the environment comes from: the process's own, or a pod's given as a list (the
-/// in-process `diagnose` of `tests/kube_native.rs`).
+/// in-process `diagnose` of `tests/it/kube_native.rs`).
 pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
 }
