@@ -33,7 +33,11 @@
 //! predecessor through [`snapshot`].
 //!
 //! Every rule here reads the time from the cache's [`Clock`] (`SystemTime::now()` nowhere), so
-//! tests pause and move it, and a day of a node can be simulated in seconds. The rooms: this
+//! tests pause and move it, and a day of a node can be simulated in seconds. The maps' own
+//! expiry (an entry past its credentials, a remembered refusal, [`NODE_REFUSALS_WINDOW`]) runs
+//! on moka's real clock: it frees memory, and every answer is decided on the [`Clock`] (an
+//! entry's validity, a refusal's age) before it is given; only the window's count of refused
+//! tokens is real time. The rooms: this
 //! module holds `get` and its types; [`store`] the map and its bookkeeping; [`exchange`] a
 //! flight; [`refresh`] the cache as the scheduler sees it; [`snapshot`] the handover.
 

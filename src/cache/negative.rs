@@ -13,12 +13,19 @@
 //! The map is bounded by its own size (`--negative-cache-size`), separate from the credential
 //! cache's, least recently used first; a flood of distinct forged tokens can only push out other
 //! remembered refusals, never credentials.
+//!
+//! Ages are read on tokio's clock (the cache's [`super::Clock::instant`]), and [`recall`] answers
+//! only a refusal younger than its TTL, so a paused runtime (tests, `benches/simulate`) moves
+//! them. The map's own expiry runs on real time and only frees memory.
+//!
+//! [`recall`]: Rejections::recall
 
 use crate::eks_auth::{ExchangeError, Fault};
 use crate::token::TokenHash;
 use moka::Expiry;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Refusals of the node's credentials are remembered at most this long.
 pub const NODE_FAULT_TTL: Duration = Duration::from_secs(5);
@@ -130,7 +137,7 @@ impl Rejections {
     }
 
     pub fn recall(&self, hash: &TokenHash) -> Option<Arc<Remembered>> {
-        self.map.get(hash)
+        self.map.get(hash).filter(|r| r.age() < r.ttl)
     }
 
     /// Every refusal remembered now and how long it is left to be (for a successor agent).
@@ -230,5 +237,26 @@ mod tests {
             r.remember(TokenHash(k), Refusal::Unverified("forged".into()));
         }
         assert!(r.len() <= 100, "{}", r.len());
+    }
+
+    /// On a paused clock: a token refusal is answered for its TTL and not a moment past it,
+    /// the node's own for at most [`NODE_FAULT_TTL`], and what a successor gets is what is left.
+    #[tokio::test(start_paused = true)]
+    async fn remembered_for_its_ttl_on_the_caches_clock() {
+        let r = Rejections::new(&NegativeSettings::default());
+        let (token, node) = (TokenHash([1; 32]), TokenHash([2; 32]));
+        r.remember(token, service(400, "InvalidTokenException"));
+        r.remember(node, service(403, "UnrecognizedClientException"));
+        tokio::time::advance(NODE_FAULT_TTL - Duration::from_millis(1)).await;
+        assert!(r.recall(&node).is_some());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(r.recall(&node).is_none(), "the node heals within its TTL");
+        tokio::time::advance(Duration::from_secs(50)).await;
+        let left: Vec<_> = r.export().into_iter().map(|(_, _, left)| left).collect();
+        assert_eq!(left, vec![Duration::from_secs(5)]);
+        let remembered = r.recall(&token).expect("still remembered");
+        assert_eq!(remembered.age(), Duration::from_secs(55));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(r.recall(&token).is_none(), "asked again after its TTL");
     }
 }
