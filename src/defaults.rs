@@ -9,7 +9,7 @@
 //! in the README's flag table. Durations are whole milliseconds, shown by clap in Go's notation
 //! (`5s`, `3h`). Enum defaults are the names clap parses, so this module names no `cli` type.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 const fn secs(n: u64) -> Duration {
@@ -155,23 +155,30 @@ pub const DEFAULT_LINK_NAME: &str = "pod-id-link0";
 /// `diagnose --timeout`: for the agent and for STS (ours).
 pub const DEFAULT_DIAGNOSE_TIMEOUT: Duration = secs(5);
 
-// --- `dev`, `dev token`, `dev explain-access`, `emulate-eks-auth` ---
+// --- `dev`, `dev token`, `dev explain-access`, `emulate-eks-auth` (the `emulator` feature) ---
 
 /// `dev --port`: an unprivileged port on 127.0.0.1.
+#[cfg(feature = "emulator")]
 pub const DEFAULT_DEV_PORT: u16 = 8080;
 /// `dev --cross-account-role`: an example account's role, for the chained profile.
+#[cfg(feature = "emulator")]
 pub const DEFAULT_CROSS_ACCOUNT_ROLE: &str = "arn:aws:iam::444455556666:role/cross-account";
 /// `--credential-source`: fake credentials, no AWS account needed.
+#[cfg(feature = "emulator")]
 pub const DEFAULT_CREDENTIAL_SOURCE: &str = "fake";
 /// `dev token --ttl`: a day.
+#[cfg(feature = "emulator")]
 pub const DEFAULT_TOKEN_TTL: Duration = secs(24 * 3600);
 /// `dev token --audience`: Pod Identity's.
+#[cfg(feature = "emulator")]
 pub const DEFAULT_TOKEN_AUDIENCE: &str = crate::token::AUDIENCE;
 /// `dev explain-access --session-name`.
+#[cfg(feature = "emulator")]
 pub const DEFAULT_EXPLAIN_SESSION_NAME: &str = "explain-access";
 /// `emulate-eks-auth --listen`: loopback, next to `dev`'s port.
-pub const DEFAULT_EMULATOR_LISTEN: SocketAddr =
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8090);
+#[cfg(feature = "emulator")]
+pub const DEFAULT_EMULATOR_LISTEN: std::net::SocketAddr =
+    std::net::SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8090);
 /// `--cluster-name` of the emulated cluster, and `--cluster-creator`: the emulator's.
 #[cfg(feature = "emulator")]
 pub use crate::emulator::{DEFAULT_CLUSTER, DEFAULT_CREATOR};
