@@ -24,7 +24,7 @@
 //! at warn, at most once per client per [`WARN_EVERY`], naming the client and the token's
 //! namespace and service account (never the token), with how many refusals were not logged.
 
-pub mod fair;
+pub(crate) mod fair;
 
 use crate::bucket::TokenBucket;
 use crate::cache::{Caller, Denial, Gate, Scope, Ticket};

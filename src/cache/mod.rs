@@ -41,16 +41,16 @@
 //! module holds `get` and its types; [`store`] the map and its bookkeeping; [`exchange`] a
 //! flight; [`refresh`] the cache as the scheduler sees it; [`snapshot`] the handover.
 
-pub mod clock;
-pub mod entry;
+pub(crate) mod clock;
+pub(crate) mod entry;
 mod exchange;
-pub mod flight;
-pub mod gate;
-pub mod negative;
-pub mod policy;
+pub(crate) mod flight;
+pub(crate) mod gate;
+pub(crate) mod negative;
+pub(crate) mod policy;
 mod refresh;
-pub mod scheduler;
-pub mod snapshot;
+pub(crate) mod scheduler;
+pub(crate) mod snapshot;
 mod store;
 
 pub use clock::{Clock, ManualClock};

@@ -177,10 +177,6 @@ impl Rejections {
         self.map.run_pending_tasks();
         self.map.entry_count()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]

@@ -36,6 +36,8 @@ pub struct AwsAuth {
 
 /// Where a match came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// The ConfigMap's own keys (`mapRoles`, `mapUsers`, `mapAccounts`), as users read them.
+#[allow(clippy::enum_variant_names)]
 pub enum Section {
     MapRoles,
     MapUsers,

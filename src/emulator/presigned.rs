@@ -20,8 +20,6 @@ use std::time::SystemTime;
 pub struct Presigned {
     pub auth: Authorization,
     pub amz_date: String,
-    /// `X-Amz-Expires`, seconds.
-    pub expires: u64,
     pub security_token: Option<String>,
     /// Every other parameter, for the canonical query and the caller's own checks.
     pub params: Vec<(String, String)>,
@@ -48,13 +46,14 @@ impl Presigned {
             get("X-Amz-Signature").unwrap_or_default()
         );
         let auth = Authorization::parse(&header)?;
-        let expires = get("X-Amz-Expires")
-            .and_then(|v| v.parse().ok())
+        // Required and a number, as STS requires; its value limits nothing (the authenticator
+        // bounds it, and the date's age is what expires a URL).
+        get("X-Amz-Expires")
+            .and_then(|v| v.parse::<u64>().ok())
             .ok_or(Mismatch::Malformed("X-Amz-Expires is not a number"))?;
         Ok(Presigned {
             auth,
             amz_date: get("X-Amz-Date").unwrap_or_default().to_owned(),
-            expires,
             security_token: get("X-Amz-Security-Token").map(str::to_owned),
             params: pairs.to_vec(),
         })

@@ -74,10 +74,10 @@
 pub mod auth;
 mod channel;
 mod convert;
-pub mod predecessor;
+pub(crate) mod predecessor;
 pub mod rendezvous;
-pub mod sockets;
-pub mod successor;
+pub(crate) mod sockets;
+pub(crate) mod successor;
 pub mod wire;
 
 pub use predecessor::{Offer, Predecessor};

@@ -20,14 +20,14 @@
 //! The rooms: `assemble` (bind and build, accepting nothing yet: [`Prepared`]), `serve` (start
 //! the listeners and the background tasks), `running` (retire, serve again, shut down).
 
-pub mod admin;
+pub(crate) mod admin;
 mod assemble;
 pub mod bind;
 pub mod handler;
 pub mod limits;
 pub mod listener;
 mod memory;
-pub mod response;
+pub(crate) mod response;
 mod running;
 mod serve;
 

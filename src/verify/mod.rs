@@ -36,8 +36,8 @@
 
 mod fetch;
 mod judge;
-pub mod keys;
-pub mod source;
+pub(crate) mod keys;
+pub(crate) mod source;
 
 use crate::jwt::Jws;
 use crate::token::{PodIdentity, Token, AUDIENCE};

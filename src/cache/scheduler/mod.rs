@@ -27,8 +27,6 @@ mod queue;
 mod run;
 mod suspend;
 
-pub use queue::start_at;
-
 use super::clock::Clock;
 use crate::bucket::TokenBucket;
 use futures_util::future::BoxFuture;

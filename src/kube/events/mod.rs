@@ -37,7 +37,7 @@
 //! counted, and its series sends nothing more; the client logs a 403 once. Counted in
 //! `pod_identity_events_total{object,result}`.
 
-pub mod body;
+pub(crate) mod body;
 mod identify;
 mod series;
 mod worker;
