@@ -1,28 +1,33 @@
 //! The predecessor's side of a handover (steps in [`super`]): a thread that listens on this
-//! agent's abstract socket for as long as the agent serves, and a thread for each peer of this
-//! user that connects, so that no one peer holds up another; the first to commit gets the cache.
+//! agent's abstract socket for as long as the agent serves, holds the peers that have proved
+//! nothing yet without a thread each, and starts a thread for each peer that proved it read the
+//! name file, so that no one peer holds up another; the first to commit gets the cache.
 //!
 //! Contract: a peer of another user is closed at accept, before a byte is read (counted
-//! `stranger`); a peer whose `Hello` does not prove it read this agent's name file
-//! ([`super::auth`]), or that goes, stalls or sends anything else first, is closed before it is
-//! sent a byte (counted `unauthenticated`, logged at a pace: anyone root can do it); at most
-//! [`MAX_PEERS`] peers are served at once (more wait in the socket's queue until one is done); each
-//! peer is bounded by deadlines (its `Hello` within one handover timeout, in frames of at most
-//! [`wire::MAX_UNCOMMITTED_FRAME`] bytes; `Taken` within six). After handing over, the thread keeps
-//! the connection to its successor open: when the successor goes (it stopped, crashed or gave up on
-//! the last entries), or the handover fails after this agent retired, [`Predecessor::lost`]
-//! resolves so that the agent serves again on the sockets it still holds; until then nobody is
-//! accepted, and the socket stays open and named ([`Predecessor::stop_keeping_socket`]) for the
-//! agent's next offer. While serving, the thread checks every second that the name file names a
-//! live socket, and names its own if not (a successor that failed and left its name, a deleted
-//! file), or with its own secret if the file names it with another.
+//! `stranger`). Every other peer waits in a lobby, with no thread of its own, for at most one
+//! handover timeout and in a frame of at most [`wire::MAX_UNCOMMITTED_FRAME`] bytes, until its
+//! `Hello` proves it read this agent's name file ([`super::auth`]); one whose proof does not
+//! hold, or that goes, stalls or sends anything else, is closed before it is sent a byte
+//! (counted `unauthenticated`, logged at a pace: anyone root in the namespace can do it, as
+//! often as it likes, and holds up no successor). At most [`MAX_PEERS`] proven peers are served
+//! at once (more wait for a place), each bounded by deadlines (`Taken` within six handover
+//! timeouts). After handing over, the thread keeps the connection to its successor open: when
+//! the successor goes (it stopped, crashed or gave up on the last entries), or the handover
+//! fails after this agent retired, [`Predecessor::lost`] resolves so that the agent serves
+//! again on the sockets it still holds; until then nobody is accepted, and the socket stays
+//! open and named ([`Predecessor::stop_keeping_socket`]) for the agent's next offer. While
+//! serving, the thread checks every second that the name file names a live socket, and names
+//! its own if not (a successor that failed and left its name, a deleted file), or with its own
+//! secret if the file names it with another.
+//!
+//! The rooms: `accept` (the listening thread: who is let in, and the name file kept), `lobby`
+//! (peers that have proved nothing yet), `peer` (one proven peer's handover, steps 1 to 5, and
+//! where it ended).
 //!
 //! [`wire::MAX_UNCOMMITTED_FRAME`]: super::wire::MAX_UNCOMMITTED_FRAME
-//!
-//! The rooms: `accept` (the listening thread: who is let in, and the name file kept), `peer`
-//! (one peer's handover, steps 1 to 5, and where it ended).
 
 mod accept;
+mod lobby;
 mod peer;
 
 use super::auth::Secret;
@@ -43,7 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// Peers served at once; a handover needs one.
+/// Proven peers served at once; a handover needs one.
 const MAX_PEERS: usize = 4;
 /// At most one log line per this long about peers of another user.
 const STRANGER_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -122,6 +127,22 @@ impl Shared {
     /// Write this agent's socket name to the name file, replacing whatever it names.
     pub(super) fn name_again(&self) -> std::io::Result<()> {
         rendezvous::write_name(&self.settings.dir, &self.name, &self.secret)
+    }
+
+    /// A peer closed before it proved it read the name file (`why`: how it ended, if not with
+    /// a proof that does not hold). Anyone root in the namespace can do this as often as they
+    /// like: counted apart from failed handovers, and logged at a pace.
+    pub(super) fn unproven(&self, why: Option<HandoverError>) {
+        self.count("unauthenticated");
+        if let Some(suppressed) = self.unauthenticated_log.due() {
+            let error = why.map(|e| e.to_string());
+            tracing::warn!(
+                suppressed,
+                error,
+                "closed a connection to the handover socket that could not prove it read this \
+                agent's name file; it was sent nothing"
+            );
+        }
     }
 
     pub(super) fn lost(&self) {

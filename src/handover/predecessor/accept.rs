@@ -1,15 +1,20 @@
 //! The predecessor's listening thread: who is let in, and the name file kept.
 //!
-//! Contract: the thread polls the socket and a waker (so stopping ends it at once), serves at
-//! most [`MAX_PEERS`] peers at once, each in a thread of its own, and accepts nobody once the
-//! handover is lost (a successor queues for this agent's next offer). A peer of another user
-//! is closed before a byte is read. While serving, it looks at the name file every
-//! [`LOOK_EVERY`] and names this agent's socket again if the file is gone or names nobody
-//! listening. When it stops, it ends every peer's connection and joins their threads.
+//! Contract: the thread polls the socket, a waker (so stopping ends it at once) and the
+//! [`Lobby`] of peers that have not proved anything yet. It accepts whenever a connection is
+//! queued (a peer of another user is closed before a byte is read; the rest wait in the lobby),
+//! serves at most [`MAX_PEERS`] proven peers at once, each in a thread of its own (more wait
+//! for a place), and accepts and serves nobody once the handover is lost (a successor queues
+//! for this agent's next offer). While serving, it looks at the name file every [`LOOK_EVERY`]
+//! and names this agent's socket again if the file is gone, names nobody listening, or names
+//! it with another secret. When it stops, it ends every peer's connection and joins their
+//! threads; the lobby's connections are closed.
 
+use super::lobby::{Admitted, Lobby, MAX_WAITING};
 use super::peer::serve_peer;
 use super::{Phase, Shared, MAX_PEERS};
 use crate::handover::rendezvous;
+use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::Ordering;
@@ -19,33 +24,43 @@ use std::time::{Duration, Instant};
 
 /// How often the listening thread looks at the name file.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
-/// How often it looks for a free place, when [`MAX_PEERS`] are being served.
+/// How often it looks for a free place, when [`MAX_PEERS`] proven peers are being served.
 const PLACE_FREE_EVERY: Duration = Duration::from_millis(50);
 
-/// Wait up to `timeout` for a connection on `listener` (or, with `accept` false, for nothing
-/// but `woken`); whether a connection may be there.
-fn readable(listener: &UnixListener, woken: &UnixStream, accept: bool, timeout: Duration) -> bool {
-    let mut fds = [
-        libc::pollfd {
-            fd: woken.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    let n: libc::nfds_t = if accept { 2 } else { 1 };
+/// Wait up to `timeout` for `woken`, a connection on `listener` (when `accept`), or bytes from a
+/// peer in the lobby; whether a connection may be waiting to be accepted.
+fn poll(
+    listener: &UnixListener,
+    woken: &UnixStream,
+    accept: bool,
+    lobby: &Lobby,
+    timeout: Duration,
+) -> bool {
+    let watch = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // A listener not accepting is left out: its queue stays where a successor waits.
+    let listening = if accept { listener.as_raw_fd() } else { -1 };
+    let mut fds: Vec<libc::pollfd> = [woken.as_raw_fd(), listening]
+        .into_iter()
+        .chain(lobby.fds())
+        .map(watch)
+        .collect();
+    let n = libc::nfds_t::try_from(fds.len()).unwrap_or(2);
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `n` valid pollfds, for descriptors kept open by the caller.
+    // SAFETY: `n` valid pollfds (a negative fd is ignored), for descriptors kept open by the
+    // caller and the lobby.
     let ready = unsafe { libc::poll(fds.as_mut_ptr(), n, ms) };
     ready > 0 && fds[1].revents != 0
 }
 
 pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, woken: &UnixStream) {
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let mut lobby = Lobby::default();
+    // Proven peers waiting for a place (a handover needs one; more than one is a race).
+    let mut proven: VecDeque<Admitted> = VecDeque::new();
     let mut next_peer = 0u64;
     let mut looked = Instant::now();
     while !shared.stopping.load(Ordering::Relaxed) {
@@ -57,24 +72,40 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, woken: 
                 keep_named(shared);
             }
         }
-        // Once lost, nobody is accepted until this agent serves again: a successor queues for
-        // the next listener on this socket, instead of being told this one handed over. With
-        // every peer's place taken, a newcomer queues until one is free (each peer is held to
-        // deadlines), instead of being turned away.
-        let full = threads.len() >= MAX_PEERS;
-        let accepting = !full && shared.phase() != Phase::Lost;
-        let wait = if full { PLACE_FREE_EVERY } else { LOOK_EVERY };
-        if !readable(listener, woken, accepting, wait) || shared.stopping.load(Ordering::Relaxed) {
-            continue;
+        // Once lost, nobody is accepted or served until this agent serves again: a successor
+        // queues for the next listener on this socket, instead of being told this one handed
+        // over. Proven peers beyond MAX_PEERS wait for a place (each peer is held to deadlines).
+        let lost = shared.phase() == Phase::Lost;
+        while threads.len() < MAX_PEERS && !lost {
+            let Some(peer) = proven.pop_front() else {
+                break;
+            };
+            if let Some(t) = spawn_peer(shared, peer) {
+                threads.push(t);
+            }
         }
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(_) => continue,
+        let mut wait = if proven.is_empty() {
+            LOOK_EVERY
+        } else {
+            PLACE_FREE_EVERY
         };
-        next_peer += 1;
-        if let Some(t) = admit(shared, stream, next_peer) {
-            threads.push(t);
+        if let Some(until) = lobby.next_deadline() {
+            wait = wait.min(until.saturating_duration_since(Instant::now()));
         }
+        let incoming = poll(listener, woken, !lost, &lobby, wait);
+        if shared.stopping.load(Ordering::Relaxed) {
+            break;
+        }
+        if incoming {
+            if let Ok((stream, _)) = listener.accept() {
+                next_peer += 1;
+                if let Some(stream) = of_this_user(shared, stream) {
+                    proven.extend(lobby.admit(shared, stream, next_peer));
+                }
+            }
+        }
+        proven.extend(lobby.read(shared));
+        proven.truncate(MAX_WAITING);
     }
     for (_, peer) in shared
         .peers
@@ -89,17 +120,25 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, woken: 
     }
 }
 
-/// Serve `stream` as peer `id` in a thread of its own, if it runs as this user.
-fn admit(shared: &Arc<Shared>, stream: UnixStream, id: u64) -> Option<JoinHandle<()>> {
-    // Anyone in this namespace can connect to an abstract name: only this user is heard.
-    if let Err(e) = rendezvous::check_peer(&stream) {
-        shared.count("stranger");
-        if shared.stranger_log.due().is_some() {
-            tracing::warn!(error = %e,
-                "closed a connection to the handover socket from another user");
+/// `stream` if its peer runs as this user; anyone in this namespace can connect to an abstract
+/// name, and only this user is heard.
+fn of_this_user(shared: &Shared, stream: UnixStream) -> Option<UnixStream> {
+    match rendezvous::check_peer(&stream) {
+        Ok(()) => Some(stream),
+        Err(e) => {
+            shared.count("stranger");
+            if shared.stranger_log.due().is_some() {
+                tracing::warn!(error = %e,
+                    "closed a connection to the handover socket from another user");
+            }
+            None
         }
-        return None;
     }
+}
+
+/// Serve a proven peer in a thread of its own.
+fn spawn_peer(shared: &Arc<Shared>, peer: Admitted) -> Option<JoinHandle<()>> {
+    let Admitted { id, stream, hello } = peer;
     let handle = stream.try_clone().ok()?;
     shared
         .peers
@@ -110,7 +149,7 @@ fn admit(shared: &Arc<Shared>, stream: UnixStream, id: u64) -> Option<JoinHandle
     let spawned = std::thread::Builder::new()
         .name("handover-peer".into())
         .spawn(move || {
-            serve_peer(&s, stream);
+            serve_peer(&s, stream, hello);
             s.peers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

@@ -1,7 +1,9 @@
-//! One peer of the predecessor, from its `Hello` to the end of the link to it: the steps of
-//! [`crate::handover`] on this side, and what each ending means for this agent.
+//! One peer of the predecessor, from its proven `Hello` to the end of the link to it: the steps
+//! of [`crate::handover`] on this side, and what each ending means for this agent.
 //!
-//! Contract: a peer that has not said `Taken` gets the keys and the listening sockets, never a
+//! Contract: [`prove`] decides whether a `Hello` proves its sender read this agent's name file
+//! (the lobby asks it before a peer gets a thread); only a proven peer is served here. A peer
+//! that has not said `Taken` gets the keys and the listening sockets, never a
 //! token or credential (`abandoned`). The first to commit moves the phase from serving to
 //! committed; any other is refused. A failure before `Retiring` leaves this agent serving and
 //! free to hand over again; a failure after it retired, or a successor that goes after taking
@@ -27,18 +29,14 @@ enum Ended {
     Abandoned(HandoverError),
     /// Failed before this agent retired: it still serves.
     Failed(HandoverError),
-    /// The peer did not prove it read the name file (a proof that does not hold, or it went,
-    /// stalled or sent something else first, the error): it was sent nothing, and anyone can
-    /// do this as often as they like, so it is counted apart and logged at a pace.
-    Unauthenticated(Option<HandoverError>),
     /// Failed after this agent retired: it accepts nothing until it serves again.
     FailedRetired(HandoverError),
 }
 
-/// One peer, from its `Hello` to the end of the link to it.
-pub(super) fn serve_peer(shared: &Shared, stream: UnixStream) {
+/// One peer, from its proven `Hello` to the end of the link to it.
+pub(super) fn serve_peer(shared: &Shared, stream: UnixStream, hello: Proven) {
     let started = Instant::now();
-    match hand_over(shared, stream) {
+    match hand_over(shared, stream, hello) {
         Ended::Completed(sent, mut link) => {
             shared.set_phase(Phase::HandedOver);
             let _ = shared.handed_tx.send(true);
@@ -72,18 +70,6 @@ pub(super) fn serve_peer(shared: &Shared, stream: UnixStream) {
             tracing::warn!(error = %e, "a peer on the handover socket never took over; \
                 it got the keys and the listening sockets, no token or credential");
         }
-        Ended::Unauthenticated(before_proof) => {
-            shared.count("unauthenticated");
-            if let Some(suppressed) = shared.unauthenticated_log.due() {
-                let error = before_proof.map(|e| e.to_string());
-                tracing::warn!(
-                    suppressed,
-                    error,
-                    "closed a connection to the handover socket that could not prove it read \
-                    this agent's name file; it was sent nothing"
-                );
-            }
-        }
         Ended::Failed(e) => {
             shared.count("failed");
             tracing::warn!(error = %e, "a handover to a new agent failed; still serving");
@@ -115,28 +101,23 @@ fn send_chunks(
 }
 
 /// A `Hello` whose proof was checked: the peer read this agent's name file.
-struct Proven {
+pub(super) struct Proven {
     nonce: Nonce,
     protocol: u32,
     min_protocol: u32,
 }
 
-/// Step 1: the peer's `Hello`, and its proof checked before anything is sent, a refusal
-/// included: a peer that did not read the name file learns nothing here, not even the
-/// protocols this agent speaks. `Err(None)`: a proof that does not hold; `Err(Some(_))`: the
-/// peer went, stalled or sent something else before proving anything (so it may be anyone).
-fn proven_hello(channel: &mut Channel, shared: &Shared) -> Result<Proven, Option<HandoverError>> {
-    match channel.recv().map_err(|e| Some(e.into()))? {
-        (
-            Msg::Hello {
-                protocol,
-                min_protocol,
-                nonce,
-                proof,
-                ..
-            },
-            _,
-        ) => Nonce::from_hex(&nonce)
+/// Step 1: whether `msg` is a `Hello` whose proof holds. `Err(None)`: a proof that does not
+/// hold; `Err(Some(_))`: another message.
+pub(super) fn prove(msg: Msg, shared: &Shared) -> Result<Proven, Option<HandoverError>> {
+    match msg {
+        Msg::Hello {
+            protocol,
+            min_protocol,
+            nonce,
+            proof,
+            ..
+        } => Nonce::from_hex(&nonce)
             .filter(|n| shared.secret.check_successor(n, &shared.name, &proof))
             .map(|nonce| Proven {
                 nonce,
@@ -144,7 +125,7 @@ fn proven_hello(channel: &mut Channel, shared: &Shared) -> Result<Proven, Option
                 min_protocol,
             })
             .ok_or(None),
-        (other, _) => Err(Some(HandoverError::Unexpected(other.name()))),
+        other => Err(Some(HandoverError::Unexpected(other.name()))),
     }
 }
 
@@ -205,20 +186,16 @@ fn offer_sockets(
 }
 
 /// The predecessor's side of one handover, blocking.
-fn hand_over(shared: &Shared, stream: UnixStream) -> Ended {
+fn hand_over(shared: &Shared, stream: UnixStream, hello: Proven) -> Ended {
     let settings = &shared.settings;
     let offer = &shared.offer;
     let mut channel = match Channel::new(stream, settings.timeout) {
         Ok(c) => c,
         Err(e) => return Ended::Failed(e.into()),
     };
-    // Its hello within one step; and the successor builds its server on the sockets before it
+    // The offer within one step; and the successor builds its server on the sockets before it
     // commits, which may take a while.
     channel.set_deadline(settings.timeout);
-    let hello = match proven_hello(&mut channel, shared) {
-        Ok(h) => h,
-        Err(before_proof) => return Ended::Unauthenticated(before_proof),
-    };
     if let Err(e) = offer_sockets(&mut channel, shared, hello) {
         return Ended::Failed(e);
     }
