@@ -919,7 +919,7 @@ fn an_oversized_frame_is_cut_at_4_kib() {
 }
 
 #[test]
-fn silent_peers_are_dropped_at_their_deadline_and_a_successor_queued_behind_them_takes_over() {
+fn silent_peers_are_dropped_at_their_deadline_and_a_successor_after_them_takes_over() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let _in = rt.enter();
     let (node, dir, agent) = rt.block_on(node_with_agent());
@@ -939,7 +939,7 @@ fn silent_peers_are_dropped_at_their_deadline_and_a_successor_queued_behind_them
         })
         .collect();
     std::thread::sleep(Duration::from_millis(300));
-    // A genuine successor queues behind them, and takes over once they are dropped.
+    // A genuine successor comes after them, and takes over without waiting for them.
     let successor = node.agent(&dir, &[]);
     let took = rt.block_on(logged(&successor, "took over from the previous agent"));
     assert_eq!(took["entries"], 2, "{took}");
@@ -953,6 +953,53 @@ fn silent_peers_are_dropped_at_their_deadline_and_a_successor_queued_behind_them
         assert!(
             waited > Duration::from_millis(800) && waited < Duration::from_secs(3),
             "{waited:?}"
+        );
+    }
+    rt.block_on(node.serves());
+    drop((agent, successor));
+}
+
+/// Far more silent and slow peers than the agent serves at once, all connected before the
+/// successor: they wait in the lobby without a thread or a place, so the successor, whose
+/// `Hello` proves it read the name file, is served at once (with places held by whoever
+/// connected first, it would wait seconds per four of them and give up).
+#[test]
+fn many_silent_and_slow_peers_ahead_hold_up_no_successor() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _in = rt.enter();
+    let (node, dir, agent) = rt.block_on(node_with_agent());
+    rt.block_on(warm(&node, 2));
+    let silent: Vec<UnixStream> = (0..48).map(|_| connect_to(&dir)).collect();
+    let slow: Vec<_> = (0..16)
+        .map(|_| {
+            let mut s = connect_to(&dir);
+            std::thread::spawn(move || {
+                let _ = s.write_all(&100u32.to_be_bytes());
+                for _ in 0..20 {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if s.write_all(b" ").is_err() {
+                        return true;
+                    }
+                }
+                false
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let successor = rt.block_on(takes_over_at_once(&node, &dir));
+    for mut s in silent {
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut got = Vec::new();
+        assert!(
+            s.read_to_end(&mut got).is_ok() && got.is_empty(),
+            "closed, sent nothing"
+        );
+    }
+    for peer in slow {
+        assert!(
+            peer.join().expect("slow peer"),
+            "a slow peer was not cut off"
         );
     }
     rt.block_on(node.serves());
