@@ -47,6 +47,15 @@ impl LogEvery {
     }
 }
 
+/// At most `max` characters of `text` (then `...`): text a peer chose, before it is logged.
+pub fn cut(mut text: String, max: usize) -> String {
+    if let Some((at, _)) = text.char_indices().nth(max) {
+        text.truncate(at);
+        text.push_str("...");
+    }
+    text
+}
+
 /// Mark the process not dumpable (`PR_SET_DUMPABLE` 0): a crash writes no core file, which
 /// would hold every pod's token and credentials (the node's `core_pattern` may send cores to
 /// disk), and processes of the same user cannot attach to it or read its memory through `/proc`.

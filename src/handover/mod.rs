@@ -51,14 +51,15 @@
 //! otherwise until it is terminated.
 //!
 //! Anything else binds fresh, retrying while the ports are held (with a warning, for at most
-//! [`crate::server::bind::PORT_WAIT_LIMIT`]), so the node never ends up with no listener and a
-//! start is never refused over a port a predecessor is about to free: no name file, or one that names a socket nobody listens on (the predecessor is
-//! gone; a first start), an invalid or planted one, a predecessor that does not answer in time,
-//! refuses or breaks off. A live pathname `agent.sock` (an agent of protocol 1) means an older
-//! agent holds the ports: it is never sent or asked anything. An agent that receives SIGTERM
-//! before anyone took over keeps serving for up to `--handover-wait`, in case its successor is
-//! on its way. A serving agent names its socket again if the name file goes missing, names an
-//! agent that is gone, or names this one with a secret not its own.
+//! [`crate::server::bind::port_wait`]), so the node never ends up with no listener and a start is
+//! never refused over a port a predecessor is about to free: no name file, or one that names a
+//! socket nobody listens on (the predecessor is gone; a first start), an invalid or planted one, a
+//! predecessor that does not answer in time, refuses or breaks off. A live pathname `agent.sock`
+//! (an agent of protocol 1) means an older agent holds the ports: it is never sent or asked
+//! anything. An agent that receives SIGTERM before anyone took over keeps serving for up to
+//! `--handover-wait`, in case its successor is on its way. A serving agent names its socket again
+//! if the name file goes missing, names an agent that is gone, or names this one with a secret not
+//! its own.
 //!
 //! Trust boundary: only a process that is this agent's user (root) in the host's network
 //! namespace **and** has the handover directory mounted can take over credential serving, and
@@ -70,6 +71,10 @@
 //! another network namespace with the directory mounted can delete or replace the name file,
 //! which only makes the next start bind fresh, and can be an end of no connection. Another user
 //! in the host's namespace is closed at once.
+
+/// The most of a peer's own text (a refusal, or its bytes quoted in an error) a log line carries
+/// before the peer proved anything: long enough for any refusal an agent writes.
+const UNPROVEN_TEXT: usize = 160;
 
 pub mod auth;
 mod channel;

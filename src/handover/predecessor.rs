@@ -96,6 +96,8 @@ pub(super) struct Shared {
     /// The same for peers that could not prove they read the name file: anyone root in this
     /// namespace can make one.
     pub(super) unauthenticated_log: LogEvery,
+    /// The same for accepts that fail (out of descriptors).
+    pub(super) accept_log: LogEvery,
 }
 
 impl Shared {
@@ -135,7 +137,8 @@ impl Shared {
     pub(super) fn unproven(&self, why: Option<HandoverError>) {
         self.count("unauthenticated");
         if let Some(suppressed) = self.unauthenticated_log.due() {
-            let error = why.map(|e| e.to_string());
+            // Whatever it sent may be quoted in the error: its text, kept short.
+            let error = why.map(|e| crate::util::cut(e.to_string(), super::UNPROVEN_TEXT));
             tracing::warn!(
                 suppressed,
                 error,
@@ -206,6 +209,7 @@ impl Predecessor {
             peers: Mutex::default(),
             stranger_log: LogEvery::new(STRANGER_LOG_EVERY),
             unauthenticated_log: LogEvery::new(STRANGER_LOG_EVERY),
+            accept_log: LogEvery::new(STRANGER_LOG_EVERY),
         });
         let (s, l) = (shared.clone(), listener.clone());
         let thread = std::thread::Builder::new()

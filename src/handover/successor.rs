@@ -21,7 +21,8 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant, SystemTime};
 
-/// The largest frame before `Taken`, from a predecessor that proved it read the name file: the verification keys, a few kilobytes.
+/// The largest frame before `Taken`, from a predecessor that proved it read the name file: the
+/// verification keys, a few kilobytes.
 const OFFER_FRAME: usize = 1024 * 1024;
 /// The most a predecessor's shutdown grace is waited for (`--shutdown-grace`'s own limit).
 const MAX_GRACE: Duration = Duration::from_secs(3600);

@@ -27,15 +27,23 @@ const LOOK_EVERY: Duration = Duration::from_secs(1);
 /// How often it looks for a free place, when [`MAX_PEERS`] proven peers are being served.
 const PLACE_FREE_EVERY: Duration = Duration::from_millis(50);
 
+/// What [`poll`] found ready.
+struct Ready {
+    /// A connection may be waiting to be accepted.
+    incoming: bool,
+    /// Which of the lobby's connections have something to read (or have closed).
+    lobby: Vec<bool>,
+}
+
 /// Wait up to `timeout` for `woken`, a connection on `listener` (when `accept`), or bytes from a
-/// peer in the lobby; whether a connection may be waiting to be accepted.
+/// peer in the lobby.
 fn poll(
     listener: &UnixListener,
     woken: &UnixStream,
     accept: bool,
     lobby: &Lobby,
     timeout: Duration,
-) -> bool {
+) -> Ready {
     let watch = |fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -49,11 +57,21 @@ fn poll(
         .map(watch)
         .collect();
     let n = libc::nfds_t::try_from(fds.len()).unwrap_or(2);
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // Rounded up: a wait of less than a millisecond is not a busy loop of zero waits.
+    let ms = libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
     // SAFETY: `n` valid pollfds (a negative fd is ignored), for descriptors kept open by the
     // caller and the lobby.
     let ready = unsafe { libc::poll(fds.as_mut_ptr(), n, ms) };
-    ready > 0 && fds[1].revents != 0
+    if ready <= 0 {
+        return Ready {
+            incoming: false,
+            lobby: Vec::new(),
+        };
+    }
+    Ready {
+        incoming: fds[1].revents != 0,
+        lobby: fds[2..].iter().map(|f| f.revents != 0).collect(),
+    }
 }
 
 pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, woken: &UnixStream) {
@@ -92,20 +110,33 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, woken: 
         if let Some(until) = lobby.next_deadline() {
             wait = wait.min(until.saturating_duration_since(Instant::now()));
         }
-        let incoming = poll(listener, woken, !lost, &lobby, wait);
+        let ready = poll(listener, woken, !lost, &lobby, wait);
         if shared.stopping.load(Ordering::Relaxed) {
             break;
         }
-        if incoming {
-            if let Ok((stream, _)) = listener.accept() {
-                next_peer += 1;
-                if let Some(stream) = of_this_user(shared, stream) {
-                    proven.extend(lobby.admit(shared, stream, next_peer));
+        // The lobby first: a proof that arrived must not be evicted by a newcomer.
+        proven.extend(lobby.read(shared, &ready.lobby));
+        if ready.incoming {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    next_peer += 1;
+                    if let Some(stream) = of_this_user(shared, stream) {
+                        proven.extend(lobby.admit(shared, stream, next_peer));
+                    }
                 }
+                Err(e) => cannot_accept(shared, &e),
             }
         }
-        proven.extend(lobby.read(shared));
-        proven.truncate(MAX_WAITING);
+        if proven.len() > MAX_WAITING {
+            // Only peers with the secret are here: the agent's own successors, racing.
+            for _ in proven.drain(MAX_WAITING..) {
+                shared.count("failed");
+            }
+            tracing::warn!(
+                "more agents proved they may take over than wait for a place; \
+                closed the latest"
+            );
+        }
     }
     for (_, peer) in shared
         .peers
@@ -136,6 +167,20 @@ fn of_this_user(shared: &Shared, stream: UnixStream) -> Option<UnixStream> {
     }
 }
 
+/// An accept that failed: a peer that went while queued is nothing; anything else (out of
+/// descriptors) is said at a pace, and the listener left alone for a moment rather than polled
+/// again at once while it stays readable.
+fn cannot_accept(shared: &Shared, e: &std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, Interrupted, WouldBlock};
+    if matches!(e.kind(), WouldBlock | Interrupted | ConnectionAborted) {
+        return;
+    }
+    if let Some(suppressed) = shared.accept_log.due() {
+        tracing::warn!(error = %e, suppressed, "cannot accept on the handover socket");
+    }
+    std::thread::sleep(PLACE_FREE_EVERY);
+}
+
 /// Serve a proven peer in a thread of its own.
 fn spawn_peer(shared: &Arc<Shared>, peer: Admitted) -> Option<JoinHandle<()>> {
     let Admitted { id, stream, hello } = peer;
@@ -149,6 +194,8 @@ fn spawn_peer(shared: &Arc<Shared>, peer: Admitted) -> Option<JoinHandle<()>> {
     let spawned = std::thread::Builder::new()
         .name("handover-peer".into())
         .spawn(move || {
+            // The cache's time is tokio's: in this runtime's context, a paused clock included.
+            let _rt = s.runtime.enter();
             serve_peer(&s, stream, hello);
             s.peers
                 .lock()
@@ -158,6 +205,12 @@ fn spawn_peer(shared: &Arc<Shared>, peer: Admitted) -> Option<JoinHandle<()>> {
     match spawned {
         Ok(t) => Some(t),
         Err(e) => {
+            shared
+                .peers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(i, _)| *i != id);
+            shared.count("failed");
             tracing::warn!(error = %e, "cannot serve a handover peer");
             None
         }
@@ -179,8 +232,8 @@ fn keep_named(shared: &Shared) {
     }
     match shared.name_again() {
         Ok(()) => tracing::info!(
-            "named this agent's handover socket again \
-            (the name file was missing, or named an agent that is gone)"
+            "named this agent's handover socket again (the name file was missing, named an \
+            agent that is gone, or named this one with another secret)"
         ),
         Err(e) => tracing::warn!(error = %e,
             "cannot name this agent's handover socket; the next agent will bind fresh"),

@@ -77,64 +77,86 @@ impl Waiting {
     }
 }
 
+/// A peer's frame, read whole: admitted if it proves the peer read the name file, else closed
+/// and counted.
+fn end(
+    shared: &Shared,
+    w: Waiting,
+    frame: Result<Msg, Option<HandoverError>>,
+    admitted: &mut Vec<Admitted>,
+) {
+    match frame.and_then(|msg| prove(msg, shared)) {
+        Ok(hello) => admitted.push(Admitted {
+            id: w.id,
+            stream: w.stream,
+            hello,
+        }),
+        Err(why) => shared.unproven(why),
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Lobby {
     waiting: Vec<Waiting>,
 }
 
 impl Lobby {
-    /// Hold `stream` (peer `id`, of this user) until it proves itself, and read it at once: a
-    /// successor's `Hello` is usually there already.
+    /// Hold `stream` (peer `id`, of this user) until it proves itself; read at once, since a
+    /// successor's `Hello` is usually there already. Call [`Lobby::read`] first: a full lobby
+    /// closes the peer that has waited longest, which must not be one whose proof has arrived.
     pub(super) fn admit(&mut self, shared: &Shared, stream: UnixStream, id: u64) -> Vec<Admitted> {
         if let Err(e) = stream.set_nonblocking(true) {
             shared.unproven(Some(e.into()));
             return Vec::new();
         }
-        if self.waiting.len() >= MAX_WAITING {
-            // The one that has waited longest had the most time to speak.
-            self.waiting.remove(0);
-            shared.unproven(Some(HandoverError::Timeout));
-        }
-        self.waiting.push(Waiting {
+        let mut w = Waiting {
             id,
             stream,
             until: Instant::now() + shared.settings.timeout,
             got: Vec::new(),
-        });
-        self.read(shared)
+        };
+        let Some(ended) = w.read() else {
+            if self.waiting.len() >= MAX_WAITING {
+                // The one that has waited longest had the most time to speak.
+                self.waiting.remove(0);
+                shared.unproven(Some(HandoverError::Timeout));
+            }
+            self.waiting.push(w);
+            return Vec::new();
+        };
+        let mut admitted = Vec::new();
+        end(shared, w, ended.map_err(Some), &mut admitted);
+        admitted
     }
 
-    /// Read every waiting connection; the ones that proved themselves, in the order they came.
-    pub(super) fn read(&mut self, shared: &Shared) -> Vec<Admitted> {
+    /// Read the waiting connections `ready` names (in the order of [`Lobby::fds`] when polled;
+    /// others are not read, which costs a peer that trickles bytes one read of its own), and
+    /// close those past their deadline; the ones that proved themselves, in the order they came.
+    pub(super) fn read(&mut self, shared: &Shared, ready: &[bool]) -> Vec<Admitted> {
         let now = Instant::now();
         let mut admitted = Vec::new();
-        for mut w in std::mem::take(&mut self.waiting) {
-            let ended = match w.read() {
-                None if now >= w.until => Err(Some(HandoverError::Timeout)),
-                None => {
-                    self.waiting.push(w);
-                    continue;
-                }
-                Some(Ok(msg)) => prove(msg, shared),
-                Some(Err(e)) => Err(Some(e)),
+        let waiting = std::mem::take(&mut self.waiting);
+        for (i, mut w) in waiting.into_iter().enumerate() {
+            let read = if ready.get(i).copied().unwrap_or(false) {
+                w.read()
+            } else {
+                None
             };
-            match ended {
-                Ok(hello) => admitted.push(Admitted {
-                    id: w.id,
-                    stream: w.stream,
-                    hello,
-                }),
-                Err(why) => shared.unproven(why),
+            match read {
+                Some(ended) => end(shared, w, ended.map_err(Some), &mut admitted),
+                None if now >= w.until => shared.unproven(Some(HandoverError::Timeout)),
+                None => self.waiting.push(w),
             }
         }
         admitted
     }
 
-    /// The descriptors to wait on, and when the first wait ends.
+    /// The descriptors to wait on, in the order [`Lobby::read`] takes their readiness.
     pub(super) fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
         self.waiting.iter().map(|w| w.stream.as_raw_fd())
     }
 
+    /// When the first wait ends.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
         self.waiting.iter().map(|w| w.until).min()
     }

@@ -6,13 +6,15 @@
 //! name file, a name nobody listens on, an older agent on `agent.sock`); [`greet`] sends this
 //! agent's `Hello` with its proof and accepts only a `Welcome` whose proof holds. Until then the
 //! peer may be anyone of this user in the namespace (a process at a dead agent's name): frames
-//! stay at [`crate::handover::wire::MAX_FRAME`] and the little text it can send (a refusal) is kept short.
+//! stay at [`crate::handover::wire::MAX_UNCOMMITTED_FRAME`] (the successor allows more only
+//! after the proof), and the little text it can send (a refusal) is kept short.
 
 use super::{Takeover, MAX_GRACE};
 use crate::handover::auth::Nonce;
 use crate::handover::rendezvous::{self, Legacy, Named};
 use crate::handover::wire::{Channel, Msg, MIN_PROTOCOL, PROTOCOL};
-use crate::handover::{HandoverError, HandoverSettings};
+use crate::handover::{HandoverError, HandoverSettings, UNPROVEN_TEXT};
+use crate::util::cut;
 use std::time::Duration;
 
 /// Nobody answers at the name: an older agent, if one listens on `agent.sock`, else nobody.
@@ -81,8 +83,8 @@ pub(super) fn greet(
         nonce: nonce.to_hex(),
         proof: named.secret.successor_proof(&nonce, &named.name),
     })?;
-    // The predecessor serves a few peers at once; others wait in its queue for a place, which
-    // one that never committed gives up within a handover timeout.
+    // The predecessor serves a few proven peers at once; others (only agents with the secret)
+    // wait for a place, which one that never commits gives up within a handover timeout.
     channel.set_timeout(settings.timeout * 2);
     let welcome = channel.recv()?;
     channel.set_timeout(settings.timeout);
@@ -107,22 +109,10 @@ pub(super) fn greet(
         ))),
         // Said before the peer proved anything (a genuine predecessor refuses without a proof
         // too): logged, so kept short, since whatever listens at the name wrote it.
-        (Msg::Refused { reason }, _) => Err(HandoverError::Refused(unproven(reason))),
+        (Msg::Refused { reason }, _) => Err(HandoverError::Refused(cut(reason, UNPROVEN_TEXT))),
         (other, _) => Err(HandoverError::Unexpected(other.name())),
     }
 }
-
-/// At most [`UNPROVEN_TEXT`] characters of text from a peer that proved nothing.
-fn unproven(mut text: String) -> String {
-    if let Some((at, _)) = text.char_indices().nth(UNPROVEN_TEXT) {
-        text.truncate(at);
-        text.push_str("...");
-    }
-    text
-}
-
-/// Long enough for any refusal an agent writes.
-const UNPROVEN_TEXT: usize = 160;
 
 #[cfg(test)]
 mod tests {
@@ -131,10 +121,9 @@ mod tests {
     #[test]
     fn text_from_a_peer_that_proved_nothing_is_kept_short() {
         let refusal = "no protocol in common (this agent speaks 4 to 4, the peer 5 to 6)";
-        assert_eq!(unproven(refusal.to_owned()), refusal);
-        let long = "é".repeat(10_000);
-        let cut = unproven(long);
-        assert_eq!(cut.chars().count(), UNPROVEN_TEXT + 3);
-        assert!(cut.ends_with("..."));
+        assert_eq!(cut(refusal.to_owned(), UNPROVEN_TEXT), refusal);
+        let long = cut("é".repeat(10_000), UNPROVEN_TEXT);
+        assert_eq!(long.chars().count(), UNPROVEN_TEXT + 3);
+        assert!(long.ends_with("..."));
     }
 }
