@@ -4,7 +4,7 @@
 //! Contract: [`run`] builds the SDK configuration (the node's credentials and region), then, if a
 //! predecessor runs here, takes over its sockets, keys and cache ([`crate::handover`]) or else
 //! binds fresh (waiting while something holds its ports, at most
-//! [`crate::server::bind::PORT_WAIT_LIMIT`]); it serves ([`crate::server`]), offers
+//! [`crate::server::bind::port_wait`]); it serves ([`crate::server`]), offers
 //! its own sockets and cache to a successor, and runs until `shutdown` resolves. If it retired
 //! for a successor that then failed or went, it serves again on the sockets it still holds, with
 //! its cache, and offers itself anew. At `shutdown` it first lets go of its link to its own

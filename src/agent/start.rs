@@ -41,7 +41,10 @@ pub(super) async fn start(
             None => None,
         };
         // Whatever was not handed over is bound fresh, retrying while it is held.
-        preload.sockets.wait_for_ports = true;
+        preload.sockets.wait_for_ports = Some(crate::server::bind::port_wait(
+            h.wait,
+            server.shutdown_grace,
+        ));
         let prepared = Server::prepare(server, source, metrics.clone(), preload)
             .await
             .map_err(start)?;

@@ -4,7 +4,8 @@
 //! cannot be bound (a node without IPv6) is reported and skipped; an IPv4 host that cannot be
 //! bound, or no listener at all, is an error. [`Sockets`] supplies sockets a predecessor handed
 //! over, or, when asked to wait, retries a port another socket holds (saying so every
-//! [`BIND_WARN_EVERY`]) for at most [`PORT_WAIT_LIMIT`]: a predecessor that did not hand over
+//! [`BIND_WARN_EVERY`]) for at most [`port_wait`] (five minutes, or longer with longer
+//! `--handover-wait` and `--shutdown-grace`): a predecessor that did not hand over
 //! lets go within its own termination grace, so a port still held after that is held by
 //! something else, and the agent fails to start (exit 2, the kubelet restarts it, and the pod's
 //! restarts show it) rather than look alive while it serves nothing.
@@ -39,22 +40,31 @@ pub struct Bound {
 pub struct Sockets {
     /// Handed-over listening sockets, by role and address.
     pub inherited: Vec<(Role, SocketAddr, std::net::TcpListener)>,
-    /// Retry a port in use until it is free (for at most [`PORT_WAIT_LIMIT`]), instead of
-    /// failing at once.
-    pub wait_for_ports: bool,
+    /// Retry a port in use until it is free, for at most this long ([`port_wait`]), instead of
+    /// failing at once (`None`).
+    pub wait_for_ports: Option<Duration>,
 }
 
 /// How often a bind waiting for a predecessor's port is retried, and how often it says so.
 const BIND_RETRY: Duration = Duration::from_millis(100);
 const BIND_WARN_EVERY: Duration = Duration::from_secs(5);
 
-/// How long a port may stay held before the agent gives up. A predecessor that did not hand
-/// over is stopped by its DaemonSet once this agent's probes pass (until then they reach the
-/// predecessor, on the same host ports), and lets go within its termination grace (30 s in the
-/// manifests, longer than `--handover-wait` plus `--shutdown-grace`); an add-on still installed
-/// is deleted by a person. Five minutes covers both with room, and bounds the time a squatter
-/// on a port can keep this agent looking alive while it serves nothing.
+/// How long a port may stay held before the agent gives up, at the least. A predecessor that
+/// did not hand over is stopped by its DaemonSet once this agent's probes pass (until then they
+/// reach the predecessor, on the same host ports), and lets go within its termination grace
+/// (30 s in the manifests, longer than `--handover-wait` plus `--shutdown-grace`). Five
+/// minutes covers that with room, and bounds the time a squatter on the ports (one that also
+/// answers the probes) can keep this agent looking alive while it serves nothing. An EKS add-on
+/// still installed holds the ports until a person deletes it: the agent then exits and is
+/// restarted by the kubelet, with its back-off (the README says to delete the add-on first).
 pub const PORT_WAIT_LIMIT: Duration = Duration::from_secs(300);
+
+/// How long to wait for a held port: [`PORT_WAIT_LIMIT`], or longer when this agent's own flags
+/// (which the DaemonSet gives its predecessor too) let a predecessor wait for its successor and
+/// drain for longer.
+pub fn port_wait(handover_wait: Duration, shutdown_grace: Duration) -> Duration {
+    PORT_WAIT_LIMIT.max(handover_wait + shutdown_grace + Duration::from_secs(60))
+}
 
 impl Sockets {
     /// The handed-over socket for `role` at `addr` (port 0 matches any port on that IP), or a
@@ -71,13 +81,13 @@ impl Sockets {
                 .map_err(|source| BindError::Bind { addr, source })?;
             return Bound::from_listener(listener, addr);
         }
-        if !self.wait_for_ports {
+        let Some(limit) = self.wait_for_ports else {
             return bind(addr).await;
-        }
+        };
         let warn = LogEvery::new(BIND_WARN_EVERY);
         // Said first once the wait has lasted a period, not at the first try.
         let _ = warn.due();
-        let deadline = tokio::time::Instant::now() + PORT_WAIT_LIMIT;
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             match bind(addr).await {
                 Err(BindError::Bind { source, .. })
@@ -86,7 +96,7 @@ impl Sockets {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(BindError::StillHeld {
                             addr,
-                            waited: PORT_WAIT_LIMIT,
+                            waited: limit,
                         });
                     }
                     if warn.due().is_some() {
@@ -178,7 +188,7 @@ mod tests {
     fn waiting() -> Sockets {
         Sockets {
             inherited: Vec::new(),
-            wait_for_ports: true,
+            wait_for_ports: Some(PORT_WAIT_LIMIT),
         }
     }
 
@@ -224,5 +234,15 @@ mod tests {
             waited >= let_go && waited < let_go + Duration::from_secs(1),
             "{waited:?}"
         );
+    }
+
+    #[test]
+    fn a_predecessor_given_longer_to_drain_is_waited_for_longer() {
+        assert_eq!(port_wait(secs(5), secs(5)), PORT_WAIT_LIMIT);
+        assert_eq!(port_wait(secs(600), secs(3600)), secs(600 + 3600 + 60));
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
     }
 }

@@ -102,7 +102,9 @@ impl RunningServer {
         let preload = Preload {
             sockets: Sockets {
                 inherited,
-                wait_for_ports: true,
+                // Every socket is this agent's own; an address it did not hold (a changed
+                // flag cannot happen here) would wait as at a start.
+                wait_for_ports: Some(super::bind::PORT_WAIT_LIMIT),
             },
             keys: None,
             kept: Some(Kept {
