@@ -59,7 +59,8 @@
 //! anything. An agent that receives SIGTERM before anyone took over keeps serving for up to
 //! `--handover-wait`, in case its successor is on its way. A serving agent names its socket again
 //! if the name file goes missing, names an agent that is gone, or names this one with a secret not
-//! its own.
+//! its own, and every second until it can if it could not write the file when it began to
+//! listen.
 //!
 //! Trust boundary: only a process that is this agent's user (root) in the host's network
 //! namespace **and** has the handover directory mounted can take over credential serving, and

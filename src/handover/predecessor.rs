@@ -98,6 +98,8 @@ pub(super) struct Shared {
     pub(super) unauthenticated_log: LogEvery,
     /// The same for accepts that fail (out of descriptors).
     pub(super) accept_log: LogEvery,
+    /// The same for a name file that cannot be written, tried every second.
+    pub(super) name_log: LogEvery,
 }
 
 impl Shared {
@@ -126,9 +128,15 @@ impl Shared {
             .inc();
     }
 
-    /// Write this agent's socket name to the name file, replacing whatever it names.
-    pub(super) fn name_again(&self) -> std::io::Result<()> {
-        rendezvous::write_name(&self.settings.dir, &self.name, &self.secret)
+    /// Write this agent's socket name to the name file, replacing whatever it names (the
+    /// directory made first, if it went).
+    pub(super) fn name_again(&self) -> Result<(), HandoverError> {
+        prepare_dir(&self.settings.dir)?;
+        Ok(rendezvous::write_name(
+            &self.settings.dir,
+            &self.name,
+            &self.secret,
+        )?)
     }
 
     /// A peer closed before it proved it read the name file (`why`: how it ended, if not with
@@ -178,9 +186,15 @@ impl Predecessor {
         let published = match named {
             Some(p) => p,
             None => {
-                prepare_dir(&settings.dir)?;
                 let p = Published::listen()?;
-                p.publish(&settings.dir)?;
+                // Not for life: the listening thread names the socket again every second
+                // until the file is there (a directory not there yet, a full disk).
+                if let Err(e) =
+                    prepare_dir(&settings.dir).and_then(|()| Ok(p.publish(&settings.dir)?))
+                {
+                    tracing::warn!(error = %e, "cannot name this agent's handover socket yet; \
+                        trying again every second (until then the next agent binds fresh)");
+                }
                 p
             }
         };
@@ -210,6 +224,7 @@ impl Predecessor {
             stranger_log: LogEvery::new(STRANGER_LOG_EVERY),
             unauthenticated_log: LogEvery::new(STRANGER_LOG_EVERY),
             accept_log: LogEvery::new(STRANGER_LOG_EVERY),
+            name_log: LogEvery::new(STRANGER_LOG_EVERY),
         });
         let (s, l) = (shared.clone(), listener.clone());
         let thread = std::thread::Builder::new()

@@ -302,6 +302,35 @@ async fn a_name_file_with_another_secret_is_written_again() {
     drop((agent, next));
 }
 
+/// The handover directory cannot be made when the agent starts (here a file is in its place;
+/// on a node, a mount not there yet or a full disk): the agent serves, and names its socket
+/// as soon as it can, so the next agent still takes over instead of binding fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_file_that_cannot_be_written_at_start_is_written_once_it_can() {
+    let node = Node::new().await;
+    let dir = node.handover_dir();
+    std::fs::write(&dir, b"not a directory").expect("a file in the directory's place");
+    let agent = serving_agent(&node, &dir, &[]).await;
+    warm(&node, 2).await;
+    agent
+        .stderr
+        .find(|l| {
+            l.contains("cannot name this agent's handover socket yet")
+                .then_some(())
+        })
+        .await;
+    std::fs::remove_file(&dir).expect("the file goes");
+    let gone = Instant::now();
+    while !matches!(rendezvous::read_name(Path::new(&dir)), Ok(Some(_))) {
+        assert!(gone.elapsed() < Duration::from_secs(5), "not named");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let next = takes_over_at_once(&node, &dir).await;
+    let took = logged(&next, "took over from the previous agent").await;
+    assert_eq!(took["entries"], 2, "{took}");
+    drop((agent, next));
+}
+
 /// An agent died without a successor; something of its user bound its abstract name and waits
 /// for the next agent. Without the name file's secret it cannot show it is the agent named
 /// there: the next agent uses nothing it offers and binds fresh.

@@ -235,7 +235,12 @@ fn keep_named(shared: &Shared) {
             "named this agent's handover socket again (the name file was missing, named an \
             agent that is gone, or named this one with another secret)"
         ),
-        Err(e) => tracing::warn!(error = %e,
-            "cannot name this agent's handover socket; the next agent will bind fresh"),
+        Err(e) => {
+            if let Some(suppressed) = shared.name_log.due() {
+                tracing::warn!(error = %e, suppressed,
+                    "cannot name this agent's handover socket; trying again every second \
+                    (until then the next agent binds fresh)");
+            }
+        }
     }
 }
