@@ -20,7 +20,8 @@
 //! | `not_logged` | — | refusals of this client not written since its last line | deliveries of this client not written since its last line |
 //! | `fault` | `""` on success; `token`, `node` or `transient` | — | — |
 //! | `role_arn`, `association_id`, `association_arn` | from EKS Auth's answer (success only) | — | — |
-//! | `access_key_id`, `expiration`, `request_id` | the issued key id (not secret, in CloudTrail), its expiry, EKS Auth's request id | — | the key id and expiry delivered |
+//! | `access_key_id`, `expiration` | the issued key id (not secret, in CloudTrail), its expiry | — | the key id and expiry delivered |
+//! | `request_id` | EKS Auth's request id | — | — |
 //!
 //! Claims are attacker-chosen (unverified tokens reach this too): they come through
 //! [`Token::subject`], cut and cleaned. Never written: the token, a secret key, a session token.
@@ -202,40 +203,21 @@ impl Pacer {
     }
 }
 
+/// The schema's one reader, shared with the integration tests.
+#[cfg(test)]
+#[path = "../tests/it/support/audit_schema.rs"]
+mod schema;
+
 #[cfg(test)]
 mod tests {
+    use super::schema;
     use super::testing::*;
     use super::*;
     use std::collections::BTreeSet;
 
     /// The keys of the module's table, by event: a key renamed or dropped fails here.
-    fn documented(event: &str) -> BTreeSet<&'static str> {
-        let common = [
-            "event",
-            "trigger",
-            "client",
-            "namespace",
-            "service_account",
-            "pod",
-            "pod_uid",
-            "token",
-            "outcome",
-        ];
-        let own: &[&str] = match event {
-            "exchange" => &[
-                "fault",
-                "role_arn",
-                "association_id",
-                "association_arn",
-                "access_key_id",
-                "expiration",
-                "request_id",
-            ],
-            "refusal" => &["status", "decided", "not_logged"],
-            "delivery" => &["not_logged", "access_key_id", "expiration"],
-            other => panic!("no event {other}"),
-        };
-        common.iter().chain(own).copied().collect()
+    fn documented(event: &str) -> BTreeSet<String> {
+        schema::documented(include_str!("audit.rs"), event)
     }
 
     fn every_kind_of_line(token: &Token, creds: &Credentials) {
@@ -282,12 +264,12 @@ mod tests {
         assert_eq!(lines.len(), 5, "{}", captured.text());
         for line in &lines {
             let event = line["event"].as_str().expect("event");
-            let keys: BTreeSet<&str> = line
+            let keys: BTreeSet<String> = line
                 .as_object()
                 .expect("object")
                 .keys()
-                .map(String::as_str)
-                .filter(|k| !matches!(*k, "timestamp" | "level" | "target" | "message"))
+                .filter(|k| !matches!(k.as_str(), "timestamp" | "level" | "target" | "message"))
+                .cloned()
                 .collect();
             assert_eq!(keys, documented(event), "{line}");
             assert_eq!(line["level"], "INFO");

@@ -116,4 +116,13 @@ mod tests {
         assert_eq!(millis(UNIX_EPOCH - Duration::from_secs(1)), 0);
         assert!(from_millis(u64::MAX) >= UNIX_EPOCH);
     }
+
+    #[test]
+    fn text_a_peer_chose_is_kept_short_on_a_character_boundary() {
+        let refusal = "no protocol in common (this agent speaks 4 to 4, the peer 5 to 6)";
+        assert_eq!(cut(refusal.to_owned(), 160), refusal);
+        let long = cut("é".repeat(10_000), 160);
+        assert_eq!(long.chars().count(), 160 + 3);
+        assert!(long.ends_with("..."));
+    }
 }

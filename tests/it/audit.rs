@@ -10,28 +10,9 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 /// The schema in `src/audit.rs`, by event. A field renamed or dropped there fails here.
-const COMMON: &[&str] = &[
-    "event",
-    "trigger",
-    "client",
-    "namespace",
-    "service_account",
-    "pod",
-    "pod_uid",
-    "token",
-    "outcome",
-];
-const EXCHANGE: &[&str] = &[
-    "fault",
-    "role_arn",
-    "association_id",
-    "association_arn",
-    "access_key_id",
-    "expiration",
-    "request_id",
-];
-const REFUSAL: &[&str] = &["status", "decided", "not_logged"];
-const DELIVERY: &[&str] = &["access_key_id", "expiration"];
+fn documented(event: &str) -> std::collections::BTreeSet<String> {
+    crate::support::audit_schema::documented(include_str!("../../src/audit.rs"), event)
+}
 
 /// The agent on a port chosen here: at `-v warn` it does not log the `info` line that would
 /// name a kernel-chosen one.
@@ -124,14 +105,12 @@ async fn every_exchange_and_refusal_has_one_audit_line_with_the_whole_schema() {
     let lines = stop(&mut agent).await;
 
     for line in &lines {
-        let extra = match line["event"].as_str() {
-            Some("exchange") => EXCHANGE,
-            Some("refusal") => REFUSAL,
-            Some("delivery") => DELIVERY,
+        let event = match line["event"].as_str() {
+            Some(e @ ("exchange" | "refusal" | "delivery")) => e,
             other => panic!("unknown event {other:?}: {line}"),
         };
-        for key in COMMON.iter().chain(extra) {
-            assert!(line.get(*key).is_some(), "{key} missing from {line}");
+        for key in documented(event) {
+            assert!(line.get(&key).is_some(), "{key} missing from {line}");
         }
         assert_eq!(line["level"], "INFO", "{line}");
     }

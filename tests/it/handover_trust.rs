@@ -61,6 +61,28 @@ fn successor_until_listeners(dir: &str) -> (Channel, Vec<&'static str>, Vec<Owne
     }
 }
 
+/// A peer that says a hello's length (100 bytes), then one byte of it every `every`, up to
+/// `bytes`: each read succeeds within a handover timeout, the hello never does. Its thread
+/// answers how long it wrote until the agent cut it off, or `None` if it never did.
+fn slow_peer(
+    dir: &str,
+    every: Duration,
+    bytes: usize,
+) -> std::thread::JoinHandle<Option<Duration>> {
+    let mut s = connect_to(dir);
+    s.write_all(&100u32.to_be_bytes()).expect("length");
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        for _ in 0..bytes {
+            std::thread::sleep(every);
+            if s.write_all(b" ").is_err() {
+                return Some(started.elapsed());
+            }
+        }
+        None
+    })
+}
+
 async fn serving_agent(node: &Node, dir: &str, extra: &[&str]) -> support::process::Spawned {
     let agent = node.agent(dir, extra);
     logged(&agent, "ready").await;
@@ -1000,19 +1022,7 @@ fn many_silent_and_slow_peers_ahead_hold_up_no_successor() {
     rt.block_on(warm(&node, 2));
     let silent: Vec<UnixStream> = (0..48).map(|_| connect_to(&dir)).collect();
     let slow: Vec<_> = (0..16)
-        .map(|_| {
-            let mut s = connect_to(&dir);
-            std::thread::spawn(move || {
-                let _ = s.write_all(&100u32.to_be_bytes());
-                for _ in 0..20 {
-                    std::thread::sleep(Duration::from_millis(200));
-                    if s.write_all(b" ").is_err() {
-                        return true;
-                    }
-                }
-                false
-            })
-        })
+        .map(|_| slow_peer(&dir, Duration::from_millis(200), 20))
         .collect();
     std::thread::sleep(Duration::from_millis(100));
     let successor = rt.block_on(takes_over_at_once(&node, &dir));
@@ -1027,7 +1037,7 @@ fn many_silent_and_slow_peers_ahead_hold_up_no_successor() {
     }
     for peer in slow {
         assert!(
-            peer.join().expect("slow peer"),
+            peer.join().expect("slow peer").is_some(),
             "a slow peer was not cut off"
         );
     }
@@ -1041,20 +1051,9 @@ fn a_slow_peer_is_cut_off_at_its_deadline_and_holds_up_no_successor() {
     let _in = rt.enter();
     let (node, dir, agent) = rt.block_on(node_with_agent());
     rt.block_on(warm(&node, 2));
-    let mut s = connect_to(&dir);
-    // A hello's length, then one byte of it every 300 ms: each read succeeds well within the
-    // handover timeout (1 s), and the hello would take 30 s.
-    s.write_all(&100u32.to_be_bytes()).expect("length");
-    let loris = std::thread::spawn(move || {
-        let started = Instant::now();
-        for _ in 0..100 {
-            std::thread::sleep(Duration::from_millis(300));
-            if s.write_all(b" ").is_err() {
-                return Some(started.elapsed());
-            }
-        }
-        None
-    });
+    // One byte every 300 ms: each read succeeds well within the handover timeout (1 s), and
+    // the hello would take 30 s.
+    let loris = slow_peer(&dir, Duration::from_millis(300), 100);
     std::thread::sleep(Duration::from_millis(200));
     let successor = rt.block_on(takes_over_at_once(&node, &dir));
     let cut = loris.join().expect("loris");

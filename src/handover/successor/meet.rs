@@ -113,17 +113,3 @@ pub(super) fn greet(
         (other, _) => Err(HandoverError::Unexpected(other.name())),
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn text_from_a_peer_that_proved_nothing_is_kept_short() {
-        let refusal = "no protocol in common (this agent speaks 4 to 4, the peer 5 to 6)";
-        assert_eq!(cut(refusal.to_owned(), UNPROVEN_TEXT), refusal);
-        let long = cut("é".repeat(10_000), UNPROVEN_TEXT);
-        assert_eq!(long.chars().count(), UNPROVEN_TEXT + 3);
-        assert!(long.ends_with("..."));
-    }
-}

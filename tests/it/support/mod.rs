@@ -2,6 +2,7 @@
 //! token minting and a small HTTP client.
 
 pub mod alone;
+pub mod audit_schema;
 pub mod fake_eks_api;
 pub mod fake_eks_auth;
 pub mod fake_kube;
